@@ -1,0 +1,74 @@
+"""Counter-based randomness shared by every crop backend.
+
+Every random number used by dali_objcrop is a pure function of
+``(seed, epoch, sample_index, slot)``: a sample's crops can be recomputed alone,
+in any order, on the CPU (NumPy) or on the GPU (``csrc/``), without replaying a
+stream.  The generator is SplitMix64 (Steele et al., 2014) used as a hash:
+
+    key  = mix(mix(mix(seed) ^ epoch) ^ sample_index)
+    h    = mix(key + slot)                    # one 64-bit draw per slot
+    u_hi = (h >> 32) * 2**-32,  u_lo = (h & 0xffffffff) * 2**-32
+
+Each slot yields two uniforms in [0, 1) that are exact in float64 on every
+platform, so the CUDA kernel reproduces the NumPy windows bit for bit.  The slot
+table below is the contract between this module, the DALI graph and the kernel:
+never renumber a slot, only append.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S32 = (np.uint64(s) for s in (30, 27, 31, 32))
+_LO32 = np.uint64(0xFFFFFFFF)
+_INV32 = 1.0 / 4294967296.0
+
+# --- slot table (each slot gives two uniforms: hi, lo) ----------------------
+SLOT_BOX = 0                # hi: which proposal, lo: unused
+SLOT_SHIFT = 1              # hi: shift direction, lo: shift radius
+SLOT_VIEW_BASE = 2          # view v uses slots SLOT_VIEW_BASE + v * SLOTS_PER_VIEW + ...
+SLOTS_PER_VIEW = 16
+VIEW_TRY = 0                #   + t for try t in [0, 10): hi: scale, lo: log-ratio
+VIEW_POS = 10               #   hi: top (i), lo: left (j)
+VIEW_FLIP = 11              #   hi: flip, lo: unused
+SLOT_AUG_BASE = 40          # augmentation: SLOT_AUG_BASE + v * SLOTS_PER_AUG + k
+SLOTS_PER_AUG = 8
+MAX_TRIES = 10
+
+
+def view_slot(view: int, offset: int) -> int:
+    """Slot number of ``offset`` (one of the ``VIEW_*`` constants) for view 0 or 1."""
+    return SLOT_VIEW_BASE + view * SLOTS_PER_VIEW + offset
+
+
+def aug_slot(view: int, k: int) -> int:
+    """Slot number of augmentation draw ``k`` (0..7) for view 0 or 1."""
+    return SLOT_AUG_BASE + view * SLOTS_PER_AUG + k
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 step (add the golden gamma, then finalise) on a uint64 array."""
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+def sample_keys(seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
+    """Per-sample 64-bit keys for ``index`` (any integer array) at ``(seed, epoch)``."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+    base = mix64(np.array([seed], dtype=np.uint64))
+    base = mix64(base ^ np.uint64(epoch))
+    idx = np.asarray(index)
+    if idx.size and idx.min() < 0:
+        raise ValueError("sample indices must be non-negative")
+    return mix64(base ^ idx.astype(np.uint64))
+
+
+def uniforms(keys: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two float64 uniforms in [0, 1) per key for one slot: ``(u_hi, u_lo)``."""
+    h = mix64(keys + np.uint64(slot))
+    return (h >> _S32).astype(np.float64) * _INV32, (h & _LO32).astype(np.float64) * _INV32

@@ -1,0 +1,326 @@
+"""Crop-window maths: the single source of truth for object-aware cropping.
+
+Given a batch of image sizes, their object proposals and sample indices, decide
+both views' crop windows for every crop mode (``sample_windows``).  Pure NumPy,
+vectorised over the batch (the only Python loops run over the 10 tries, not
+over samples), and keyed by ``(seed, epoch, sample_index)`` through
+:mod:`dali_objcrop.rng`, so any sample's windows can be recomputed alone.  The
+DALI graph and the CUDA kernel in ``csrc/`` only *apply* these windows and are
+tested against this module.
+
+Semantics (Mishra et al., "Object-aware Cropping for Self-Supervised Learning",
+TMLR 2022; DESIGN.md section 1):
+
+* scene view: torchvision ``RandomResizedCrop.get_params`` on the whole image,
+  scale (0.2, 1), ratio (3/4, 4/3), 10 tries, then the centre fallback.
+* object view: the same sampler inside a region derived from one proposal ``b``
+  drawn uniformly from the image's top-k, with scale ``(s_min, 1)`` where
+  ``s_min = 0.2 / mean proposal area fraction`` capped to 1.
+* ``obj-obj-dilate``: view 2's region is ``b`` grown by ``delta * (W, H)`` on
+  each side and clipped to the image (``obj-obj`` is ``delta = 0``).
+* ``obj-obj-shift``: view 2's region is ``b`` moved by ``r`` pixels (``r``
+  uniform in ``shift_range``) in a uniform random direction, then translated
+  back inside the image where it would leave it.
+* every region narrower or shorter than ``min_box_size`` (224) is widened to
+  ``min(min_box_size, image side)`` around its centre and kept in the image.
+* images without proposals get scene crops in every view (counted).
+
+All windows are integer pixel rectangles ``[x1, y1, x2, y2)`` (x2, y2 exclusive).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import rng
+
+MODES = ("scene-scene", "obj-scene", "obj-obj", "obj-obj-dilate", "obj-obj-shift")
+SCENE_SCALE = (0.2, 1.0)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def box_scale_from_mean_area(mean_area_fraction: float, scene_min_scale: float = SCENE_SCALE[0]
+                             ) -> tuple[float, float]:
+    """Scale range of a crop inside a box: ``(min(scene_min / mean_area, 1), 1)``.
+
+    A box crop then covers about as much of the image as the smallest scene crop
+    (paper, section 3: COCO BING proposals cover ~39% of the image).
+    """
+    if not (mean_area_fraction > 0 and math.isfinite(mean_area_fraction)):
+        raise ValueError(f"mean_area_fraction must be a positive number, got {mean_area_fraction!r}")
+    return (min(scene_min_scale / mean_area_fraction, 1.0), 1.0)
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Parameters of the two-view crop sampler.
+
+    Args:
+        mode: one of :data:`MODES`.
+        scale: scene-crop area range (fraction of the image).
+        ratio: aspect-ratio range (width / height), sampled log-uniformly.
+        box_scale: area range of a crop inside a box region; ``None`` means
+            ``(1.0, 1.0)`` until set from a box store with
+            :func:`box_scale_from_mean_area` (the loader does this).
+        dilate: ``delta`` of ``obj-obj-dilate`` (0.1 COCO, 0.2 OpenImages).
+        shift_range: ``(r_min, r_max)`` pixels of ``obj-obj-shift``.
+        min_box_size: regions smaller than this (pixels, per side) are widened.
+        top_k: proposals considered per image (the store keeps them best-first).
+        num_tries: RandomResizedCrop tries before the centre fallback (at most 10).
+        flip_p: probability of a horizontal flip, per view.
+    """
+
+    mode: str = "obj-obj-dilate"
+    scale: tuple[float, float] = SCENE_SCALE
+    ratio: tuple[float, float] = RATIO
+    box_scale: tuple[float, float] | None = None
+    dilate: float = 0.1
+    shift_range: tuple[float, float] = (80.0, 120.0)
+    min_box_size: int = 224
+    top_k: int = 10
+    num_tries: int = 10
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("scale", "ratio") + (("box_scale",) if self.box_scale is not None else ()):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi) or (name != "ratio" and hi > 1):
+                raise ValueError(f"{name} must satisfy 0 < lo <= hi{' <= 1' if name != 'ratio' else ''}, "
+                                 f"got {getattr(self, name)!r}")
+        if not 0 <= self.dilate <= 1:
+            raise ValueError(f"dilate must be in [0, 1], got {self.dilate!r}")
+        if not 0 <= self.shift_range[0] <= self.shift_range[1]:
+            raise ValueError(f"shift_range must satisfy 0 <= lo <= hi, got {self.shift_range!r}")
+        if self.min_box_size < 1:
+            raise ValueError(f"min_box_size must be >= 1, got {self.min_box_size!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k!r}")
+        if not 1 <= self.num_tries <= rng.MAX_TRIES:
+            raise ValueError(f"num_tries must be in [1, {rng.MAX_TRIES}], got {self.num_tries!r}")
+        if not 0 <= self.flip_p <= 1:
+            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
+
+    @property
+    def view_kinds(self) -> tuple[str, str]:
+        """What each view is cut from: ``scene``, ``box``, ``dilated`` or ``shifted``."""
+        return {
+            "scene-scene": ("scene", "scene"),
+            "obj-scene": ("box", "scene"),
+            "obj-obj": ("box", "box"),
+            "obj-obj-dilate": ("box", "dilated"),
+            "obj-obj-shift": ("box", "shifted"),
+        }[self.mode]
+
+    @property
+    def effective_dilate(self) -> float:
+        return 0.0 if self.mode == "obj-obj" else self.dilate
+
+    @property
+    def uses_boxes(self) -> bool:
+        return self.mode != "scene-scene"
+
+
+@dataclass
+class CropWindows:
+    """Windows of a batch of N samples (all arrays are indexed by batch row).
+
+    Attributes:
+        windows: (N, 2, 4) int32, each view's crop ``[x1, y1, x2, y2)`` in pixels.
+        flip: (N, 2) bool, horizontal flip per view.
+        regions: (N, 2, 4) int32, the region each view was sampled in
+            (the whole image for scene views).
+        box: (N, 4) float64, the chosen proposal in pixels (NaN without one).
+        box_index: (N,) int64, index of the chosen proposal within its image (-1 without).
+        fallback: (N,) bool, the mode wanted a box but the image had none.
+        keys: (N,) uint64 per-sample random keys (for augmentation draws).
+    """
+
+    windows: np.ndarray
+    flip: np.ndarray
+    regions: np.ndarray
+    box: np.ndarray
+    box_index: np.ndarray
+    fallback: np.ndarray
+    keys: np.ndarray
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_fallback(self) -> int:
+        return int(self.fallback.sum())
+
+    def normalized(self, sizes: np.ndarray) -> np.ndarray:
+        """Windows as float32 fractions of the image size, (N, 2, 4)."""
+        wh = np.asarray(sizes, dtype=np.float64)[:, None, :]
+        return (self.windows / np.concatenate([wh, wh], axis=-1)).astype(np.float32)
+
+
+def _to_pixels(box: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Normalised float boxes (N, 4) -> integer pixel rectangles covering them, >= 1 px."""
+    x1 = np.clip(np.floor(box[:, 0] * w), 0, w - 1)
+    y1 = np.clip(np.floor(box[:, 1] * h), 0, h - 1)
+    x2 = np.clip(np.ceil(box[:, 2] * w), x1 + 1, w)
+    y2 = np.clip(np.ceil(box[:, 3] * h), y1 + 1, h)
+    return np.stack([x1, y1, x2, y2], axis=1).astype(np.int64)
+
+
+def _widen(lo: np.ndarray, hi: np.ndarray, size: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Widen ``[lo, hi)`` to at least ``min(min_size, size)`` around its centre, inside ``[0, size)``."""
+    target = np.minimum(np.maximum(hi - lo, min_size), size)
+    new_lo = np.clip((lo + hi - target) // 2, 0, size - target)
+    return new_lo, new_lo + target
+
+
+def _min_size_region(r: np.ndarray, w: np.ndarray, h: np.ndarray, min_size: int) -> np.ndarray:
+    x1, x2 = _widen(r[:, 0], r[:, 2], w, min_size)
+    y1, y2 = _widen(r[:, 1], r[:, 3], h, min_size)
+    return np.stack([x1, y1, x2, y2], axis=1)
+
+
+def random_resized_crop(keys: np.ndarray, view: int, region: np.ndarray,
+                        scale_lo: np.ndarray, scale_hi: np.ndarray,
+                        ratio: tuple[float, float], num_tries: int = 10) -> np.ndarray:
+    """torchvision ``RandomResizedCrop.get_params`` inside ``region``, vectorised.
+
+    Args:
+        keys: (N,) uint64 sample keys.
+        view: 0 or 1 (selects the random slots).
+        region: (N, 4) int64 ``[x1, y1, x2, y2)`` to crop from.
+        scale_lo, scale_hi: (N,) float64 area range as a fraction of the region.
+        ratio: aspect-ratio range (w / h), sampled log-uniformly.
+        num_tries: tries before the centre fallback.
+
+    Returns:
+        (N, 4) int64 windows ``[x1, y1, x2, y2)``.
+    """
+    n = len(keys)
+    rw = (region[:, 2] - region[:, 0]).astype(np.float64)
+    rh = (region[:, 3] - region[:, 1]).astype(np.float64)
+    area = rw * rh
+    log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
+    cw = np.zeros(n)
+    ch = np.zeros(n)
+    # Shrinking working set: try t only touches the rows no earlier try accepted.
+    todo = np.arange(n)
+    k, a, w_, h_, lo, span = keys, area, rw, rh, scale_lo, scale_hi - scale_lo
+    for t in range(num_tries):
+        if todo.size == 0:
+            break
+        u_s, u_r = rng.uniforms(k, rng.view_slot(view, rng.VIEW_TRY + t))
+        target = a * (lo + u_s * span)
+        ar = np.exp(log_r0 + u_r * (log_r1 - log_r0))
+        tw = np.rint(np.sqrt(target * ar))
+        th = np.rint(np.sqrt(target / ar))
+        ok = (tw > 0) & (th > 0) & (tw <= w_) & (th <= h_)
+        if t == 0:
+            cw, ch = np.where(ok, tw, 0.0), np.where(ok, th, 0.0)
+        else:
+            cw[todo[ok]], ch[todo[ok]] = tw[ok], th[ok]
+        rest = ~ok
+        todo, k, a, w_, h_, lo, span = (x[rest] for x in (todo, k, a, w_, h_, lo, span))
+    u_i, u_j = rng.uniforms(keys, rng.view_slot(view, rng.VIEW_POS))
+    top = np.floor(u_i * (rh - ch + 1))
+    left = np.floor(u_j * (rw - cw + 1))
+    if todo.size:  # centre fallback, torchvision semantics
+        frw, frh = rw[todo], rh[todo]
+        in_ratio = frw / frh
+        fw, fh = frw.copy(), frh.copy()
+        narrow = in_ratio < ratio[0]
+        wide = in_ratio > ratio[1]
+        fh[narrow] = np.rint(frw[narrow] / ratio[0])
+        fw[wide] = np.rint(frh[wide] * ratio[1])
+        cw[todo], ch[todo] = fw, fh
+        top[todo] = np.floor((frh - fh) / 2)
+        left[todo] = np.floor((frw - fw) / 2)
+    x1 = region[:, 0] + left.astype(np.int64)
+    y1 = region[:, 1] + top.astype(np.int64)
+    return np.stack([x1, y1, x1 + cw.astype(np.int64), y1 + ch.astype(np.int64)], axis=1)
+
+
+def sample_windows(sizes: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, index: np.ndarray,
+                   seed: int, epoch: int, config: CropConfig) -> CropWindows:
+    """Both views' crop windows for a batch.
+
+    Args:
+        sizes: (N, 2) image sizes as (width, height) in pixels.
+        boxes: (M, 4) float32 proposals, normalised ``[x1, y1, x2, y2]``, each
+            image's boxes contiguous and best-first.
+        offsets: (N + 1,) int64, image ``i`` owns ``boxes[offsets[i]:offsets[i+1]]``.
+        index: (N,) sample indices (dataset positions), the random key.
+        seed, epoch: the rest of the random key.
+        config: the sampler parameters.
+
+    Returns:
+        :class:`CropWindows`.
+    """
+    sizes = np.asarray(sizes)
+    index = np.asarray(index)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    n = len(index)
+    if sizes.shape != (n, 2) or offsets.shape != (n + 1,):
+        raise ValueError(f"sizes must be ({n}, 2) and offsets ({n + 1},), got {sizes.shape} and {offsets.shape}")
+    if n and (sizes.min() < 1):
+        raise ValueError("image sizes must be >= 1 pixel")
+    w = sizes[:, 0].astype(np.int64)
+    h = sizes[:, 1].astype(np.int64)
+    keys = rng.sample_keys(seed, epoch, index)
+    whole = np.stack([np.zeros(n, np.int64), np.zeros(n, np.int64), w, h], axis=1)
+
+    count = np.minimum(np.diff(offsets), config.top_k)
+    has_box = count > 0
+    box_index = np.full(n, -1, dtype=np.int64)
+    box_px = np.full((n, 4), np.nan)
+    regions = np.repeat(whole[:, None, :], 2, axis=1)
+    fallback = np.zeros(n, dtype=bool)
+    kinds = config.view_kinds
+
+    if config.uses_boxes:
+        fallback = ~has_box
+        rows = np.flatnonzero(has_box)
+        u_box, _ = rng.uniforms(keys[rows], rng.SLOT_BOX)
+        pick = np.minimum(np.floor(u_box * count[rows]).astype(np.int64), count[rows] - 1)
+        box_index[rows] = pick
+        b = boxes[offsets[rows] + pick]                      # (R, 4) normalised
+        rw, rh = w[rows], h[rows]
+        box_px[rows] = b * np.stack([rw, rh, rw, rh], axis=1)
+        b_px = _to_pixels(b, rw, rh)
+        regions[rows, 0] = _min_size_region(b_px, rw, rh, config.min_box_size)
+        if kinds[1] == "box":
+            regions[rows, 1] = regions[rows, 0]
+        elif kinds[1] == "dilated":
+            d = config.effective_dilate
+            grown = np.clip(b + np.array([-d, -d, d, d]), 0.0, 1.0)
+            regions[rows, 1] = _min_size_region(_to_pixels(grown, rw, rh), rw, rh, config.min_box_size)
+        elif kinds[1] == "shifted":
+            u_dir, u_rad = rng.uniforms(keys[rows], rng.SLOT_SHIFT)
+            r0, r1 = config.shift_range
+            radius = r0 + u_rad * (r1 - r0)
+            theta = 2.0 * math.pi * u_dir
+            dx = np.floor(radius * np.cos(theta) + 0.5).astype(np.int64)
+            dy = np.floor(radius * np.sin(theta) + 0.5).astype(np.int64)
+            # translate back inside the image where the move would leave it
+            dx = np.clip(dx, -b_px[:, 0], rw - b_px[:, 2])
+            dy = np.clip(dy, -b_px[:, 1], rh - b_px[:, 3])
+            moved = b_px + np.stack([dx, dy, dx, dy], axis=1)
+            regions[rows, 1] = _min_size_region(moved, rw, rh, config.min_box_size)
+            shift = np.zeros((n, 2), np.int64)
+            shift[rows] = np.stack([dx, dy], axis=1)
+
+    box_lo, box_hi = config.box_scale if config.box_scale is not None else (1.0, 1.0)
+    windows = np.empty((n, 2, 4), dtype=np.int64)
+    for v in (0, 1):
+        object_view = (kinds[v] != "scene") & has_box if config.uses_boxes else np.zeros(n, bool)
+        s_lo = np.where(object_view, box_lo, config.scale[0])
+        s_hi = np.where(object_view, box_hi, config.scale[1])
+        windows[:, v] = random_resized_crop(keys, v, regions[:, v], s_lo, s_hi, config.ratio, config.num_tries)
+    flip = np.stack([rng.uniforms(keys, rng.view_slot(v, rng.VIEW_FLIP))[0] < config.flip_p for v in (0, 1)],
+                    axis=1)
+    out = CropWindows(windows=windows.astype(np.int32), flip=flip, regions=regions.astype(np.int32),
+                      box=box_px, box_index=box_index, fallback=fallback, keys=keys)
+    if kinds[1] == "shifted":
+        out.extras["shift"] = shift
+    return out
