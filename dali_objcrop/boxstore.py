@@ -264,7 +264,7 @@ class BoxStore:
                 i = bad[0]
                 raise BoxStoreMismatchError(
                     f"{bad.size} images have another size in the box store than in the dataset, e.g. "
-                    f"{keys[i]}: store {tuple(self.sizes[rows[i]])}, dataset {tuple(sizes[i])}")
+                    f"{keys[i]}: store {tuple(self.sizes[rows[i]].tolist())}, dataset {tuple(sizes[i].tolist())}")
         return rows
 
     # ---- persistence ---------------------------------------------------------
