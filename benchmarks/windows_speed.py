@@ -1,0 +1,62 @@
+"""Crop-window throughput: windows for 1,000,000 samples per mode, one core.
+
+    python benchmarks/windows_speed.py [--n 1000000] [--json OUT]
+
+Prints seconds per mode and writes a JSON; the goal (issue 2) is under 1 s per
+million samples on one core.  Asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from dali_objcrop.windows import MODES, CropConfig, sample_windows
+
+
+def fake_batch(n: int, seed: int = 0):
+    """COCO-like sizes and 0-10 proposals per image (some images without any)."""
+    r = np.random.default_rng(seed)
+    sizes = np.stack([r.integers(200, 1000, n), r.integers(200, 800, n)], 1)
+    counts = r.integers(0, 11, n)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    m = int(offsets[-1])
+    x1, y1 = r.random(m) * 0.7, r.random(m) * 0.7
+    boxes = np.stack([x1, y1, x1 + 0.05 + r.random(m) * 0.25, y1 + 0.05 + r.random(m) * 0.25], 1)
+    return sizes, boxes.astype(np.float32), offsets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sizes, boxes, offsets = fake_batch(args.n)
+    rows = []
+    for mode in MODES:
+        cfg = CropConfig(mode=mode, box_scale=(0.5, 1.0))
+        times, cpu = [], []
+        for _ in range(args.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            sample_windows(sizes, boxes, offsets, np.arange(args.n), seed=0, epoch=0, config=cfg)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        best = min(times)
+        rows.append({"mode": mode, "samples": args.n, "seconds_best": best, "seconds_median": float(np.median(times)),
+                     "cpu_seconds_best": min(cpu), "samples_per_s": args.n / best})
+        print(f"{mode:16s} {best:6.3f} s wall, {min(cpu):6.3f} s CPU, best of {args.repeats}  "
+              f"({args.n / best / 1e6:.2f} M samples/s)")
+    out = {"results": rows, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                        "numpy": np.__version__}}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
