@@ -1,0 +1,243 @@
+"""Pictures of what the cropper does: one row per sample, drawn with OpenCV.
+
+``crop_grid(rows, out_png)`` draws, per sample, the image with all its
+proposals (thin), the chosen proposal (thick), both crop windows (labelled
+``1`` and ``2``, distinct colours, ``f`` when the view is flipped) and, to the
+right, the two resulting crops side by side.  ``cut_crop`` cuts one window with
+OpenCV for tools that do not need DALI.  Both are deterministic: the random
+decisions come from :func:`dali_objcrop.windows.sample_windows`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+# RGB colours (the canvas is RGB until it is written)
+PROPOSAL_RGB = (255, 230, 60)     # thin yellow
+BOX_RGB = (255, 40, 40)           # thick red: the chosen proposal
+WINDOW_RGB = ((40, 170, 255), (60, 230, 90))   # view 1 blue, view 2 green
+TEXT_RGB = (255, 255, 255)
+BG_RGB = (32, 32, 32)
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def _size_wh(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        w = h = int(size)
+    else:
+        w, h = (int(s) for s in size)
+    if w < 1 or h < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return w, h
+
+
+def cut_crop(image: np.ndarray, window: Sequence[int], flip: bool = False,
+             size: int | Sequence[int] = 224) -> np.ndarray:
+    """Cut ``window`` out of ``image``, resize it and optionally mirror it.
+
+    Args:
+        image: (H, W, C) or (H, W) uint8 image.
+        window: ``[x1, y1, x2, y2)`` integer pixels, inside the image.
+        flip: mirror horizontally (after the resize; same pixels either way).
+        size: output side, or ``(width, height)``.
+
+    Returns:
+        (size_h, size_w[, C]) array of the image's dtype.  Bilinear when
+        enlarging, area averaging when shrinking (no aliasing on big windows).
+    """
+    img = np.asarray(image)
+    x1, y1, x2, y2 = (int(v) for v in window)
+    h, w = img.shape[:2]
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise ValueError(f"window {list(window)!r} is empty or outside the {w}x{h} image")
+    ow, oh = _size_wh(size)
+    patch = img[y1:y2, x1:x2]
+    shrink = ow * oh < (x2 - x1) * (y2 - y1)
+    out = cv2.resize(patch, (ow, oh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if out.ndim == 2 and img.ndim == 3:  # cv2 drops a single channel
+        out = out[..., None]
+    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+def crop_to_uint8(crop: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN_255,
+                  std: Sequence[float] = IMAGENET_STD_255) -> np.ndarray:
+    """Any crop as displayable (H, W, 3) uint8 RGB.
+
+    Args:
+        crop: (H, W, C) uint8, or a float crop normalised as ``(x - mean) / std``
+            in either HWC or CHW layout (a torch tensor works too).
+        mean, std: the normalisation's per-channel constants, in the units of
+            the un-normalised pixels (0-255 by default, as DALI's
+            ``crop_mirror_normalize`` takes them).
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    a = crop.detach().cpu().numpy() if hasattr(crop, "detach") else np.asarray(crop)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise ValueError(f"crop must be (H, W, C) or (C, H, W), got shape {a.shape}")
+    if a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):  # CHW -> HWC
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    return np.ascontiguousarray(a)
+
+
+def _label(canvas: np.ndarray, text: str, org: tuple[int, int], colour, scale: float = 0.45,
+           outline: bool = True) -> None:
+    """Text, with a dark outline where it sits on a picture so it reads on any background."""
+    if outline:
+        cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def _rect(canvas: np.ndarray, r: Sequence[float], s: float, colour, thickness: int) -> tuple[int, int, int, int]:
+    # window [x1, x2) -> last pixel x2 - 1, scaled to the panel
+    x1, y1 = int(round(r[0] * s)), int(round(r[1] * s))
+    x2, y2 = int(round(r[2] * s)) - 1, int(round(r[3] * s)) - 1
+    cv2.rectangle(canvas, (x1, y1), (max(x1, x2), max(y1, y2)), colour, thickness, cv2.LINE_AA)
+    return x1, y1, x2, y2
+
+
+def draw_sample(image: np.ndarray, proposals: np.ndarray | None, box: np.ndarray | None,
+                windows: np.ndarray, flips: Sequence[bool] = (False, False), height: int = 256) -> np.ndarray:
+    """The image scaled to ``height`` with proposals, chosen box and both windows drawn on it.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        proposals: (k, 4) pixel boxes ``[x1, y1, x2, y2]`` (thin), or None.
+        box: (4,) chosen proposal in pixels (thick), NaN or None when there is none.
+        windows: (2, 4) int ``[x1, y1, x2, y2)`` of views 1 and 2.
+        flips: per view, drawn as ``f`` after the view number.
+        height: panel height in pixels.
+
+    Returns:
+        (height, round(W * height / H), 3) uint8 RGB.
+    """
+    img = crop_to_uint8(image)
+    h, w = img.shape[:2]
+    s = height / h
+    pw = max(1, int(round(w * s)))
+    panel = cv2.resize(img, (pw, height), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    if proposals is not None:
+        for p in np.asarray(proposals, np.float64).reshape(-1, 4):
+            _rect(panel, p, s, PROPOSAL_RGB, 1)
+    if box is not None and np.all(np.isfinite(np.asarray(box, np.float64))):
+        _rect(panel, box, s, BOX_RGB, 3)
+    win = np.asarray(windows).reshape(2, 4)
+    # view 2 thick underneath, view 1 thin on top: both stay visible when the windows coincide
+    corners = {v: _rect(panel, win[v], s, WINDOW_RGB[v], 4 if v else 2) for v in (1, 0)}
+    for v in (0, 1):
+        x1, y1, x2, y2 = corners[v]
+        text = f"{v + 1}{'f' if flips[v] else ''}"
+        # view 1 labelled at its top-left corner, view 2 at its bottom-right, so they never sit on each other
+        org = (x1 + 3, y1 + 14) if v == 0 else (max(0, x2 - 9 * len(text) - 3), max(12, y2 - 4))
+        _label(panel, text, org, WINDOW_RGB[v], 0.5)
+    return panel
+
+
+def _titled(panel: np.ndarray, title: str, colour=TEXT_RGB, pad: int = 18, scale: float = 0.42) -> np.ndarray:
+    """``panel`` under a dark strip holding ``title`` (text longer than the panel is cut at its edge)."""
+    out = np.full((panel.shape[0] + pad, panel.shape[1], 3), BG_RGB, np.uint8)
+    out[pad:] = panel
+    _label(out, title, (3, pad - 5), colour, scale, outline=False)
+    return out
+
+
+def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float] = IMAGENET_MEAN_255,
+               std: Sequence[float] = IMAGENET_STD_255) -> np.ndarray:
+    """One grid row (see :func:`crop_grid` for the keys of ``row``), (H, W, 3) uint8 RGB."""
+    for k in ("image", "windows", "crops"):
+        if k not in row:
+            raise ValueError(f"a crop_grid row needs key {k!r}, got keys {sorted(row)}")
+    flips = tuple(bool(f) for f in row.get("flips", (False, False)))
+    win = np.asarray(row["windows"]).reshape(2, 4)
+    panels = [_titled(draw_sample(row["image"], row.get("proposals"), row.get("box"), row["windows"], flips,
+                                  height), f"image {np.asarray(row['image']).shape[1]}x{np.asarray(row['image']).shape[0]}px")]
+    for v, crop in enumerate(row["crops"][:2]):
+        c = crop_to_uint8(crop, mean, std)
+        c = cv2.resize(c, (int(round(c.shape[1] * height / c.shape[0])), height), interpolation=cv2.INTER_AREA
+                       if c.shape[0] > height else cv2.INTER_LINEAR)
+        cv2.rectangle(c, (0, 0), (c.shape[1] - 1, c.shape[0] - 1), WINDOW_RGB[v], 3)
+        x1, y1, x2, y2 = (int(t) for t in win[v])
+        panels.append(_titled(c, f"view {v + 1}{' flipped' if flips[v] else ''}  {x2 - x1}x{y2 - y1}px",
+                              WINDOW_RGB[v]))
+    hh = max(p.shape[0] for p in panels)
+    sep = np.full((hh, gap, 3), BG_RGB, np.uint8)
+    parts = []
+    for p in panels:
+        if p.shape[0] < hh:
+            p = np.concatenate([p, np.full((hh - p.shape[0], p.shape[1], 3), BG_RGB, np.uint8)])
+        parts += [p, sep]
+    body = np.concatenate(parts[:-1], axis=1)
+    return _header(body, row.get("title") or _default_title(row))
+
+
+def _header(body: np.ndarray, title: str, pad: int = 22, scale: float = 0.5) -> np.ndarray:
+    """``body`` under a strip: the title, then a colour legend (as far as the width allows)."""
+    out = np.full((body.shape[0] + pad, body.shape[1], 3), BG_RGB, np.uint8)
+    out[pad:] = body
+    x = 3
+    pieces = [(title + "   ", TEXT_RGB), ("proposals ", PROPOSAL_RGB), ("chosen ", BOX_RGB),
+              ("window 1 ", WINDOW_RGB[0]), ("window 2 ", WINDOW_RGB[1]), ("(f = flipped)", TEXT_RGB)]
+    for text, colour in pieces:
+        _label(out, text, (x, pad - 6), colour, scale, outline=False)
+        x += cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+    return out
+
+
+def _default_title(row: dict) -> str:
+    bits = [str(row[k]) for k in ("key", "mode") if row.get(k) is not None]
+    return "  ".join(bits) or "sample"
+
+
+def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, height: int = 256, gap: int = 6,
+              mean: Sequence[float] = IMAGENET_MEAN_255, std: Sequence[float] = IMAGENET_STD_255) -> np.ndarray:
+    """Draw one row per sample and write the grid as a PNG.
+
+    Args:
+        rows: one dict per sample with
+            ``image`` (H, W, 3) uint8 RGB;
+            ``windows`` (2, 4) int ``[x1, y1, x2, y2)`` of the two views;
+            ``crops``: the two crops, (h, w, 3) uint8 or float normalised
+            ``(x - mean) / std`` in HWC or CHW layout;
+            optional ``proposals`` (k, 4) pixel boxes, ``box`` (4,) the chosen
+            proposal in pixels (NaN for none), ``flips`` (2,) bool, and
+            ``title`` or ``key`` / ``mode`` for the row's title.
+        out_png: where to write the PNG (parent folders are created); None
+            only returns the picture.
+        height: height of every panel in pixels.
+        gap: pixels between panels and rows.
+        mean, std: normalisation constants of float crops (see :func:`crop_to_uint8`).
+
+    Returns:
+        The grid, (H, W, 3) uint8 RGB.
+    """
+    if len(rows) == 0:
+        raise ValueError("crop_grid needs at least one row")
+    if height < 32:
+        raise ValueError(f"height must be >= 32 pixels, got {height}")
+    drawn = [render_row(r, height, gap, mean, std) for r in rows]
+    width = max(d.shape[1] for d in drawn)
+    blocks = []
+    for d in drawn:
+        if d.shape[1] < width:  # rows of portrait images are narrower
+            d = np.concatenate([d, np.full((d.shape[0], width - d.shape[1], 3), BG_RGB, np.uint8)], axis=1)
+        blocks += [d, np.full((gap, width, 3), BG_RGB, np.uint8)]
+    grid = np.concatenate(blocks[:-1], axis=0)
+    if out_png is not None:
+        out = Path(out_png)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {out}")
+    return grid
