@@ -15,6 +15,8 @@ import sys
 # (subcommand, module that implements it); the module's add_parser registers it.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("synth", "dali_objcrop.synth_cli"),
+    ("show", "dali_objcrop.show_cli"),
+    ("crop-stats", "dali_objcrop.cropstats_cli"),
 ]
 
 

@@ -1,0 +1,53 @@
+"""``dali-objcrop show``: a PNG grid of images, proposals, chosen box, both windows and both crops."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from .windows import MODES
+
+
+def add_tool_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``show`` and ``crop-stats``: data, proposals and crop-window parameters."""
+    p.add_argument("--coco", required=True, help="COCO-format annotations (image list and ground-truth boxes)")
+    p.add_argument("--images", default=None, help="image folder (default: images/ beside the JSON)")
+    p.add_argument("--boxes", default=None, help="box store (.boxes); default: ground-truth boxes as proposals")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the windows (default 0)")
+    p.add_argument("--top-k", type=int, default=10, help="proposals considered per image (default 10)")
+    p.add_argument("--dilate", type=float, default=0.1, help="delta of obj-obj-dilate (default 0.1, COCO)")
+    p.add_argument("--shift-range", type=float, nargs=2, default=(80.0, 120.0), metavar=("LO", "HI"),
+                   help="shift radius range in pixels of obj-obj-shift (default 80 120)")
+    p.add_argument("--min-box-size", type=int, default=224, help="regions smaller than this are widened (224)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="draw images with proposals, chosen box, both windows and both crops (PNG)")
+    add_tool_arguments(p)
+    p.add_argument("--mode", default="obj-obj-dilate", choices=MODES, help="crop mode (default obj-obj-dilate)")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("-n", type=int, default=6, help="number of images (default 6)")
+    p.add_argument("--epoch", type=int, default=0, help="epoch of the windows (default 0)")
+    p.add_argument("--size", type=int, default=224, help="crop side in pixels (default 224)")
+    p.add_argument("--height", type=int, default=256, help="panel height in the PNG (default 256)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .tools import crop_config, load_tool_data, show_rows
+    from .visualize import crop_grid
+    if args.n < 1:
+        raise SystemExit(f"-n must be >= 1, got {args.n}")
+    t0 = time.perf_counter()
+    data = load_tool_data(args.coco, args.images, args.boxes)
+    config = crop_config(data.store, args.mode, args.top_k, args.dilate, tuple(args.shift_range),
+                         args.min_box_size)
+    n = min(args.n, len(data.index))
+    # which images: a seeded draw, shown in dataset order
+    positions = np.sort(np.random.default_rng(args.seed).choice(len(data.index), n, replace=False))
+    rows = show_rows(data, positions, config, args.seed, args.epoch, args.size)
+    grid = crop_grid(rows, args.out, height=args.height)
+    print(f"wrote {args.out} ({grid.shape[1]}x{grid.shape[0]} px, {n} images, mode {args.mode}, "
+          f"box scale {config.box_scale}) in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,206 @@
+"""Crop diagnostics of the paper's appendix D, as pure vectorised functions.
+
+Mishra et al. (TMLR 2022), appendix D, measure "the fraction of pixels in
+[the intersection of the two crops] that belong to a ground truth object box":
+on COCO 99% for object-scene crops and 92.1% for scene-scene crops.  This
+module computes that figure exactly (pixel counts through a summed-area table
+of the union of an image's ground-truth boxes) together with the view IoU, the
+window area and how often a view holds at least half of some object.
+
+Conventions: windows are integer ``[x1, y1, x2, y2)`` pixel rectangles (as
+:func:`dali_objcrop.windows.sample_windows` returns them); ground-truth boxes
+are float pixel ``[x1, y1, x2, y2]``; a pixel belongs to a box when its centre
+``(x + 0.5, y + 0.5)`` lies inside it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# the figures summarize() returns, all fractions in [0, 1]
+FIGURES = ("intersection_on_object", "intersection_on_object_pooled", "view_iou", "mean_window_area",
+           "views_with_object", "views_overlap")
+
+
+def rect_area(r: np.ndarray) -> np.ndarray:
+    """Area of rectangles ``(..., 4)`` ``[x1, y1, x2, y2]``; empty or inverted ones count 0."""
+    r = np.asarray(r, dtype=np.float64)
+    return np.clip(r[..., 2] - r[..., 0], 0, None) * np.clip(r[..., 3] - r[..., 1], 0, None)
+
+
+def rect_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection rectangles of broadcastable ``(..., 4)`` arrays (may be empty: x2 <= x1)."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    return np.concatenate([np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:])], axis=-1)
+
+
+def rect_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of broadcastable ``(..., 4)`` rectangles (0 where both are empty)."""
+    inter = rect_area(rect_intersection(a, b))
+    union = rect_area(a) + rect_area(b) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def box_pixel_span(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Float pixel boxes (k, 4) -> integer pixel ranges ``[x1, y1, x2, y2)`` of the pixels whose
+    centres they contain, clipped to the ``w`` x ``h`` image."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    span = np.ceil(b - 0.5).astype(np.int64)
+    span[:, [0, 2]] = np.clip(span[:, [0, 2]], 0, w)
+    span[:, [1, 3]] = np.clip(span[:, [1, 3]], 0, h)
+    return span
+
+
+def union_summed_area(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Summed-area table of the union of ``boxes`` (float pixels, (k, 4)) on a ``w`` x ``h`` image.
+
+    Returns:
+        (h + 1, w + 1) int64 ``S`` with ``S[y, x]`` = number of covered pixels in
+        ``[0, x) x [0, y)``.  Built from a 2-D difference array (no loop over boxes).
+    """
+    if w < 1 or h < 1:
+        raise ValueError(f"image size must be >= 1 pixel, got {w}x{h}")
+    s = box_pixel_span(boxes, w, h)
+    s = s[(s[:, 2] > s[:, 0]) & (s[:, 3] > s[:, 1])]
+    diff = np.zeros((h + 1, w + 1), dtype=np.int32)
+    np.add.at(diff, (s[:, 1], s[:, 0]), 1)
+    np.add.at(diff, (s[:, 1], s[:, 2]), -1)
+    np.add.at(diff, (s[:, 3], s[:, 0]), -1)
+    np.add.at(diff, (s[:, 3], s[:, 2]), 1)
+    covered = (diff.cumsum(0).cumsum(1)[:h, :w] > 0)
+    sat = np.zeros((h + 1, w + 1), dtype=np.int64)
+    sat[1:, 1:] = covered.cumsum(0, dtype=np.int64).cumsum(1)
+    return sat
+
+
+def count_in_rects(sat: np.ndarray, rects: np.ndarray) -> np.ndarray:
+    """Covered pixels inside integer rectangles ``(n, 4)`` ``[x1, y1, x2, y2)`` (empty ones: 0)."""
+    hp, wp = sat.shape
+    r = np.asarray(rects, dtype=np.int64).reshape(-1, 4)
+    x1 = np.clip(r[:, 0], 0, wp - 1)
+    y1 = np.clip(r[:, 1], 0, hp - 1)
+    x2 = np.clip(r[:, 2], x1, wp - 1)
+    y2 = np.clip(r[:, 3], y1, hp - 1)
+    return sat[y2, x2] - sat[y1, x2] - sat[y2, x1] + sat[y1, x1]
+
+
+def max_box_fraction_inside(windows: np.ndarray, image: np.ndarray, gt_boxes: np.ndarray,
+                            gt_offsets: np.ndarray) -> np.ndarray:
+    """Per window, the largest fraction of any of its image's ground-truth boxes that it contains.
+
+    Args:
+        windows: (S, 4) rectangles in pixels.
+        image: (S,) image row of each window.
+        gt_boxes: (M, 4) float pixel boxes, image ``i`` owning ``gt_boxes[gt_offsets[i]:gt_offsets[i+1]]``.
+        gt_offsets: (N + 1,) int64.
+
+    Returns:
+        (S,) float64 in [0, 1] (0 for images without boxes).
+    """
+    windows = np.asarray(windows, dtype=np.float64).reshape(-1, 4)
+    image = np.asarray(image, dtype=np.int64)
+    gt_offsets = np.asarray(gt_offsets, dtype=np.int64)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    start = gt_offsets[image]
+    count = gt_offsets[image + 1] - start
+    owner = np.repeat(np.arange(len(windows)), count)          # one row per (window, box) pair
+    pair_start = np.concatenate([[0], np.cumsum(count)])[:-1]
+    box = gt_boxes[np.repeat(start - pair_start, count) + np.arange(len(owner))]
+    area = rect_area(box)
+    inside = rect_area(rect_intersection(windows[owner], box))
+    frac = np.divide(inside, area, out=np.zeros_like(inside), where=area > 0)
+    best = np.zeros(len(windows))
+    np.maximum.at(best, owner, frac)
+    return best
+
+
+def per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.ndarray, image: np.ndarray,
+                     windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample diagnostics of two-view crops.
+
+    Args:
+        sizes: (N, 2) image (width, height).
+        gt_boxes: (M, 4) ground-truth boxes in float pixels ``[x1, y1, x2, y2]``.
+        gt_offsets: (N + 1,) image ``i`` owns ``gt_boxes[gt_offsets[i]:gt_offsets[i+1]]``.
+        image: (S,) image row of each sample.
+        windows: (S, 2, 4) integer ``[x1, y1, x2, y2)`` windows of the two views.
+
+    Returns:
+        dict of per-sample arrays: ``overlap`` (S,) pixels in the views'
+        intersection, ``overlap_on_object`` (S,) of them inside a ground-truth
+        box, ``iou`` (S,), ``area_fraction`` (S, 2) window area / image area,
+        ``box_fraction`` (S, 2) largest fraction of a ground-truth box inside
+        the view.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    image = np.asarray(image, dtype=np.int64)
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2, 4)
+    gt_offsets = np.asarray(gt_offsets, dtype=np.int64)
+    if len(windows) != len(image):
+        raise ValueError(f"windows ({len(windows)}) and image ({len(image)}) differ in length")
+    if gt_offsets.shape != (len(sizes) + 1,):
+        raise ValueError(f"gt_offsets must have shape ({len(sizes) + 1},), got {gt_offsets.shape}")
+    if len(image) and (image.min() < 0 or image.max() >= len(sizes)):
+        raise ValueError(f"image rows must be in [0, {len(sizes)}), got {image.min()}..{image.max()}")
+    inter = rect_intersection(windows[:, 0], windows[:, 1])
+    overlap = rect_area(inter)
+    on_object = np.zeros(len(image), dtype=np.int64)
+    # one summed-area table per image; the samples of an image are counted together
+    order = np.argsort(image, kind="stable")
+    rows, first = np.unique(image[order], return_index=True)
+    bounds = np.append(first, len(order))
+    for k, i in enumerate(rows):
+        sel = order[bounds[k]:bounds[k + 1]]
+        if gt_offsets[i + 1] == gt_offsets[i]:
+            continue
+        sat = union_summed_area(np.asarray(gt_boxes)[gt_offsets[i]:gt_offsets[i + 1]], *sizes[i])
+        on_object[sel] = count_in_rects(sat, inter[sel])
+    img_area = (sizes[image, 0] * sizes[image, 1]).astype(np.float64)
+    box_frac = np.stack([max_box_fraction_inside(windows[:, v], image, gt_boxes, gt_offsets) for v in (0, 1)], 1)
+    return {
+        "overlap": overlap,
+        "overlap_on_object": on_object.astype(np.float64),
+        "iou": rect_iou(windows[:, 0], windows[:, 1]),
+        "area_fraction": rect_area(windows) / img_area[:, None],
+        "box_fraction": box_frac,
+    }
+
+
+def summarize(per_sample: dict[str, np.ndarray], min_box_fraction: float = 0.5) -> dict[str, float]:
+    """The appendix-D figures from :func:`per_sample_stats`.
+
+    Returns:
+        ``intersection_on_object``: mean over samples whose views overlap of the
+        fraction of overlap pixels inside a ground-truth box (the paper's
+        figure); ``intersection_on_object_pooled``: the same over all overlap
+        pixels pooled; ``view_iou``: mean IoU of the two windows;
+        ``mean_window_area``: mean window area as a fraction of the image
+        (both views); ``views_with_object``: fraction of views containing at
+        least ``min_box_fraction`` of some ground-truth box; ``views_overlap``:
+        fraction of samples whose views overlap at all; plus per-view
+        ``window_area_view1/2`` and ``views_with_object_view1/2``, and
+        ``samples``.
+    """
+    ov = per_sample["overlap"]
+    obj = per_sample["overlap_on_object"]
+    some = ov > 0
+    area = per_sample["area_fraction"]
+    has = per_sample["box_fraction"] >= min_box_fraction
+    n = len(ov)
+
+    def mean(x) -> float:
+        return float(np.mean(x)) if np.size(x) else float("nan")
+
+    return {
+        "intersection_on_object": mean(obj[some] / ov[some]),
+        "intersection_on_object_pooled": float(obj.sum() / ov.sum()) if ov.sum() > 0 else float("nan"),
+        "view_iou": mean(per_sample["iou"]),
+        "mean_window_area": mean(area),
+        "views_with_object": mean(has),
+        "views_overlap": mean(some),
+        "window_area_view1": mean(area[:, 0]),
+        "window_area_view2": mean(area[:, 1]),
+        "views_with_object_view1": mean(has[:, 0]),
+        "views_with_object_view2": mean(has[:, 1]),
+        "samples": n,
+    }

@@ -1,0 +1,144 @@
+"""Glue of the ``show`` and ``crop-stats`` tools: dataset + box store -> windows -> picture / figures.
+
+Windows always come from :func:`dali_objcrop.windows.sample_windows` keyed by
+``(seed, epoch, dataset position)``, exactly as the loader keys them, with the
+box-crop scale derived from the store's mean proposal area, so what these tools
+draw and measure is what training sees.  No DALI needed: crops are cut with
+OpenCV (:func:`dali_objcrop.visualize.cut_crop`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .boxstore import BoxStore
+from .dataset import ImageIndex
+from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
+
+
+@dataclass
+class ToolData:
+    """An image index with its proposals and ground-truth boxes aligned to it.
+
+    Attributes:
+        index: the images (dataset order = sample index).
+        store: the proposals (a box store, or the ground truth).
+        rows: (N,) store row of each image.
+        gt_boxes: (M, 4) ground-truth boxes in float pixels, largest first.
+        gt_offsets: (N + 1,) int64 into ``gt_boxes``.
+    """
+
+    index: ImageIndex
+    store: BoxStore
+    rows: np.ndarray
+    gt_boxes: np.ndarray
+    gt_offsets: np.ndarray
+
+
+def load_tool_data(coco: str | os.PathLike, images: str | os.PathLike | None = None,
+                   boxes: str | os.PathLike | None = None, check: bool = False) -> ToolData:
+    """Read a COCO JSON, its image folder and (optionally) a box store.
+
+    Args:
+        coco: COCO-format annotations (the ground truth, and the image list).
+        images: image folder (default: ``images/`` beside the JSON).
+        boxes: a ``.boxes`` store; None uses the ground-truth boxes as proposals.
+        check: scan image headers and drop broken files (slower; ``show`` reads
+            the pixels anyway).
+    """
+    index = ImageIndex.from_coco(coco, images, check=check)
+    if len(index) == 0:
+        raise ValueError(f"no usable images in {coco}")
+    gt = BoxStore.from_coco(coco)
+    gt_rows = gt.rows_for(index.keys, index.sizes)
+    gb, go = gt.gather(gt_rows)
+    wh = index.sizes.astype(np.float64)
+    owner = np.repeat(np.arange(len(index)), np.diff(go))
+    gt_px = np.asarray(gb, np.float64) * np.concatenate([wh, wh], axis=1)[owner]
+    store = gt if boxes is None else BoxStore.load(boxes)
+    rows = gt_rows if boxes is None else store.rows_for(index.keys, index.sizes)
+    return ToolData(index=index, store=store, rows=rows, gt_boxes=gt_px, gt_offsets=go)
+
+
+def crop_config(store: BoxStore, mode: str, top_k: int = 10, dilate: float = 0.1,
+                shift_range: tuple[float, float] = (80.0, 120.0), min_box_size: int = 224) -> CropConfig:
+    """The loader's crop configuration: box-crop scale from the store's mean top-k proposal area."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    box_scale = box_scale_from_mean_area(store.mean_area_fraction(top_k)) if store.num_boxes else None
+    return CropConfig(mode=mode, box_scale=box_scale, dilate=dilate, shift_range=shift_range,
+                      min_box_size=min_box_size, top_k=top_k)
+
+
+def windows_for(data: ToolData, positions: np.ndarray, config: CropConfig, seed: int, epoch: int
+                ) -> CropWindows:
+    """Windows of dataset ``positions`` at ``(seed, epoch)`` (the loader's keys)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    b, off = data.store.gather(data.rows[positions], config.top_k)
+    return sample_windows(data.index.sizes[positions], b, off, positions, seed, epoch, config)
+
+
+def show_rows(data: ToolData, positions: np.ndarray, config: CropConfig, seed: int = 0, epoch: int = 0,
+              size: int = 224) -> list[dict]:
+    """Rows for :func:`dali_objcrop.visualize.crop_grid`: decoded images, proposals, windows, crops."""
+    import cv2
+
+    from .visualize import cut_crop
+    positions = np.asarray(positions, dtype=np.int64)
+    cw = windows_for(data, positions, config, seed, epoch)
+    b, off = data.store.gather(data.rows[positions], config.top_k)
+    out = []
+    for j, p in enumerate(positions):
+        path = os.path.join(str(data.index.root), data.index.keys[p])
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"cannot decode {path}")
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        w, h = data.index.sizes[p]
+        if img.shape[:2] != (h, w):
+            raise ValueError(f"{path} is {img.shape[1]}x{img.shape[0]}, the annotations say {w}x{h}")
+        props = np.asarray(b[off[j]:off[j + 1]], np.float64) * np.array([w, h, w, h], np.float64)
+        crops = [cut_crop(img, cw.windows[j, v], bool(cw.flip[j, v]), size) for v in (0, 1)]
+        note = "  (no proposal: scene fallback)" if cw.fallback[j] else ""
+        out.append({"image": img, "proposals": props, "box": cw.box[j], "windows": cw.windows[j],
+                    "flips": cw.flip[j], "crops": crops, "key": data.index.keys[p], "mode": config.mode,
+                    "title": f"#{p} {data.index.keys[p]}  {config.mode}  seed {seed} epoch {epoch}{note}"})
+    return out
+
+
+def crop_stats(data: ToolData, config: CropConfig, samples: int, seed: int = 0, batch: int = 65536) -> dict:
+    """Appendix-D figures of ``config`` over ``samples`` draws.
+
+    Sample ``s`` is dataset position ``s % N`` at epoch ``s // N``: every image
+    is used equally often, every mode sees the same images and keys, so figures
+    of different modes are comparable.
+
+    Returns:
+        :func:`dali_objcrop.stats.summarize`'s figures plus ``mode``, ``fallback``
+        (samples that wanted a proposal and got a scene crop) and the config.
+    """
+    from .stats import per_sample_stats, summarize
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    n = len(data.index)
+    parts: list[dict] = []
+    fallback = 0
+    for s0 in range(0, samples, batch):
+        s = np.arange(s0, min(samples, s0 + batch))
+        pos, ep = s % n, s // n
+        wins = np.empty((len(s), 2, 4), np.int32)
+        for e in np.unique(ep):  # windows are keyed per epoch
+            m = ep == e
+            cw = windows_for(data, pos[m], config, seed, int(e))
+            wins[m] = cw.windows
+            fallback += cw.num_fallback
+        parts.append(per_sample_stats(data.index.sizes, data.gt_boxes, data.gt_offsets, pos, wins))
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out = {"mode": config.mode, **summarize(merged), "fallback": int(fallback)}
+    out["config"] = {"top_k": config.top_k, "box_scale": list(config.box_scale or (1.0, 1.0)),
+                     "dilate": config.dilate, "shift_range": list(config.shift_range),
+                     "min_box_size": config.min_box_size, "seed": seed, "images": n}
+    return out
+
