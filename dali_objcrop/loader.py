@@ -1,0 +1,674 @@
+"""The DALI pipeline and the drop-in PyTorch iterator (:class:`ObjCropLoader`).
+
+Architecture (sample in NumPy per batch, apply in DALI)::
+
+    our sampler (seed, epoch, rank) --> batch of dataset positions
+      --> batch_inputs(): encoded bytes (np.fromfile), crop windows
+          (windows.sample_windows, vectorised), augmentation draws
+          (augment.sample_aug_params, vectorised)      [one Python call per batch]
+      --> fn.external_source(batch=True) --> fn.decoders.image ("mixed" on GPU, "cpu")
+      --> crop backend: fn.resize with per-sample roi_start/roi_end per view
+          (roi_start > roi_end on x mirrors: the flip is free)
+      --> per view, only where the draw says so (DALI conditionals split the
+          batch): color_twist (jitter; grayscale = saturation 0), gaussian_blur
+          (2 ceil(3 sigma) + 1 taps), solarise
+      --> crop_mirror_normalize to NCHW float32 / float16 --> torch tensors
+
+Why this shape (measured on the 2-core CPU machine, COCO photos, batch 64,
+2 threads; see DESIGN.md section 3 and ``benchmarks/throughput.py``):
+
+* Windows in NumPy, not in the DALI graph: ``sample_windows`` is the single
+  source of truth (the CUDA kernel and this graph are tested against it) and
+  costs ~1 ms per batch of 64, vectorised; the same maths as ~100 DALI
+  arithmetic ops cost ~15 ms per batch of 256 (DESIGN.md).  There is no
+  per-sample Python anywhere: the callback is per batch, so the GIL is held
+  ~2 ms per batch while DALI's threads decode.
+* Our own sampler instead of a DALI reader: a global reshuffle from
+  ``(seed, epoch)``, sharded by rank, with equal batch counts on every rank
+  and the epoch known *before* any batch of it is prefetched, so
+  ``set_epoch`` always takes effect (a reader-based pipeline prefetches the
+  next epoch at reset time).  The loader drives the pipeline itself
+  (``Pipeline.run`` until the source's ``StopIteration``) instead of
+  ``DALIGenericIterator``, so nothing runs ahead across epochs.
+* Augmentations with their probabilities: colour and blur dominate the CPU
+  cost (DESIGN.md: ~480 img/s without them, ~124 img/s applying them to every
+  view), so they run only on the samples drawn for them.
+* The crop is one small function chosen by ``crop_backend`` in
+  :data:`CROP_BACKENDS`; a new backend (the fused CUDA kernel through CuPy)
+  registers itself with :func:`register_crop_backend`.
+
+Measured figures (``python benchmarks/throughput.py``) are in README.md.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import augment as _augment
+from .boxstore import BoxStore
+from .dataset import ImageIndex
+from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Inputs the batch callback can emit (the external source emits the base fields, the crop
+# backend's own fields and the per-view augmentation draws, in this order).
+_AUG_FIELDS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
+BASE_FIELDS = ("jpegs", "index")
+CROP_FIELDS = ("roi_start0", "roi_end0", "roi_start1", "roi_end1", "window", "flip")
+AUG_FIELDS = tuple(f"{f}{v}" for v in (0, 1) for f in _AUG_FIELDS)
+INPUT_FIELDS = BASE_FIELDS + CROP_FIELDS + AUG_FIELDS
+
+
+def input_fields(crop_backend: str) -> tuple[str, ...]:
+    """The fields the external source emits for a crop backend (DALI warns about unused outputs)."""
+    return BASE_FIELDS + CROP_BACKENDS[crop_backend].inputs + AUG_FIELDS
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler
+# ---------------------------------------------------------------------------------------------
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the arguments, else torch.distributed, else torchrun's env, else (0, 1)."""
+    if rank is None or world_size is None:
+        r, w = 0, 1
+        try:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                r, w = dist.get_rank(), dist.get_world_size()
+            elif "WORLD_SIZE" in os.environ:
+                r, w = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+        except ImportError:  # torch is optional for the pure sampler
+            pass
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                  shuffle: bool = True, drop_last: bool = True) -> list[np.ndarray]:
+    """This rank's batches of dataset positions for one epoch.
+
+    A global permutation from ``(seed, epoch)`` (the same on every rank) is dealt
+    round-robin to the ranks, so shards are disjoint and every rank gets the same
+    number of batches.
+
+    Args:
+        n: dataset size.
+        batch_size: samples per batch (per rank).
+        seed, epoch: the shuffle key.
+        rank, world_size: this rank and the number of ranks.
+        shuffle: False keeps dataset order (still dealt round-robin).
+        drop_last: True: only full batches; the ``n mod (world_size *
+            batch_size)`` samples left over (different ones each epoch) are
+            dropped.  False: every sample is delivered; the permutation is padded
+            by wrapping around to a multiple of ``world_size`` (at most
+            ``world_size - 1`` repeats, as ``DistributedSampler``), and each
+            rank's last batch may be partial.
+
+    Returns:
+        list of int64 arrays (the batches, in order).
+    """
+    if n < 0 or batch_size < 1:
+        raise ValueError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    rank, world_size = resolve_rank(rank, world_size)
+    if shuffle:
+        order = np.random.Generator(np.random.PCG64([seed, epoch, 0x5EED])).permutation(n)
+    else:
+        order = np.arange(n)
+    if drop_last:
+        per_rank = (n // (world_size * batch_size)) * batch_size
+        order = order[: per_rank * world_size]
+    else:
+        total = -(-n // world_size) * world_size
+        order = np.concatenate([order, order[: total - n]]) if total > n else order
+        per_rank = total // world_size
+    mine = order[rank::world_size][:per_rank].astype(np.int64)
+    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# per-batch inputs (NumPy, vectorised)
+# ---------------------------------------------------------------------------------------------
+def window_rois(windows: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-view ``(roi_start, roi_end)`` for ``fn.resize`` on HWC images, (y, x) order, float32.
+
+    A flipped view swaps its x coordinates (DALI mirrors an axis whose start > end).
+
+    Args:
+        windows: (N, 2, 4) ``[x1, y1, x2, y2)``.
+        flip: (N, 2) bool.
+
+    Returns:
+        ``(start0, end0, start1, end1)``, each (N, 2) float32.
+    """
+    out = []
+    for v in (0, 1):
+        x1, y1, x2, y2 = (windows[:, v, i].astype(np.float32) for i in range(4))
+        f = flip[:, v]
+        out.append(np.stack([y1, np.where(f, x2, x1)], axis=1))
+        out.append(np.stack([y2, np.where(f, x1, x2)], axis=1))
+    return tuple(out)
+
+
+def read_encoded(paths: list[str]) -> list[np.ndarray]:
+    """The raw bytes of each file as a uint8 array."""
+    return [np.fromfile(p, dtype=np.uint8) for p in paths]
+
+
+@dataclass
+class _Source:
+    """What a batch needs from the dataset: paths, sizes, box rows, sampler config."""
+
+    paths: list[str]
+    sizes: np.ndarray                 # (N, 2) int32
+    store: BoxStore | None
+    rows: np.ndarray | None           # dataset position -> store row
+    config: CropConfig
+    recipe: _augment.Recipe
+    seed: int
+
+    def windows(self, index: np.ndarray, epoch: int) -> CropWindows:
+        index = np.asarray(index, dtype=np.int64)
+        if self.store is None:
+            boxes, offsets = np.zeros((0, 4), np.float32), np.zeros(len(index) + 1, np.int64)
+        else:
+            boxes, offsets = self.store.gather(self.rows[index], self.config.top_k)
+        return sample_windows(self.sizes[index], boxes, offsets, index, self.seed, epoch, self.config)
+
+    def inputs(self, index: np.ndarray, epoch: int) -> tuple[dict[str, object], CropWindows]:
+        """Everything the pipeline's external source emits for one batch (see :data:`INPUT_FIELDS`)."""
+        cw = self.windows(index, epoch)
+        s0, e0, s1, e1 = window_rois(cw.windows, cw.flip)
+        d: dict[str, object] = {
+            "jpegs": read_encoded([self.paths[i] for i in index]),
+            "index": np.asarray(index, dtype=np.int64),
+            "roi_start0": s0, "roi_end0": e0, "roi_start1": s1, "roi_end1": e1,
+            "window": cw.windows, "flip": cw.flip.astype(np.uint8),
+        }
+        for v in (0, 1):
+            p = _augment.sample_aug_params(cw.keys, v, self.recipe.views[v])
+            for f in _AUG_FIELDS:
+                d[f"{f}{v}"] = p[f]
+        return d, cw
+
+
+# ---------------------------------------------------------------------------------------------
+# the DALI graph
+# ---------------------------------------------------------------------------------------------
+def dali_crop(images, inp: dict, size: int):
+    """Crop backend ``dali``: ``fn.resize`` of each view's ROI to ``size`` x ``size`` (flip via the ROI).
+
+    Args:
+        images: decoded HWC uint8 images (CPU or GPU node).
+        inp: the external-source nodes by name (:data:`INPUT_FIELDS`).
+        size: output side in pixels.
+
+    Returns:
+        ``(view0, view1)`` HWC uint8 nodes.
+    """
+    from nvidia.dali import fn, types
+    return tuple(fn.resize(images, size=[size, size], roi_start=inp[f"roi_start{v}"], roi_end=inp[f"roi_end{v}"],
+                           roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True,
+                           dtype=types.UINT8)
+                 for v in (0, 1))
+
+
+@dataclass(frozen=True)
+class CropBackend:
+    """A crop stage: ``fn(images, inputs, size) -> (view0, view1)`` and the input fields it reads."""
+
+    fn: Callable
+    inputs: tuple[str, ...]
+
+
+CROP_BACKENDS: dict[str, CropBackend] = {
+    "dali": CropBackend(dali_crop, ("roi_start0", "roi_end0", "roi_start1", "roi_end1")),
+}
+
+
+def register_crop_backend(name: str, fn: Callable, inputs: tuple[str, ...] = ("window", "flip")) -> None:
+    """Add a crop backend: ``fn(images, inputs, size) -> (view0, view1)`` HWC uint8 DALI nodes.
+
+    Args:
+        name: the ``crop_backend`` value that selects it.
+        fn: builds the crop stage from the decoded images (CPU or GPU node), a dict of
+            external-source nodes and the output side.
+        inputs: which of :data:`CROP_FIELDS` it needs: ``window`` ((2, 4) int32
+            ``[x1, y1, x2, y2)`` per view), ``flip`` ((2,) uint8), ``roi_start{v}``/``roi_end{v}``
+            ((2,) float32, y then x, x swapped when flipped).
+    """
+    bad = [f for f in inputs if f not in CROP_FIELDS]
+    if bad:
+        raise ValueError(f"unknown crop input fields {bad}; choose from {CROP_FIELDS}")
+    CROP_BACKENDS[name] = CropBackend(fn, tuple(inputs))
+
+
+def _augment_view(img, inp: dict, v: int):
+    """Colour twist / grayscale, blur and solarise, each only on the samples drawn for it."""
+    from nvidia.dali import fn, types
+    if inp[f"colour{v}"]:
+        img = fn.color_twist(img, brightness=inp[f"brightness{v}"], contrast=inp[f"contrast{v}"],
+                             saturation=inp[f"saturation{v}"], hue=inp[f"hue{v}"], dtype=types.UINT8)
+    if inp[f"blur{v}"]:
+        img = fn.gaussian_blur(img, sigma=inp[f"sigma{v}"], window_size=inp[f"blur_window{v}"])
+    if inp[f"solarize{v}"]:
+        x = fn.cast(img, dtype=types.INT16)
+        img = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+    return img
+
+
+def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend: str, out_dtype,
+                   decoder_kwargs: dict):
+    from nvidia.dali import fn, types
+    fields = input_fields(crop_backend)
+    nodes = fn.external_source(source=source, num_outputs=len(fields), batch=True)
+    inp = dict(zip(fields, nodes))
+    # adjust_orientation off: window coordinates are in the stored (header) pixel grid
+    images = fn.decoders.image(inp["jpegs"], device=decode_device, output_type=types.RGB,
+                               adjust_orientation=False, **decoder_kwargs)
+    views = CROP_BACKENDS[crop_backend].fn(images, inp, size)
+    outs = []
+    for v in (0, 1):
+        img = _augment_view(views[v], inp, v)
+        outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
+                                             mean=[m * 255 for m in IMAGENET_MEAN],
+                                             std=[s * 255 for s in IMAGENET_STD]))
+    return outs[0], outs[1], inp["index"]
+
+
+def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, size: int = 224,
+                   crop_backend: str = "dali", out_dtype: str = "float32", device_id: int | None = None,
+                   seed: int = 0, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None):
+    """The object-crop DALI pipeline (built, not yet run).
+
+    Args:
+        source: per-batch callable returning the inputs of ``input_fields(crop_backend)``
+            (raise ``StopIteration`` to end an epoch).
+        batch_size: maximum batch size.
+        num_threads: DALI CPU threads.
+        device: ``cpu`` or ``gpu`` (decode with ``mixed``: nvJPEG / hardware decoder).
+        size: output side.
+        crop_backend: key of :data:`CROP_BACKENDS`.
+        out_dtype: ``float32`` or ``float16``.
+        device_id: CUDA device (GPU only).
+        seed: DALI's own seed (no DALI op here draws random numbers; kept for completeness).
+        prefetch_queue_depth: batches DALI keeps in flight.
+        decoder_kwargs: extra ``fn.decoders.image`` arguments, e.g. ``hw_decoder_load``,
+            ``preallocate_width_hint``, ``preallocate_height_hint``,
+            ``device_memory_padding``, ``host_memory_padding`` (GPU).
+
+    Returns:
+        a built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, index)``.
+    """
+    from nvidia.dali import pipeline_def, types
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if crop_backend not in CROP_BACKENDS:
+        raise ValueError(f"crop_backend must be one of {tuple(CROP_BACKENDS)}, got {crop_backend!r}")
+    dt = {"float32": types.FLOAT, "float16": types.FLOAT16}.get(out_dtype)
+    if dt is None:
+        raise ValueError(f"out_dtype must be 'float32' or 'float16', got {out_dtype!r}")
+    kwargs = dict(decoder_kwargs or {})
+    if device == "cpu" and kwargs:
+        kwargs = {}  # the hints only concern nvJPEG
+    pipe_fn = pipeline_def(_objcrop_graph, enable_conditionals=True)
+    pipe = pipe_fn(source, size, "mixed" if device == "gpu" else "cpu", crop_backend, dt, kwargs,
+                   batch_size=batch_size, num_threads=num_threads,
+                   device_id=device_id if device == "gpu" else None, seed=seed,
+                   prefetch_queue_depth=prefetch_queue_depth)
+    pipe.build()
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# the iterator
+# ---------------------------------------------------------------------------------------------
+def _resolve_data(data, images_dir) -> tuple[ImageIndex, str | None]:
+    """An ImageIndex from a COCO json / folder / ImageIndex, and the COCO json path if any."""
+    if isinstance(data, ImageIndex):
+        return data, None
+    p = Path(data)
+    if p.is_dir():
+        return ImageIndex.from_folder(p), None
+    if p.suffix.lower() == ".json" and p.is_file():
+        if images_dir is None:  # <root>/annotations.json or <root>/annotations/x.json next to <root>/images
+            images_dir = next((c for c in (p.parent / "images", p.parent.parent / "images") if c.is_dir()),
+                              p.parent / "images")
+        return ImageIndex.from_coco(p, images_dir), str(p)
+    raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {data!r}")
+
+
+def _file_decodes(path: str) -> str | None:
+    """None if DALI's CPU decoder accepts the file, else its error (first line)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def one():
+        enc = fn.external_source(source=lambda: [np.fromfile(path, dtype=np.uint8)], batch=True)
+        return fn.decoders.image(enc, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+    try:
+        p = one()
+        p.build()
+        p.run()
+        return None
+    except StopIteration:
+        return None
+    except Exception as e:  # DALI raises RuntimeError; keep the line after "encountered:"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        after = [ln for a, ln in zip(lines, lines[1:]) if a.startswith("encountered")]
+        return (after or lines or [type(e).__name__])[0]
+
+
+class ObjCropLoader:
+    """Two object-aware views per image from a DALI pipeline, as torch tensors.
+
+    Example::
+
+        loader = ObjCropLoader("coco/annotations/instances.json", boxes="gt", mode="obj-obj-dilate")
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                q, k = batch["view1"], batch["view2"]     # (N, 3, 224, 224)
+
+    Args:
+        data: COCO json path, image folder, or :class:`~dali_objcrop.ImageIndex`.
+        boxes: :class:`~dali_objcrop.BoxStore`, path of a ``.boxes`` store,
+            ``"gt"`` (the ground-truth boxes of the COCO json) or None (only
+            ``scene-scene``).
+        mode: crop mode, one of :data:`~dali_objcrop.MODES`.
+        batch_size: per-rank batch size.
+        size: output side in pixels.
+        recipe: ``mocov2``, ``byol`` or an :class:`~dali_objcrop.augment.Recipe`.
+        seed: the random key of everything (with the epoch and the sample index).
+        num_threads: DALI CPU threads.
+        device: ``cpu``, ``gpu`` or ``auto`` (GPU when torch sees CUDA).
+        dtype: torch.float32, torch.float16 or torch.bfloat16.
+        crop_backend: key of :data:`CROP_BACKENDS` (``dali``; ``cupy`` on GPU).
+        rank, world_size: default from torch.distributed, else torchrun's env, else 0/1.
+        shuffle: global reshuffle per epoch.
+        drop_last: see :func:`shard_batches`.
+        on_bad_image: ``skip`` (leave unreadable files out, listed in
+            ``stats["bad_images"]``) or ``raise`` (ValueError naming them).
+        dilate, shift_range, box_scale, top_k, min_box_size: crop-window
+            parameters (:class:`~dali_objcrop.CropConfig`); ``box_scale=None``
+            derives it from the store's mean proposal area.
+        images_dir: image folder of a COCO json (default: ``images`` beside it or beside its folder).
+        device_id: CUDA device (default: ``torch.cuda.current_device()``).
+        prefetch_queue_depth: DALI batches in flight.
+        decoder_kwargs: extra nvJPEG arguments (``hw_decoder_load``, preallocation hints).
+    """
+
+    def __init__(self, data, boxes="gt", mode: str = "obj-obj-dilate", batch_size: int = 64, size: int = 224,
+                 recipe="mocov2", seed: int = 0, num_threads: int = 2, device: str = "auto", dtype=None,
+                 crop_backend: str = "dali", rank: int | None = None, world_size: int | None = None,
+                 shuffle: bool = True, drop_last: bool = True, on_bad_image: str = "skip",
+                 dilate: float = 0.1, shift_range: tuple[float, float] = (80, 120),
+                 box_scale: tuple[float, float] | None = None, top_k: int = 10, min_box_size: int = 224,
+                 images_dir: str | os.PathLike | None = None, device_id: int | None = None,
+                 prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None) -> None:
+        import torch
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size!r}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed!r}")
+        if on_bad_image not in ("skip", "raise"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
+        if device not in ("cpu", "gpu", "auto"):
+            raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
+        if device == "auto":
+            device = "gpu" if torch.cuda.is_available() else "cpu"
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ValueError("device='gpu' but torch sees no CUDA device")
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+        if crop_backend not in CROP_BACKENDS:
+            raise ValueError(f"crop_backend must be one of {tuple(CROP_BACKENDS)}, got {crop_backend!r}")
+        if crop_backend == "cupy" and device != "gpu":
+            raise ValueError("crop_backend='cupy' needs device='gpu'")
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.mode, self.batch_size, self.size, self.device = mode, batch_size, size, device
+        self.dtype, self.crop_backend, self.num_threads = dtype, crop_backend, num_threads
+        self.shuffle, self.drop_last, self.on_bad_image, self.seed = shuffle, drop_last, on_bad_image, seed
+        self.recipe = _augment.get_recipe(recipe)
+
+        index, coco_json = _resolve_data(data, images_dir)
+        if index.bad and on_bad_image == "raise":
+            names = ", ".join(f"{k} ({v})" for k, v in list(index.bad.items())[:10])
+            raise ValueError(f"{len(index.bad)} unusable image files under {index.root}: {names}")
+        if len(index) == 0:
+            raise ValueError(f"no usable images in {data!r}")
+        self.index = index
+
+        store, rows = self._resolve_boxes(boxes, coco_json, index, mode)
+        if box_scale is None and store is not None and store.num_boxes:
+            box_scale = box_scale_from_mean_area(store.mean_area_fraction(top_k))
+        self.config = CropConfig(mode=mode, box_scale=box_scale, dilate=dilate,
+                                 shift_range=tuple(float(s) for s in shift_range), top_k=top_k,
+                                 min_box_size=min_box_size)
+        self._src = _Source(paths=index.paths, sizes=np.asarray(index.sizes, dtype=np.int64), store=store,
+                            rows=rows, config=self.config, recipe=self.recipe, seed=seed)
+        without = 0 if rows is None else int((store.offsets[rows + 1] == store.offsets[rows]).sum())
+        self.stats: dict = {"images": len(index), "images_without_boxes": without,
+                            "bad_images": dict(index.bad), "skipped": len(index.bad),
+                            "decode_failures": {}, "samples": 0, "fallback": 0, "epochs": 0}
+        self._next_epoch = 0
+        self._feed: Iterator[np.ndarray] = iter(())
+        self._inflight: deque = deque()
+        self._active = False
+        self._pipe = None
+        self._device_id = device_id
+        self._prefetch = prefetch_queue_depth
+        self._decoder_kwargs = decoder_kwargs
+        self._fields = input_fields(crop_backend)
+        self._excluded: set[int] = set()
+
+    # ---- setup helpers -------------------------------------------------------------------
+    @staticmethod
+    def _resolve_boxes(boxes, coco_json, index: ImageIndex, mode: str):
+        if boxes is None:
+            if mode != "scene-scene":
+                raise ValueError(f"mode {mode!r} needs boxes (a BoxStore, a .boxes path or 'gt'), got None")
+            return None, None
+        if isinstance(boxes, str) and boxes == "gt":
+            if coco_json is None:
+                raise ValueError("boxes='gt' needs data to be a COCO json path")
+            store = BoxStore.from_coco(coco_json)
+        elif isinstance(boxes, BoxStore):
+            store = boxes
+        elif isinstance(boxes, (str, os.PathLike)):
+            store = BoxStore.load(boxes)
+        else:
+            raise ValueError(f"boxes must be a BoxStore, a path, 'gt' or None, got {boxes!r}")
+        return store, store.rows_for(index.keys, index.sizes)
+
+    def _build(self):
+        if self._pipe is None:
+            device_id = self._device_id
+            if self.device == "gpu" and device_id is None:
+                import torch
+                device_id = torch.cuda.current_device()
+            self._device_id = device_id
+            out = "float16" if self.dtype != self._torch_float32() else "float32"
+            if self.device == "cpu":
+                out = "float32"  # CPU half conversions are slow in DALI; torch converts instead
+            self._out_dtype = out
+            self._pipe = build_pipeline(self._pull, self.batch_size, self.num_threads, self.device, self.size,
+                                        self.crop_backend, out, device_id, self.seed, self._prefetch,
+                                        self._decoder_kwargs)
+        return self._pipe
+
+    @staticmethod
+    def _torch_float32():
+        import torch
+        return torch.float32
+
+    # ---- public API -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        n = len(self.index)
+        if self.drop_last:
+            return n // (self.world_size * self.batch_size)
+        return -(-(-(-n // self.world_size)) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next iteration (without a call, each iteration uses the previous + 1)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+        self._next_epoch = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration will use."""
+        return self._next_epoch
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of dataset positions for ``epoch``."""
+        return shard_batches(len(self.index), self.batch_size, self.seed, epoch, self.rank, self.world_size,
+                             self.shuffle, self.drop_last)
+
+    def windows_for(self, index, epoch: int) -> CropWindows:
+        """The :class:`~dali_objcrop.CropWindows` the loader uses for dataset positions ``index`` at ``epoch``."""
+        return self._src.windows(np.atleast_1d(np.asarray(index, dtype=np.int64)), epoch)
+
+    def inputs_for(self, index, epoch: int) -> dict:
+        """The per-batch inputs (windows, ROIs, augmentation draws) fed to DALI (for tests and tools)."""
+        return self._src.inputs(np.atleast_1d(np.asarray(index, dtype=np.int64)), epoch)[0]
+
+    def key_of(self, position: int) -> str:
+        """The image key (path relative to the image root) of a dataset position."""
+        return self.index.keys[int(position)]
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        self._drain()
+        pipe = self._build()
+        self._feed = iter(self.batches(epoch))
+        self._epoch = epoch
+        self._inflight.clear()
+        self._active = True
+        try:
+            while True:
+                try:
+                    outs = pipe.run()
+                except StopIteration:
+                    break
+                except Exception as e:  # a DALI failure: name the files, never hang
+                    pipe = self._recover(e)
+                    continue
+                batch = self._to_torch(outs)
+                self._inflight.popleft()
+                self.stats["samples"] += len(batch["index"])
+                yield batch
+            self.stats["epochs"] += 1
+        finally:
+            self._active = not self._finished()
+
+    # ---- internals --------------------------------------------------------------------------
+    def _pull(self):
+        """External-source callback: the next batch of this epoch (``StopIteration`` at its end)."""
+        idx = self._substitute(next(self._feed))
+        self._inflight.append(idx)  # before reading, so a missing file is found by _recover
+        d, cw = self._src.inputs(idx, self._epoch)
+        self.stats["fallback"] += cw.num_fallback
+        return tuple(d[f] for f in self._fields)
+
+    def _substitute(self, idx: np.ndarray) -> np.ndarray:
+        """Replace positions found undecodable (``skip``) by the next usable position, keeping batch sizes."""
+        if not self._excluded:
+            return idx
+        out = idx.copy()
+        n = len(self.index)
+        for j, i in enumerate(idx):
+            k = int(i)
+            for _ in range(n):
+                if k not in self._excluded:
+                    break
+                k = (k + 1) % n
+            else:
+                raise RuntimeError(f"no decodable image left in {self.index.root}")
+            out[j] = k
+        return out
+
+    def _finished(self) -> bool:
+        return self._pipe is None or self._pipe.empty()
+
+    def _drain(self) -> None:
+        """Finish an epoch abandoned mid-way: stop feeding, consume what is in flight, reset."""
+        if self._pipe is None:
+            return
+        if self._active:
+            self._feed = iter(())
+            try:
+                while True:
+                    self._pipe.run()
+            except StopIteration:
+                pass
+            except Exception:  # a failing abandoned batch: start afresh
+                self._pipe = None
+                self._active = False
+                return
+        self._pipe.reset()
+        self._active = False
+
+    def _recover(self, err: Exception):
+        """After a DALI failure: find the undecodable files of the batches in flight; raise naming them
+        (``raise``), or leave them out from now on and resume the epoch on a new pipeline (``skip``)."""
+        self._pipe = None  # DALI: "Current pipeline object is no longer valid"
+        pending = [self._substitute(idx) for idx in self._inflight]
+        self._inflight.clear()
+        culprits = {}
+        for idx in pending:
+            for i in np.unique(idx):
+                msg = _file_decodes(self._src.paths[i])
+                if msg is not None:
+                    culprits[int(i)] = msg
+        named = {self.index.keys[i]: m for i, m in culprits.items()}
+        self.stats["decode_failures"].update(named)
+        if not culprits:
+            self._active = False
+            raise RuntimeError(f"DALI failed on a batch and every file of the batches in flight decodes alone "
+                               f"({', '.join(self.index.keys[i] for idx in pending for i in idx[:3])}, ...): "
+                               f"{err}") from err
+        names = "; ".join(f"{k}: {v}" for k, v in list(named.items())[:10])
+        if self.on_bad_image == "raise":
+            self._active = False
+            raise RuntimeError(f"DALI cannot decode {len(named)} file(s) under {self.index.root}: {names}") from err
+        self._excluded.update(culprits)
+        self.stats["skipped"] += len(culprits)
+        self._feed = itertools.chain(pending, self._feed)
+        return self._build()
+
+    def _to_torch(self, outs) -> dict:
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        v1, v2, index = outs
+        idx = torch.from_numpy(np.array(index.as_tensor()).reshape(-1).astype(np.int64))
+        views = []
+        for tl in (v1, v2):
+            if self.device == "gpu":
+                t = tl.as_tensor()
+                dt = torch.float16 if self._out_dtype == "float16" else torch.float32
+                out = torch.empty(t.shape(), dtype=dt, device=f"cuda:{self._device_id}")
+                feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self._device_id))
+            else:
+                out = torch.from_numpy(np.array(tl.as_tensor()))
+            views.append(out if out.dtype == self.dtype else out.to(self.dtype))
+        return {"view1": views[0], "view2": views[1], "index": idx.to(views[0].device)}
