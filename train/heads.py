@@ -1,0 +1,125 @@
+"""Backbones and projection heads, built from a small table of layer sizes.
+
+A head preset is a tuple of layer widths after the backbone's feature width
+(``hidden..., out``), plus where batch norm goes.  Presets cite the paper that
+defines them; tests and small CPU runs scale them with ``hidden``/``out``
+overrides instead of new code.
+
+Object-aware cropping (Mishra et al., TMLR 2022) keeps *separate* projection
+heads for the object view and the other view when a crop mode has an object
+view; ``scene-scene`` keeps one.  :func:`head_keys` decides which head each view
+goes through, :func:`build_heads` builds them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torchvision
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Layer widths of an MLP head (``sizes`` = hidden..., out) and its norms.
+
+    Args:
+        sizes: widths after the input, e.g. ``(2048, 128)`` for in -> 2048 -> 128.
+        hidden_bn: BatchNorm after every hidden linear layer (before ReLU).
+        conv: build the head from 1x1 convolutions (dense heads on feature maps).
+    """
+
+    sizes: tuple[int, ...]
+    hidden_bn: bool = False
+    conv: bool = False
+
+
+HEADS: dict[str, HeadSpec] = {
+    # MoCo v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"): 2048-2048-128 MLP
+    "mocov2": HeadSpec((2048, 128)),
+    # BYOL (Grill et al. 2020): projector and predictor 4096 -> 256 with BN in the hidden layer
+    "byol_projector": HeadSpec((4096, 256), hidden_bn=True),
+    "byol_predictor": HeadSpec((4096, 256), hidden_bn=True),
+    # DenseCL (Wang et al. 2021, "Dense Contrastive Learning for Self-Supervised Visual Pre-Training"):
+    # the global head is MoCo v2's MLP, the dense head the same widths as 1x1 convolutions
+    "densecl_global": HeadSpec((2048, 128)),
+    "densecl_dense": HeadSpec((2048, 128), conv=True),
+}
+
+
+def preset(name: str, hidden: int = 0, out: int = 0) -> HeadSpec:
+    """A preset from :data:`HEADS`, with its hidden and/or output width replaced when > 0."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head preset {name!r}; known: {sorted(HEADS)}")
+    spec = HEADS[name]
+    sizes = list(spec.sizes)
+    if hidden > 0:
+        sizes[:-1] = [hidden] * (len(sizes) - 1)
+    if out > 0:
+        sizes[-1] = out
+    return HeadSpec(tuple(sizes), spec.hidden_bn, spec.conv)
+
+
+def mlp(in_dim: int, spec: HeadSpec) -> nn.Sequential:
+    """The head ``in_dim -> spec.sizes`` (Linear, [BN], ReLU between layers; none after the last)."""
+    if in_dim < 1 or not spec.sizes or min(spec.sizes) < 1:
+        raise ValueError(f"bad head: in_dim={in_dim}, sizes={spec.sizes}")
+    lin = (lambda i, o, b: nn.Conv2d(i, o, 1, bias=b)) if spec.conv else (lambda i, o, b: nn.Linear(i, o, bias=b))
+    bn = nn.BatchNorm2d if spec.conv else nn.BatchNorm1d
+    layers: list[nn.Module] = []
+    dims = (in_dim, *spec.sizes)
+    for k in range(len(spec.sizes)):
+        last = k == len(spec.sizes) - 1
+        layers.append(lin(dims[k], dims[k + 1], last or not spec.hidden_bn))
+        if not last:
+            if spec.hidden_bn:
+                layers.append(bn(dims[k + 1]))
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def head_keys(mode: str, share: bool = False) -> tuple[str, str]:
+    """Which head each view goes through: ``(view1_key, view2_key)``.
+
+    View 1 is the object view in every mode but ``scene-scene``; it goes through
+    the ``obj`` head and view 2 through the ``scene`` head, unless ``share``.
+    """
+    if not isinstance(mode, str) or not mode:
+        raise ValueError(f"crop mode must be a non-empty string, got {mode!r}")
+    if mode == "scene-scene" or share:
+        return ("scene", "scene")
+    return ("obj", "scene")
+
+
+def build_heads(in_dim: int, spec: HeadSpec, keys: tuple[str, str]) -> nn.ModuleDict:
+    """One head per distinct key in ``keys`` (e.g. ``{"obj", "scene"}`` or ``{"scene"}``)."""
+    return nn.ModuleDict({k: mlp(in_dim, spec) for k in dict.fromkeys(keys)})
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet trunk that returns the last feature map ``(N, C, h, w)``.
+
+    Args:
+        arch: any torchvision ResNet builder name (``resnet18``, ``resnet50``,
+            ``wide_resnet50_2``, ...), randomly initialised.
+        zero_init_residual: torchvision's option (used by BYOL-style recipes).
+
+    Attributes:
+        dim: channels of the feature map (512 for ResNet-18/34, 2048 for ResNet-50+).
+    """
+
+    def __init__(self, arch: str = "resnet50", zero_init_residual: bool = False):
+        super().__init__()
+        if "resnet" not in arch or not hasattr(torchvision.models, arch):
+            raise ValueError(f"arch must name a torchvision ResNet (resnet18, resnet50, ...), got {arch!r}")
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        self.dim = int(net.fc.in_features)
+        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                   net.layer1, net.layer2, net.layer3, net.layer4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Global-average-pooled features ``(N, dim)`` (what linear and kNN evaluation use)."""
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(x), 1), 1)

@@ -1,0 +1,1 @@
+"""SSL methods: one short file each (pure loss function + small model class)."""

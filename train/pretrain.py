@@ -1,0 +1,527 @@
+"""Self-supervised pretraining (MoCo-v2, BYOL, DenseCL) on object-aware crops, in one readable file.
+
+One code path for the CPU, one GPU and many GPUs: DDP is detected from
+torchrun's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), with gloo on
+the CPU and NCCL on GPUs; only the master process logs and writes checkpoints.
+
+Launch::
+
+    # one process (CPU or one GPU), embedded synthetic set, small and quick
+    python train/pretrain.py --method=mocov2 --crops=obj-obj-dilate --arch=resnet18 --size=96 --steps=200
+
+    # 8 GPUs on one node, COCO with ground-truth boxes
+    torchrun --standalone --nproc_per_node=8 train/pretrain.py --method=byol --crops=obj-obj-dilate \\
+        --data=coco/annotations/instances_train2017.json --boxes=gt --batch-size=64 --epochs=200 --out=runs/byol
+
+    # BING proposals from a box store, settings from a JSON file, flags override it
+    torchrun --nproc_per_node=4 train/pretrain.py --config=cfg.json --boxes=coco.boxes --crops=obj-scene
+
+    # two nodes (run on each, NODE_RANK 0 and 1)
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=$MASTER:29500 train/pretrain.py --method=densecl ...
+
+    # continue exactly where a run stopped (its config comes from the flags; it must match the checkpoint)
+    python train/pretrain.py ... --resume=auto           # or --resume=runs/x/ckpt.pt
+
+Configuration: the :class:`Config` dataclass; every field is a flag
+(``--batch-size=64`` or ``--batch_size 64``), typed from the dataclass, unknown
+keys rejected; ``--config=FILE.json`` loads a dict of fields first.  The
+resolved config (method defaults filled in) is saved in every checkpoint and
+in ``config.json``.  ``batch_size`` is per process; learning rates scale with
+the global batch (``lr * batch_size * world_size / 256``).
+
+Logs: ``OUT/log.jsonl`` (one JSON record per logged step), TensorBoard event
+files when the optional ``tensorboard`` package is importable, and a tqdm bar
+showing images/s and the fraction of step time spent waiting for data.
+
+Exact resume: checkpoints (every ``ckpt_every`` steps, written atomically)
+hold the model with its queues, the optimizer, the step and the RNG states.
+The loader is keyed by (seed, epoch, sample index), shuffle-BN permutations by
+(seed, step), so a resumed run re-creates the same batches (the batches of the
+interrupted epoch before the checkpoint are read and skipped) and, on the CPU,
+produces the same loss sequence as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python/torchrun train/pretrain.py): import as the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from train.heads import Backbone, head_keys, preset
+from train.lars import LARS, param_groups
+from train.methods import byol, densecl, mocov2
+from train.methods.common import cosine_schedule, lr_at
+
+METHODS = {"mocov2": mocov2, "byol": byol, "densecl": densecl}
+BN_MODES = ("shuffle", "sync", "local")
+
+
+@dataclass
+class Config:
+    """Every setting of a run.  0 / -1 / "" mean "the method's default" where noted."""
+
+    # what to learn and from what
+    method: str = "mocov2"            # mocov2 | byol | densecl
+    crops: str = "obj-obj-dilate"     # a dali_objcrop crop mode
+    data: str = ""                    # COCO json or image folder; "" = the embedded synthetic set
+    images_dir: str = ""              # image folder of a COCO json ("" = beside it)
+    boxes: str = "gt"                 # gt | path of a .boxes store | none (scene-scene only)
+    size: int = 224                   # crop side in pixels
+    dilate: float = 0.1               # delta of obj-obj-dilate (0.1 COCO, 0.2 OpenImages)
+    recipe: str = ""                  # augmentation recipe ("" = the method's: mocov2 or byol)
+    num_threads: int = 4              # DALI threads per process
+    loader_device: str = "auto"       # cpu | gpu | auto
+    # model
+    arch: str = "resnet50"            # any torchvision ResNet
+    share_heads: bool = False         # one projection head for both views even with an object view
+    head_hidden: int = 0              # projector hidden width (0 = preset)
+    head_out: int = 0                 # projector output width (0 = preset)
+    pred_hidden: int = 0              # BYOL predictor hidden width (0 = preset)
+    queue_size: int = 0               # MoCo/DenseCL negatives per queue (0 = 65536)
+    temperature: float = 0.0          # InfoNCE temperature (0 = 0.2)
+    momentum: float = -1.0            # key/target EMA (MoCo/DenseCL 0.999; BYOL start, cosine to 1: 0.99)
+    lam: float = 0.5                  # DenseCL dense-loss weight
+    bn: str = "shuffle"               # shuffle | sync | local: BN of the key encoder across ranks
+    # optimisation
+    batch_size: int = 256             # per process
+    epochs: int = 200
+    steps: int = 0                    # > 0: train this many steps instead of epochs
+    lr: float = 0.0                   # base lr per 256 images (0 = method: 0.03 MoCo/DenseCL, 0.2 BYOL)
+    weight_decay: float = -1.0        # (-1 = method: 1e-4 MoCo/DenseCL, 1.5e-6 BYOL)
+    warmup_steps: int = 0             # linear lr warm-up before the cosine decay
+    # system
+    seed: int = 0
+    out: str = "runs/pretrain"
+    ckpt_every: int = 1000            # steps between checkpoints (0 = only at the end)
+    keep_ckpts: bool = False          # also keep ckpt_STEP.pt for every checkpoint
+    resume: str = ""                  # "" | auto (OUT/ckpt.pt if present) | path of a checkpoint
+    log_every: int = 10
+    compile: bool = False             # torch.compile the backbones
+    amp: str = "auto"                 # auto (bf16 on GPU, off on CPU) | bf16 | off
+    channels_last: bool = True        # on GPU only
+    torch_threads: int = 0            # torch intra-op threads (0 = leave as is)
+    progress: bool = True
+
+    def resolved(self) -> "Config":
+        """A copy with the method's defaults filled in and every value checked."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        d = METHODS[self.method].DEFAULTS
+        c = dataclasses.replace(self)
+        c.queue_size = c.queue_size or d.get("queue_size", 0)
+        c.temperature = c.temperature or d.get("temperature", 0.0)
+        c.momentum = d["momentum"] if c.momentum < 0 else c.momentum
+        c.lr = c.lr or d["base_lr"]
+        c.weight_decay = d["weight_decay"] if c.weight_decay < 0 else c.weight_decay
+        c.recipe = c.recipe or ("byol" if self.method == "byol" else "mocov2")
+        if c.bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {BN_MODES}, got {c.bn!r}")
+        if c.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off, got {c.amp!r}")
+        for name in ("size", "batch_size", "log_every"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)!r}")
+        if c.steps < 0 or c.epochs < 0 or (c.steps == 0 and c.epochs == 0):
+            raise ValueError(f"need steps > 0 or epochs > 0, got steps={c.steps}, epochs={c.epochs}")
+        if not 0.0 <= c.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {c.momentum}")
+        return c
+
+
+# settings a resumed run must share with its checkpoint (others, e.g. steps or out, may change)
+RESUME_MUST_MATCH = ("method", "crops", "arch", "share_heads", "head_hidden", "head_out", "pred_hidden",
+                     "queue_size", "batch_size", "size", "seed", "data", "boxes", "recipe", "dilate")
+
+
+def _convert(name: str, typ: type, value) -> object:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects a boolean (true/false), got {value!r}")
+    try:
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name} expects {typ.__name__}, got {value!r}") from None
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """A :class:`Config` from ``--config=FILE.json`` (optional) then ``--field=value`` flags.
+
+    Flags may use ``-`` or ``_`` (``--batch-size`` = ``--batch_size``), ``--f=v``
+    or ``--f v``; a bare boolean flag (``--compile``) means true.  Unknown
+    fields and badly typed values raise ``ValueError`` naming them.
+    """
+    types = typing.get_type_hints(Config)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs: list[tuple[str, object]] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r} (settings are --field=value)")
+        key, eq, val = a[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if types.get(key) is bool and (nxt is None or nxt.startswith("--")):
+                val = "true"
+            elif nxt is None:
+                raise ValueError(f"--{key} needs a value")
+            else:
+                val, i = nxt, i + 1
+        pairs.append((key, val))
+        i += 1
+    values: dict[str, object] = {}
+    for key, val in pairs:
+        if key == "config":
+            with open(val) as f:
+                loaded = json.load(f)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {val} must hold a JSON object")
+            for k, v in loaded.items():
+                if k not in types:
+                    raise ValueError(f"unknown config key {k!r} in {val}; known: {sorted(types)}")
+                values[k] = _convert(k, types[k], v)
+    for key, val in pairs:
+        if key == "config":
+            continue
+        if key not in types:
+            raise ValueError(f"unknown flag --{key}; known: {', '.join(sorted(types))}")
+        values[key] = _convert(key, types[key], val)
+    return Config(**values)
+
+
+# ---- distributed set-up ---------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available()
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        return Dist(True, dist.get_rank(), local_rank, dist.get_world_size(), device)
+    return Dist(False, 0, 0, 1, torch.device("cuda") if cuda else torch.device("cpu"))
+
+
+# ---- model, optimizer, data ---------------------------------------------------------------------------------
+def build_model(cfg: Config) -> nn.Module:
+    """The method's model for a resolved config (deterministic given ``torch.manual_seed``)."""
+    keys = head_keys(cfg.crops, cfg.share_heads)
+    backbone = Backbone(cfg.arch, zero_init_residual=cfg.method == "byol")
+    if cfg.method == "mocov2":
+        return mocov2.MoCoV2(backbone, preset("mocov2", cfg.head_hidden, cfg.head_out), keys, cfg.queue_size,
+                             cfg.temperature)
+    if cfg.method == "byol":
+        proj = preset("byol_projector", cfg.head_hidden, cfg.head_out)
+        pred = preset("byol_predictor", cfg.pred_hidden, proj.sizes[-1])
+        return byol.BYOL(backbone, proj, pred, keys)
+    return densecl.DenseCL(backbone, preset("densecl_global", cfg.head_hidden, cfg.head_out),
+                           preset("densecl_dense", cfg.head_hidden, cfg.head_out), keys, cfg.queue_size,
+                           cfg.temperature, cfg.lam)
+
+
+def build_optimizer(cfg: Config, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """SGD (MoCo-v2, DenseCL) or LARS (BYOL) at ``lr * global batch / 256``."""
+    lr = cfg.lr * cfg.batch_size * world_size / 256
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if METHODS[cfg.method].DEFAULTS["optimizer"] == "lars":
+        return LARS(param_groups(params, cfg.weight_decay), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD([p for _, p in params], lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def make_loader(cfg: Config, rank: int, world_size: int):
+    """The object-aware DALI loader for this rank (the embedded synthetic set when ``data`` is empty)."""
+    from dali_objcrop.loader import ObjCropLoader
+    from dali_objcrop.synth import ensure_default_dataset
+    data = cfg.data or str(ensure_default_dataset())
+    boxes = None if cfg.boxes.lower() in ("", "none") else cfg.boxes
+    return ObjCropLoader(data, boxes=boxes, mode=cfg.crops, batch_size=cfg.batch_size, size=cfg.size,
+                         recipe=cfg.recipe, seed=cfg.seed, num_threads=cfg.num_threads, device=cfg.loader_device,
+                         rank=rank, world_size=world_size, drop_last=True, dilate=cfg.dilate,
+                         images_dir=cfg.images_dir or None)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer, step: int,
+                    cfg: Config, world_size: int) -> None:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
+             "world_size": world_size, "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None, world_size: int | None = None) -> dict:
+    """Read a checkpoint (on the CPU); with ``cfg``, check it can continue this run."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if cfg is not None:
+        saved = state["config"]
+        diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
+        if diff:
+            raise ValueError(f"cannot resume {path}: settings differ (checkpoint, now): {diff}")
+        if world_size is not None and state["world_size"] != world_size:
+            raise ValueError(f"cannot resume {path} exactly: saved with world_size {state['world_size']}, "
+                             f"now {world_size}")
+    return state
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[Backbone, Config]:
+    """The pretrained (online / query) backbone of a checkpoint, and the run's config."""
+    state = load_checkpoint(path)
+    cfg = Config(**state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.backbone, cfg
+
+
+# ---- training loop --------------------------------------------------------------------------------------------
+class _Logger:
+    """JSONL (+ TensorBoard when importable) on the master process."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        self.file = open(out / "log.jsonl", "a")
+        try:  # optional: needs the tensorboard package, not a dependency of this project
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            pass
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def train(cfg: Config, loader=None) -> dict:
+    """Run (or resume) one pretraining job; returns a summary (master's numbers).
+
+    Args:
+        cfg: the configuration (resolved here).
+        loader: anything with ``__len__``, ``set_epoch`` and iteration yielding
+            ``{"view1", "view2"}`` batches; default :func:`make_loader` (benchmarks
+            pass device-resident synthetic batches).
+
+    Returns:
+        ``{"steps", "losses" (this call's logged losses), "images_per_s",
+        "data_wait_frac", "checkpoint", "config"}``.
+    """
+    cfg = cfg.resolved()
+    env = setup_distributed()
+    device, cuda = env.device, env.device.type == "cuda"
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    out = Path(cfg.out)
+    if env.master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if cfg.bn == "sync" and not cuda:
+        raise ValueError("bn='sync' needs CUDA (SyncBatchNorm); use bn='shuffle' on the CPU")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights (and queues) on every rank
+    model = build_model(cfg)
+    if cfg.bn == "sync" and env.ddp:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    use_cl = cuda and cfg.channels_last
+    if use_cl:
+        model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg, model, env.world_size)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    if loader is None:
+        loader = make_loader(cfg, env.rank, env.world_size)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the loader has no full batch (batch_size {cfg.batch_size} x {env.world_size} ranks)")
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+
+    step = 0
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "ckpt.pt") if (out / "ckpt.pt").exists() else ""
+    if resume:
+        state = load_checkpoint(resume, cfg, env.world_size)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if cuda and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    torch.manual_seed(cfg.seed + 1000 * env.rank + step)  # any later torch randomness: per rank, per start
+
+    if cfg.compile:
+        model.backbone.compile()
+        model.backbone_k.compile()
+    ddp_model = model
+    if env.ddp:
+        # rank-local buffers (queues are kept identical by all-gather; BN running stats are unused in training):
+        # no buffer broadcast on every forward (the queue alone is 2 x 128 x 65536 floats)
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else {"broadcast_buffers": False}
+        ddp_model = DDP(model, device_ids=[env.local_rank] if cuda else None, **no_sync)
+    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+
+    logger = _Logger(out, env.master)
+    bar = None
+    if env.master and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.method} {cfg.crops}", unit="step", dynamic_ncols=True)
+
+    global_batch = cfg.batch_size * env.world_size
+    warm_until = step + 2                    # throughput counts from here (first steps build/compile)
+    meas_time = meas_wait = 0.0
+    meas_steps = 0
+    win_time = win_wait = 0.0
+    win_steps = 0
+    losses: list[dict] = []
+    epoch, skip = divmod(step, steps_per_epoch)
+    model.train()
+    while step < total:
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        for _ in range(skip):  # resume mid-epoch: the loader is keyed by (seed, epoch, index); read and drop
+            next(it)
+        skip = 0
+        t0 = time.perf_counter()
+        while step < total:
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            t_data = time.perf_counter()
+            v1 = batch["view1"].to(device, non_blocking=True)
+            v2 = batch["view2"].to(device, non_blocking=True)
+            if use_cl:
+                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
+
+            lr_scale = lr_at(step, total, 1.0, cfg.warmup_steps)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * lr_scale
+            m = cosine_schedule(step, total, cfg.momentum, 1.0) if cfg.method == "byol" else cfg.momentum
+
+            with autocast():
+                loss, aux = ddp_model(v1, v2, shuffle_seed=cfg.seed * 1_000_003 + step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.after_step(aux, m)
+            step += 1
+
+            t1 = time.perf_counter()
+            wait, dt = t_data - t0, t1 - t0
+            t0 = t1
+            if step > warm_until:
+                meas_time, meas_wait, meas_steps = meas_time + dt, meas_wait + wait, meas_steps + 1
+            win_time, win_wait, win_steps = win_time + dt, win_wait + wait, win_steps + 1
+
+            if step % cfg.log_every == 0 or step == total:
+                stats = {"loss": loss.detach().float()}
+                stats.update({k: v.float() for k, v in aux.items() if k.startswith("loss_")})
+                vals = torch.stack(list(stats.values()))
+                if env.ddp:
+                    dist.all_reduce(vals)
+                    vals /= env.world_size
+                rec = {"step": step, "epoch": epoch, **{k: float(v) for k, v in zip(stats, vals.tolist())},
+                       "lr": opt.param_groups[0]["lr"], "momentum": m,
+                       "images_per_s": global_batch * win_steps / max(win_time, 1e-9),
+                       "data_wait_frac": win_wait / max(win_time, 1e-9), "time": time.time()}
+                losses.append(rec)
+                logger.log(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}",
+                                    wait=f"{100 * rec['data_wait_frac']:.1f}%")
+                win_time = win_wait = 0.0
+                win_steps = 0
+            if bar is not None:
+                bar.update(1)
+            if env.master and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total):
+                save_checkpoint(out / "ckpt.pt", model, opt, step, cfg, env.world_size)
+                if cfg.keep_ckpts:
+                    save_checkpoint(out / f"ckpt_{step:07d}.pt", model, opt, step, cfg, env.world_size)
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if env.ddp:
+        dist.barrier()
+    return {"steps": step, "losses": losses,
+            "images_per_s": global_batch * meas_steps / meas_time if meas_time > 0 else math.nan,
+            "data_wait_frac": meas_wait / meas_time if meas_time > 0 else math.nan,
+            "checkpoint": str(out / "ckpt.pt"), "config": asdict(cfg), "world_size": env.world_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        summary = train(cfg)
+        if summary["losses"] and int(os.environ.get("RANK", 0)) == 0:
+            last = summary["losses"][-1]
+            print(f"done: step {summary['steps']} loss {last['loss']:.4f} "
+                  f"{summary['images_per_s']:.1f} img/s, data wait {100 * summary['data_wait_frac']:.1f}%")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
