@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         config = crop_config(data.store, mode, args.top_k, args.dilate, tuple(args.shift_range), args.min_box_size)
         r = crop_stats(data, config, args.samples, args.seed)
         results.append(r)
-        print(f"{mode:15s} intersection_on_object {r['intersection_on_object']:.3f}  view_iou "
+        print(f"{mode:15s} intersection_on_object {r['intersection_on_object']:.3f}  touches "
+              f"{r['intersection_touches_object']:.3f}  view_iou "
               f"{r['view_iou']:.3f}  mean_window_area {r['mean_window_area']:.3f}  views_with_object "
               f"{r['views_with_object']:.3f}  fallback {r['fallback']}")
     out = dict(results[0]) if len(results) == 1 else {"modes": {r["mode"]: r for r in results}}

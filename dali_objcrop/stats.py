@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 # the figures summarize() returns, all fractions in [0, 1]
-FIGURES = ("intersection_on_object", "intersection_on_object_pooled", "view_iou", "mean_window_area",
-           "views_with_object", "views_overlap")
+FIGURES = ("intersection_on_object", "intersection_on_object_pooled", "intersection_touches_object", "view_iou",
+           "mean_window_area", "views_with_object", "views_overlap", "image_on_object")
 
 
 def rect_area(r: np.ndarray) -> np.ndarray:
@@ -55,22 +55,18 @@ def union_summed_area(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     """Summed-area table of the union of ``boxes`` (float pixels, (k, 4)) on a ``w`` x ``h`` image.
 
     Returns:
-        (h + 1, w + 1) int64 ``S`` with ``S[y, x]`` = number of covered pixels in
-        ``[0, x) x [0, y)``.  Built from a 2-D difference array (no loop over boxes).
+        (h + 1, w + 1) integer array ``S`` with ``S[y, x]`` = number of covered
+        pixels in ``[0, x) x [0, y)``.
     """
+    import cv2
     if w < 1 or h < 1:
         raise ValueError(f"image size must be >= 1 pixel, got {w}x{h}")
-    s = box_pixel_span(boxes, w, h)
-    s = s[(s[:, 2] > s[:, 0]) & (s[:, 3] > s[:, 1])]
-    diff = np.zeros((h + 1, w + 1), dtype=np.int32)
-    np.add.at(diff, (s[:, 1], s[:, 0]), 1)
-    np.add.at(diff, (s[:, 1], s[:, 2]), -1)
-    np.add.at(diff, (s[:, 3], s[:, 0]), -1)
-    np.add.at(diff, (s[:, 3], s[:, 2]), 1)
-    covered = (diff.cumsum(0).cumsum(1)[:h, :w] > 0)
-    sat = np.zeros((h + 1, w + 1), dtype=np.int64)
-    sat[1:, 1:] = covered.cumsum(0, dtype=np.int64).cumsum(1)
-    return sat
+    mask = np.zeros((int(h), int(w)), dtype=np.uint8)
+    # a slice fill per box (~10 per image) and OpenCV's integral: ~0.2 ms at 640x480, 60x faster
+    # than a NumPy difference array with two cumsums
+    for x1, y1, x2, y2 in box_pixel_span(boxes, w, h):
+        mask[y1:y2, x1:x2] = 1
+    return cv2.integral(mask, sdepth=cv2.CV_32S if w * h < 2**31 else cv2.CV_64F)
 
 
 def count_in_rects(sat: np.ndarray, rects: np.ndarray) -> np.ndarray:
@@ -81,7 +77,8 @@ def count_in_rects(sat: np.ndarray, rects: np.ndarray) -> np.ndarray:
     y1 = np.clip(r[:, 1], 0, hp - 1)
     x2 = np.clip(r[:, 2], x1, wp - 1)
     y2 = np.clip(r[:, 3], y1, hp - 1)
-    return sat[y2, x2] - sat[y1, x2] - sat[y2, x1] + sat[y1, x1]
+    corner = [sat[y, x].astype(np.int64) for y, x in ((y2, x2), (y1, x2), (y2, x1), (y1, x1))]
+    return corner[0] - corner[1] - corner[2] + corner[3]
 
 
 def max_box_fraction_inside(windows: np.ndarray, image: np.ndarray, gt_boxes: np.ndarray,
@@ -130,7 +127,8 @@ def per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.nda
         intersection, ``overlap_on_object`` (S,) of them inside a ground-truth
         box, ``iou`` (S,), ``area_fraction`` (S, 2) window area / image area,
         ``box_fraction`` (S, 2) largest fraction of a ground-truth box inside
-        the view.
+        the view, ``image_on_object`` (S,) fraction of the whole image inside
+        a ground-truth box (the chance level of a random pixel).
     """
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     image = np.asarray(image, dtype=np.int64)
@@ -145,6 +143,7 @@ def per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.nda
     inter = rect_intersection(windows[:, 0], windows[:, 1])
     overlap = rect_area(inter)
     on_object = np.zeros(len(image), dtype=np.int64)
+    covered = np.zeros(len(image), dtype=np.int64)
     # one summed-area table per image; the samples of an image are counted together
     order = np.argsort(image, kind="stable")
     rows, first = np.unique(image[order], return_index=True)
@@ -155,6 +154,7 @@ def per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.nda
             continue
         sat = union_summed_area(np.asarray(gt_boxes)[gt_offsets[i]:gt_offsets[i + 1]], *sizes[i])
         on_object[sel] = count_in_rects(sat, inter[sel])
+        covered[sel] = int(sat[-1, -1])
     img_area = (sizes[image, 0] * sizes[image, 1]).astype(np.float64)
     box_frac = np.stack([max_box_fraction_inside(windows[:, v], image, gt_boxes, gt_offsets) for v in (0, 1)], 1)
     return {
@@ -162,6 +162,7 @@ def per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.nda
         "overlap_on_object": on_object.astype(np.float64),
         "iou": rect_iou(windows[:, 0], windows[:, 1]),
         "area_fraction": rect_area(windows) / img_area[:, None],
+        "image_on_object": covered / img_area,
         "box_fraction": box_frac,
     }
 
@@ -173,11 +174,15 @@ def summarize(per_sample: dict[str, np.ndarray], min_box_fraction: float = 0.5) 
         ``intersection_on_object``: mean over samples whose views overlap of the
         fraction of overlap pixels inside a ground-truth box (the paper's
         figure); ``intersection_on_object_pooled``: the same over all overlap
-        pixels pooled; ``view_iou``: mean IoU of the two windows;
+        pixels pooled; ``intersection_touches_object``: fraction of the
+        overlapping samples with at least one overlap pixel on an object;
+        ``view_iou``: mean IoU of the two windows;
         ``mean_window_area``: mean window area as a fraction of the image
         (both views); ``views_with_object``: fraction of views containing at
         least ``min_box_fraction`` of some ground-truth box; ``views_overlap``:
-        fraction of samples whose views overlap at all; plus per-view
+        fraction of samples whose views overlap at all; ``image_on_object``:
+        mean fraction of the image inside a ground-truth box (what a random
+        pixel would score); plus per-view
         ``window_area_view1/2`` and ``views_with_object_view1/2``, and
         ``samples``.
     """
@@ -194,10 +199,12 @@ def summarize(per_sample: dict[str, np.ndarray], min_box_fraction: float = 0.5) 
     return {
         "intersection_on_object": mean(obj[some] / ov[some]),
         "intersection_on_object_pooled": float(obj.sum() / ov.sum()) if ov.sum() > 0 else float("nan"),
+        "intersection_touches_object": mean(obj[some] > 0),
         "view_iou": mean(per_sample["iou"]),
         "mean_window_area": mean(area),
         "views_with_object": mean(has),
         "views_overlap": mean(some),
+        "image_on_object": mean(per_sample["image_on_object"]),
         "window_area_view1": mean(area[:, 0]),
         "window_area_view2": mean(area[:, 1]),
         "views_with_object_view1": mean(has[:, 0]),

@@ -176,3 +176,12 @@ def test_crop_stats_cli_one_mode_with_box_store(synth16, tmp_path):
     d = json.loads(out.read_text())
     assert d["mode"] == "obj-scene" and d["samples"] == 64
     assert all(0.0 <= d[k] <= 1.0 for k in FIGURES)
+
+
+def test_touches_object_and_chance_level():
+    # sample 1: overlap [0,10)x[0,10) has 25 object px; sample 2: overlap far from the object
+    s = one_image([[[0, 0, 10, 10], [0, 0, 10, 10]], [[60, 60, 100, 80], [60, 60, 100, 80]]], gt=[[5, 5, 15, 15]])
+    f = summarize(s)
+    assert f["intersection_touches_object"] == pytest.approx(0.5)
+    assert f["intersection_on_object"] == pytest.approx((25 / 100 + 0) / 2)
+    assert f["image_on_object"] == pytest.approx(100 / 8000)
