@@ -23,22 +23,26 @@ _CLASS_BGR = np.array([[40, 40, 220], [40, 200, 40], [220, 60, 40], [30, 200, 23
 
 
 def _background(r: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """Smooth colour noise + a gradient + sometimes stripes, uint8 BGR (h, w, 3)."""
+    """Smooth colour noise + fine noise + sometimes stripes, uint8 BGR (h, w, 3).
+
+    Built at half resolution in float and upsampled once as uint8: the full-size
+    float resizes cost more than everything else in a scene.
+    """
+    hw, hh = max(2, w // 2), max(2, h // 2)
     gh, gw = int(r.integers(3, 9)), int(r.integers(3, 9))
     grid = r.uniform(30, 225, size=(gh, gw, 3)).astype(np.float32)
-    img = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
-    fine = cv2.resize(r.normal(0, 18, size=(max(2, h // 4), max(2, w // 4), 3)).astype(np.float32), (w, h),
-                      interpolation=cv2.INTER_LINEAR)
-    img += fine
+    img = cv2.resize(grid, (hw, hh), interpolation=cv2.INTER_CUBIC)
+    img += r.normal(0, 14, size=(hh, hw, 3)).astype(np.float32)
     if r.random() < 0.4:
-        period = float(r.uniform(6, 30))
+        period = float(r.uniform(3, 15))
         angle = float(r.uniform(0, np.pi))
         k = 2 * np.pi / period
-        ax = (np.arange(w, dtype=np.float32) * (k * np.cos(angle)))[None, :]
-        by = (np.arange(h, dtype=np.float32) * (k * np.sin(angle)))[:, None]
+        ax = (np.arange(hw, dtype=np.float32) * (k * np.cos(angle)))[None, :]
+        by = (np.arange(hh, dtype=np.float32) * (k * np.sin(angle)))[:, None]
         # sin(ax + by) from 1-D tables: two outer products instead of a full-size trig call
         img += (20 * (np.sin(by) * np.cos(ax) + np.cos(by) * np.sin(ax)))[..., None]
-    return np.clip(img, 0, 255).astype(np.uint8)
+    small = np.clip(img, 0, 255).astype(np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def _shape_points(cls: int, cx: float, cy: float, s: float, rot: float) -> np.ndarray:
