@@ -253,6 +253,15 @@ def register_crop_backend(name: str, fn: Callable, inputs: tuple[str, ...] = ("w
     CROP_BACKENDS[name] = CropBackend(fn, tuple(inputs))
 
 
+def _cupy_crop(images, inp: dict, size: int):
+    """Crop backend ``cupy``: the fused CUDA kernel of ``csrc/`` through CuPy (GPU only; imported lazily)."""
+    from .kernels.cupy_backend import dali_crop_stage
+    return dali_crop_stage(images, inp, size)
+
+
+register_crop_backend("cupy", _cupy_crop, ("window", "flip"))
+
+
 def _augment_view(img, inp: dict, v: int):
     """Colour twist / grayscale, blur and solarise, each only on the samples drawn for it."""
     from nvidia.dali import fn, types
