@@ -1,0 +1,316 @@
+"""Our BING: the same model files and the same boxes as ``cv2.saliency.ObjectnessBING``,
+vectorised with NumPy/OpenCV, with the real (stage-II calibrated) scores.
+
+BING (Cheng et al., "BING: Binarized Normed Gradients for Objectness Estimation at 300fps",
+CVPR 2014) scores every window of a set of quantised sizes (w, h) in {16, 32, ..., 512}^2:
+
+1. for each active size, resize the image so that a w x h window becomes 8 x 8
+   (``INTER_LINEAR_EXACT``, as OpenCV);
+2. normed gradient: per pixel ``min(|dx| + |dy|, 255)`` with central differences (one-sided,
+   doubled, on the border); for ``MAXBGR`` a difference is the max over the colour channels;
+3. stage I: correlate with the learned 8x8 filter.  OpenCV approximates the filter by two
+   binary components ``w ~ c0 * b0 + c1 * b1`` (b in {-1, 1}) and the gradient by its top
+   four bits, so its score is exactly ``c0 * S0 + c1 * S1`` with integer
+   ``Si = sum(bi * (mag >> 4))``: we compute S0 and S1 with one exact float32 ``filter2D``
+   (kernel ``b0 + 2048 * b1``; every partial sum is an integer below 2^24) and combine them
+   in float32 the way OpenCV does, so the scores are bit-identical;
+4. per size, greedy non-maximum suppression on the score map (5 x 5 neighbourhoods, best
+   250 kept): done as parallel rounds of 5 x 5 max filters over the top candidates (a point
+   is kept once it is the best undecided point of its neighbourhood), stopping as soon as
+   the best 250 are settled;
+5. stage II: per-size linear calibration ``s * a + b``; all sizes sorted together
+   (ties as OpenCV: later insertion first).
+
+The result is OpenCV's list (same boxes, same order) with real scores; see
+tests/test_proposals_bing.py for the measured agreement.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .common import check_bgr_u8
+
+BASE, W, NSS = 2, 8, 2
+MIN_T = math.ceil(math.log(10.0) / math.log(BASE))   # 4: windows from 16 px
+MAX_T = math.ceil(math.log(500.0) / math.log(BASE))  # 9: windows up to 512 px
+NUM_T = MAX_T - MIN_T + 1
+COLORS = ("MAXBGR", "HSV", "I")
+_K5 = np.ones((2 * NSS + 1, 2 * NSS + 1), np.uint8)
+
+
+def size_of(r: int) -> tuple[int, int]:
+    """(width, height) in pixels of quantised size index ``r``."""
+    return int(round(BASE ** (r % NUM_T + MIN_T))), int(round(BASE ** (r // NUM_T + MIN_T)))
+
+
+def size_index(w_exp: int, h_exp: int) -> int:
+    """Size index of a (2**w_exp, 2**h_exp) window."""
+    return (h_exp - MIN_T) * NUM_T + (w_exp - MIN_T)
+
+
+def _read_mat(path: Path) -> np.ndarray:
+    fs = cv2.FileStorage(str(path), cv2.FILE_STORAGE_READ)
+    if not fs.isOpened():
+        raise FileNotFoundError(f"cannot open BING model file {path}")
+    name = path.name.split(".")[0]
+    m = fs.getNode(name).mat()
+    fs.release()
+    if m is None:
+        raise ValueError(f"{path} has no matrix named {name!r}")
+    return m
+
+
+def _write_mat(path: Path, m: np.ndarray) -> None:
+    tmp = path.with_name(path.name.replace(".yml.gz", ".tmp.yml.gz"))
+    fs = cv2.FileStorage(str(tmp), cv2.FILE_STORAGE_WRITE)
+    fs.write(path.name.split(".")[0], m)
+    fs.release()
+    os.replace(tmp, path)
+
+
+def binarize_filter(w: np.ndarray, n_comp: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's binary approximation of the 8x8 filter (FilterTIG::update), float32 exact.
+
+    Returns:
+        ``(coeffs (n_comp,) float32, signs (n_comp, 8, 8) float32 in {-1, 1})``.
+    """
+    res = np.asarray(w, np.float32).reshape(-1).copy()
+    coeffs, signs = [], []
+    for _ in range(n_comp):
+        b = np.where(res >= 0, np.float32(1), np.float32(-1)).astype(np.float32)
+        avg = np.float32(0)
+        for v in res * b:  # sequential float32 sum, as the C loop
+            avg = np.float32(avg + v)
+        avg = np.float32(avg / np.float32(res.size))
+        res = (res - avg * b).astype(np.float32)
+        coeffs.append(avg)
+        signs.append(b.reshape(W, W))
+    return np.array(coeffs, np.float32), np.stack(signs)
+
+
+@dataclass
+class BingModel:
+    """A BING model: the stage-I filter, the active sizes and their stage-II calibration.
+
+    Attributes:
+        color: ``MAXBGR``, ``HSV`` or ``I``.
+        filter: (8, 8) float32 stage-I weights.
+        size_idx: (S,) int32 active size indices (see :func:`size_of`).
+        calib: (S, 2) float32 per-size ``(scale, offset)``.
+    """
+
+    color: str
+    filter: np.ndarray
+    size_idx: np.ndarray
+    calib: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.color not in COLORS:
+            raise ValueError(f"color must be one of {COLORS}, got {self.color!r}")
+        self.filter = np.asarray(self.filter, np.float32).reshape(W, W)
+        self.size_idx = np.asarray(self.size_idx, np.int32).reshape(-1)
+        self.calib = np.asarray(self.calib, np.float32).reshape(-1, 2)
+        if len(self.size_idx) < 2 or len(self.calib) != len(self.size_idx):
+            raise ValueError(f"need >= 2 sizes and one calibration row per size, got {len(self.size_idx)} "
+                             f"sizes and {len(self.calib)} rows")
+        if self.size_idx.min() < 0 or self.size_idx.max() >= NUM_T * NUM_T:
+            raise ValueError(f"size indices must be in [0, {NUM_T * NUM_T}), got {self.size_idx.tolist()}")
+
+    @property
+    def name(self) -> str:
+        return f"ObjNessB{BASE}W{W}{self.color}"
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, color: str = "MAXBGR") -> "BingModel":
+        """Read ``ObjNessB2W8<color>.{wS1,idx,wS2}.yml.gz`` (OpenCV's format)."""
+        d = Path(model_dir)
+        name = f"ObjNessB{BASE}W{W}{color}"
+        return cls(color, _read_mat(d / f"{name}.wS1.yml.gz"), _read_mat(d / f"{name}.idx.yml.gz"),
+                   _read_mat(d / f"{name}.wS2.yml.gz"))
+
+    def save(self, model_dir: str | os.PathLike) -> list[Path]:
+        """Write the three files that ``cv2.saliency.ObjectnessBING`` loads."""
+        d = Path(model_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        out = []
+        for part, m in (("wS1", self.filter), ("idx", self.size_idx.reshape(-1, 1)), ("wS2", self.calib)):
+            p = d / f"{self.name}.{part}.yml.gz"
+            _write_mat(p, np.ascontiguousarray(m))
+            out.append(p)
+        return out
+
+
+def _dist_max3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = cv2.absdiff(a, b)
+    return np.maximum(np.maximum(d[..., 0], d[..., 1]), d[..., 2])
+
+
+def _dist_sum3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = cv2.absdiff(a, b).astype(np.int32)
+    return d.sum(axis=-1)
+
+
+def normed_gradient(img: np.ndarray, color: str = "MAXBGR") -> np.ndarray:
+    """BING's normed gradient ``min(|gx| + |gy|, 255)`` as uint8 (h, w) (OpenCV's gradientMag).
+
+    Interior pixels use central differences ``|p[x+1] - p[x-1]|``; border pixels twice the
+    one-sided difference (HSV: the central difference halved, the border one not doubled).
+    """
+    h, w = img.shape[:2]
+    if color == "MAXBGR":
+        src, dist, half, dbl = img, _dist_max3, False, 2
+    elif color == "I":
+        src = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        dist, half, dbl = (lambda a, b: cv2.absdiff(a, b)), False, 2
+    elif color == "HSV":
+        src, dist, half, dbl = cv2.cvtColor(img, cv2.COLOR_BGR2HSV), _dist_sum3, True, 1
+    else:
+        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    gx = np.empty((h, w), np.int32)
+    gy = np.empty((h, w), np.int32)
+    gx[:, 1:-1] = dist(src[:, 2:], src[:, :-2])
+    gy[1:-1, :] = dist(src[2:, :], src[:-2, :])
+    if half:
+        gx[:, 1:-1] //= 2
+        gy[1:-1, :] //= 2
+    # int32 before doubling: a uint8 product would wrap around at 128
+    gx[:, 0] = dist(src[:, 1], src[:, 0]).astype(np.int32) * dbl
+    gx[:, -1] = dist(src[:, -1], src[:, -2]).astype(np.int32) * dbl
+    gy[0, :] = dist(src[1, :], src[0, :]).astype(np.int32) * dbl
+    gy[-1, :] = dist(src[-1, :], src[-2, :]).astype(np.int32) * dbl
+    return np.minimum(gx + gy, 255).astype(np.uint8)
+
+
+def nms_rounds(score: np.ndarray, max_points: int, first_k: int = 2048) -> np.ndarray:
+    """OpenCV's greedy score-map NMS (descending score, ties: larger flat index first;
+    each kept point suppresses its 5 x 5 neighbourhood), best ``max_points`` kept.
+
+    Computed as parallel rounds over the top candidates: an undecided candidate that holds
+    the best rank of its undecided 5 x 5 neighbourhood is kept, then its neighbourhood is
+    suppressed.  Candidates are all points scoring at least the ``first_k``-th best, so
+    they are closed upwards; if they settle fewer than ``max_points`` keeps, ``first_k``
+    grows.
+
+    Returns:
+        int64 flat indices of the kept points, in greedy order.
+    """
+    h, w = score.shape
+    n = h * w
+    flat = score.reshape(-1)
+    k = min(n, first_k)
+    while True:
+        if k >= n:
+            cand = np.arange(n)
+        else:
+            thr = np.partition(flat, n - k)[n - k]
+            cand = np.flatnonzero(flat >= thr)
+        vals = flat[cand]
+        order = np.lexsort((-cand, -vals))          # best first; ties: larger index first
+        m = len(cand)
+        rank = np.zeros(n, np.float32)
+        rank[cand[order]] = np.arange(m, 0, -1, dtype=np.float32)  # unique, best = m
+        und = rank.reshape(h, w)                    # undecided ranks (0: decided / not a candidate)
+        kept_ranks = []
+        n_kept = 0
+        while True:
+            local = cv2.dilate(und, _K5)
+            new = (und == local) & (und > 0)
+            if not new.any():
+                break
+            r_new = und[new]
+            kept_ranks.append(r_new)
+            n_kept += len(r_new)
+            und[cv2.dilate(new.view(np.uint8), _K5).view(bool)] = 0
+            if n_kept >= max_points:
+                top = und.max()
+                allr = np.concatenate(kept_ranks)
+                if (allr > top).sum() >= max_points:
+                    break
+        if n_kept >= max_points or k >= n:
+            break
+        k = min(n, k * 4)
+    if not kept_ranks:
+        return np.zeros(0, np.int64)
+    allr = np.sort(np.concatenate(kept_ranks))[::-1][:max_points]
+    return cand[order[(m - allr).astype(np.int64)]]
+
+
+class Bing:
+    """BING proposals for uint8 BGR images (one instance can be shared: it holds no state).
+
+    Args:
+        model: a :class:`BingModel`.
+        per_size: windows kept per size after NMS (OpenCV: 250).
+    """
+
+    def __init__(self, model: BingModel, per_size: int = 250) -> None:
+        if per_size < 1:
+            raise ValueError(f"per_size must be >= 1, got {per_size}")
+        self.model = model
+        self.per_size = per_size
+        coeffs, signs = binarize_filter(model.filter)
+        self._coeffs = coeffs
+        # S0 + 2048 * S1 in one exact float32 correlation (|Si| <= 64 * 15 < 1024)
+        self._kernel = (signs[0] + 2048.0 * signs[1]).astype(np.float32)
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, color: str = "MAXBGR", per_size: int = 250) -> "Bing":
+        return cls(BingModel.load(model_dir, color), per_size)
+
+    def stage1(self, mag: np.ndarray) -> np.ndarray:
+        """Stage-I score map (h - 7, w - 7) float32 of a normed-gradient map, as OpenCV's
+        binarised filter computes it."""
+        q = (mag >> 4).astype(np.float32)
+        k = cv2.filter2D(q, cv2.CV_32F, self._kernel, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
+        k = k[: mag.shape[0] - W + 1, : mag.shape[1] - W + 1]
+        s1 = np.rint(k / 2048.0)
+        s0 = k - 2048.0 * s1
+        c0, c1 = self._coeffs
+        return (c0 * s0.astype(np.float32) + c1 * s1.astype(np.float32)).astype(np.float32)
+
+    def raw(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every window kept by the per-size NMS, before sorting.
+
+        Returns:
+            ``(boxes (N, 4) int32 [x1, y1, x2, y2), stage-I scores (N,) float32, size row (N,))``
+            in OpenCV's insertion order (sizes from the last active one down).
+        """
+        img = check_bgr_u8(img)
+        ih, iw = img.shape[:2]
+        boxes, scores, rows = [], [], []
+        for ir in range(len(self.model.size_idx) - 1, -1, -1):
+            width, height = size_of(int(self.model.size_idx[ir]))
+            if height > ih * BASE or width > iw * BASE:
+                continue
+            height, width = min(height, ih), min(width, iw)
+            size = (int(round(W * iw / width)), int(round(W * ih / height)))
+            im = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR_EXACT)
+            score = self.stage1(normed_gradient(im, self.model.color))
+            keep = nms_rounds(score, self.per_size)
+            y, x = np.divmod(keep, score.shape[1])
+            x0, y0 = x * (width // W), y * (height // W)
+            b = np.stack([x0, y0, np.minimum(x0 + width, iw), np.minimum(y0 + height, ih)], 1)
+            boxes.append(b.astype(np.int32))
+            scores.append(score.reshape(-1)[keep])
+            rows.append(np.full(len(keep), ir, np.int32))
+        if not boxes:
+            return np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32)
+        return np.concatenate(boxes), np.concatenate(scores), np.concatenate(rows)
+
+    def __call__(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All windows, best-first, with their stage-II scores.
+
+        Returns:
+            ``(boxes (N, 4) int32 pixel [x1, y1, x2, y2), 0-based, exclusive; scores (N,) float32)``.
+        """
+        boxes, s1, rows = self.raw(img)
+        cal = self.model.calib[rows]
+        s2 = (s1 * cal[:, 0] + cal[:, 1]).astype(np.float32)
+        order = np.lexsort((-np.arange(len(s2)), -s2))  # descending (score, insertion index)
+        return boxes[order], s2[order]

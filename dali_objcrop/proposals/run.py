@@ -1,0 +1,279 @@
+"""The resumable, multi-process proposal driver: a dataset in, one box store out.
+
+Work is cut into chunks of consecutive images.  Each chunk's result goes to its own file
+in ``<out>.parts/`` (written to a temporary name and renamed, so a chunk file is complete
+or absent); ``<out>.parts/job.json`` pins what the chunks were computed with.  A rerun of
+the same command after a kill skips finished chunks, so nothing is lost and nothing
+counted twice.  When every chunk is there, the store is assembled in dataset order and
+saved atomically, then the parts folder is removed.  Results depend only on the images
+and the parameters (never on the number of workers or on interruptions), so a resumed
+run writes the same store as an uninterrupted one.
+
+Images that cannot be decoded or processed get no boxes, are listed in the store's
+``meta["failures"]`` with the reason, and are reported at the end; files that the index
+scan already rejected (empty, truncated, not an image) are listed in
+``meta["skipped_by_scan"]`` and are not rows of the store.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..boxstore import BoxStore, fingerprint
+from ..dataset import ImageIndex
+from .common import PROPOSAL_MAX_SIDE, load_for_proposals
+from .methods import METHODS, make_detector, model_digest, propose_image, resolve_model_dir
+
+JOB_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProposalJob:
+    """What a proposal run computes (everything that changes the output).
+
+    Args:
+        method: one of ``bing``, ``bing-opencv``, ``selective-search`` (``gt`` is not a job).
+        top_k: boxes kept per image after NMS.
+        nms_iou: IoU above which a lower-ranked box is suppressed (1.0 disables NMS).
+        max_side: long-side limit of the image the method sees.
+        model_dir: BING model folder (None: the packaged model).
+        color: BING colour model.
+        ss_mode: selective-search strategy.
+    """
+
+    method: str = "bing"
+    top_k: int = 10
+    nms_iou: float = 0.5
+    max_side: int = PROPOSAL_MAX_SIDE
+    model_dir: str | None = None
+    color: str = "MAXBGR"
+    ss_mode: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS or self.method == "gt":
+            raise ValueError(f"method must be one of {[m for m in METHODS if m != 'gt']}, got {self.method!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+        if self.max_side < 16:
+            raise ValueError(f"max_side must be >= 16, got {self.max_side}")
+
+    def params(self) -> dict:
+        """The parameters recorded in the store (the model by content hash, not by path)."""
+        p = asdict(self)
+        if self.method.startswith("bing"):
+            p["model_sha256"] = model_digest(resolve_model_dir(self.model_dir), self.color)
+            p["model_dir"] = str(resolve_model_dir(self.model_dir))
+        else:
+            p.pop("model_dir"), p.pop("color")
+        return p
+
+
+@dataclass
+class RunReport:
+    """Counts of one driver run (also printed by the CLI)."""
+
+    images: int = 0
+    computed: int = 0
+    resumed: int = 0
+    failed: int = 0
+    skipped_by_scan: int = 0
+    seconds: float = 0.0
+    failures: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---- worker side --------------------------------------------------------------------------
+_DETECTOR = None
+_JOB: ProposalJob | None = None
+
+
+def _init_worker(job: ProposalJob, threads: int) -> None:
+    """One detector per process (OpenCV's BING must not be shared); single-threaded OpenCV
+    when several processes share the cores."""
+    global _DETECTOR, _JOB
+    import cv2
+    if threads > 0:
+        cv2.setNumThreads(threads)
+    _JOB = job
+    _DETECTOR = make_detector(job.method, job.model_dir, job.color, job.ss_mode)
+
+
+def _chunk_path(parts: Path, chunk: int) -> Path:
+    return parts / f"chunk_{chunk:07d}.npz"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def process_chunk(task: tuple[int, list[int], list[str], np.ndarray, str]) -> tuple[int, int, int]:
+    """Compute one chunk and write its file; returns ``(chunk, images, failures)``."""
+    chunk, rows, paths, sizes, parts = task
+    counts, boxes, scores, failed = [], [], [], {}
+    for row, path, size in zip(rows, paths, sizes):
+        try:
+            img = load_for_proposals(path, (int(size[0]), int(size[1])), _JOB.max_side)
+            b, s = propose_image(img, _DETECTOR, _JOB.top_k, _JOB.nms_iou)
+        except Exception as e:  # recorded, never fatal
+            failed[int(row)] = f"{type(e).__name__}: {e}"
+            b, s = np.zeros((0, 4), np.float32), None
+        counts.append(len(b))
+        boxes.append(b)
+        scores.append(np.zeros(len(b), np.float32) if s is None else s)
+    has_scores = _JOB.method == "bing"
+    buf = io.BytesIO()
+    np.savez(buf, rows=np.asarray(rows, np.int64), counts=np.asarray(counts, np.int64),
+             boxes=np.concatenate(boxes).astype(np.float32).reshape(-1, 4),
+             scores=np.concatenate(scores).astype(np.float32), has_scores=np.array(has_scores),
+             failures=np.array(json.dumps(failed)))
+    _write_atomic(_chunk_path(Path(parts), chunk), buf.getvalue())
+    return chunk, len(rows), len(failed)
+
+
+def _read_chunk(path: Path) -> dict | None:
+    """A finished chunk's arrays, or None if the file is unreadable (then it is redone)."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except Exception:
+        return None
+
+
+# ---- driver -------------------------------------------------------------------------------
+def _prepare_parts(parts: Path, job_meta: dict, restart: bool) -> None:
+    meta_path = parts / "job.json"
+    if restart and parts.exists():
+        shutil.rmtree(parts)
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old != job_meta:
+            diff = sorted(k for k in set(old) | set(job_meta) if old.get(k) != job_meta.get(k))
+            raise ValueError(f"{parts} holds partial results of another job (differs in {', '.join(diff)}); "
+                             f"rerun with the same arguments to resume, or pass --restart to discard them")
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_atomic(meta_path, json.dumps(job_meta, sort_keys=True).encode())
+
+
+def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, workers: int = 1,
+                  chunk_size: int = 64, restart: bool = False, progress: bool = True,
+                  max_chunks: int | None = None) -> tuple[BoxStore | None, RunReport]:
+    """Compute proposals for every image of ``index`` and write the store to ``out``.
+
+    Args:
+        index: the images (keys, paths, sizes); ``index.bad`` is reported as skipped.
+        out: the ``.boxes`` file to write.
+        job: method and parameters.
+        workers: worker processes (1: in this process).
+        chunk_size: images per chunk file (the unit of resumption).
+        restart: discard partial results of an earlier run instead of resuming.
+        progress: show a tqdm bar (rate and ETA).
+        max_chunks: stop after computing this many chunks (a time-bounded run; rerun to go on).
+
+    Returns:
+        ``(store, report)``; ``store`` is None when ``max_chunks`` stopped the run early.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    params = job.params()
+    job_meta = {"version": JOB_VERSION, "params": params, "fingerprint": fingerprint(index.keys),
+                "num_images": len(index), "chunk_size": chunk_size}
+    _prepare_parts(parts, job_meta, restart)
+
+    n = len(index)
+    n_chunks = -(-n // chunk_size)
+    done = {c for c in range(n_chunks) if _chunk_path(parts, c).exists() and _read_chunk(_chunk_path(parts, c))}
+    todo = [c for c in range(n_chunks) if c not in done]
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    paths = index.paths
+    report = RunReport(images=n, skipped_by_scan=len(index.bad))
+    report.resumed = sum(min(chunk_size, n - c * chunk_size) for c in done)
+
+    def task(c: int):
+        rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
+        return c, rows, [paths[r] for r in rows], index.sizes[rows[0]:rows[-1] + 1], str(parts)
+
+    from tqdm import tqdm
+    bar = tqdm(total=n, initial=report.resumed, unit="img", desc=f"proposals ({job.method})",
+               disable=not progress, smoothing=0.1)
+    t0 = time.perf_counter()
+    try:
+        if workers == 1:
+            _init_worker(job, threads=0)
+            for c in todo:
+                _, k, f = process_chunk(task(c))
+                report.computed += k
+                bar.update(k)
+        else:
+            import multiprocessing as mp
+            ctx = mp.get_context("spawn")  # no forked OpenCV/thread state in the workers
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(job, 1)) as pool:
+                for _, k, f in pool.imap_unordered(process_chunk, (task(c) for c in todo)):
+                    report.computed += k
+                    bar.update(k)
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+
+    if len(done) + len(todo) < n_chunks:
+        return None, report
+    store = assemble(index, parts, n_chunks, job, params)
+    report.failures = store.meta["failures"]
+    report.failed = len(report.failures)
+    store.save(out)
+    shutil.rmtree(parts, ignore_errors=True)
+    return store, report
+
+
+def assemble(index: ImageIndex, parts: Path, n_chunks: int, job: ProposalJob, params: dict) -> BoxStore:
+    """Concatenate the chunk files (in dataset order) into a validated :class:`BoxStore`."""
+    boxes, scores, failures = [], [], {}
+    has_scores = True
+    for c in range(n_chunks):
+        z = _read_chunk(_chunk_path(parts, c))
+        if z is None:
+            raise RuntimeError(f"chunk file {_chunk_path(parts, c)} is missing or unreadable; rerun to redo it")
+        has_scores &= bool(z["has_scores"])
+        splits = np.cumsum(z["counts"])[:-1]
+        boxes += np.split(z["boxes"], splits)
+        scores += np.split(z["scores"], splits)
+        failures.update({index.keys[int(r)]: msg for r, msg in json.loads(str(z["failures"])).items()})
+    store = BoxStore.from_arrays(index.keys, index.sizes, boxes, scores if has_scores else None,
+                                 method=job.method, params=params, normalized=True, top_k=job.top_k)
+    store.meta["failures"] = failures
+    store.meta["num_failed"] = len(failures)
+    store.meta["skipped_by_scan"] = dict(index.bad)
+    return store
+
+
+def load_index(source: str | os.PathLike, images: str | os.PathLike | None = None, check: bool = True
+               ) -> ImageIndex:
+    """An image folder, or a COCO JSON (images in ``images`` or ``<json dir>/images``)."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".json":
+        return ImageIndex.from_coco(source, images, check=check)
+    if source.is_dir():
+        return ImageIndex.from_folder(source, check=check)
+    raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")
