@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     modes = MODES if args.mode == "all" else (args.mode,)
     results = []
     for mode in modes:
-        config = crop_config(data.store, mode, args.top_k, args.dilate, tuple(args.shift_range), args.min_box_size)
+        config = crop_config(data.store, mode, args.top_k, args.dilate, tuple(args.shift_range), args.min_box_size,
+                             tuple(args.box_scale) if args.box_scale else None)
         r = crop_stats(data, config, args.samples, args.seed)
         results.append(r)
         print(f"{mode:15s} intersection_on_object {r['intersection_on_object']:.3f}  touches "

@@ -18,6 +18,8 @@ def add_tool_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift-range", type=float, nargs=2, default=(80.0, 120.0), metavar=("LO", "HI"),
                    help="shift radius range in pixels of obj-obj-shift (default 80 120)")
     p.add_argument("--min-box-size", type=int, default=224, help="regions smaller than this are widened (224)")
+    p.add_argument("--box-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="area range of box crops (default: (0.2 / mean top-k proposal area, 1), capped to 1)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     data = load_tool_data(args.coco, args.images, args.boxes)
     config = crop_config(data.store, args.mode, args.top_k, args.dilate, tuple(args.shift_range),
-                         args.min_box_size)
+                         args.min_box_size, tuple(args.box_scale) if args.box_scale else None)
     n = min(args.n, len(data.index))
     # which images: a seeded draw, shown in dataset order
     positions = np.sort(np.random.default_rng(args.seed).choice(len(data.index), n, replace=False))

@@ -63,11 +63,14 @@ def load_tool_data(coco: str | os.PathLike, images: str | os.PathLike | None = N
 
 
 def crop_config(store: BoxStore, mode: str, top_k: int = 10, dilate: float = 0.1,
-                shift_range: tuple[float, float] = (80.0, 120.0), min_box_size: int = 224) -> CropConfig:
-    """The loader's crop configuration: box-crop scale from the store's mean top-k proposal area."""
+                shift_range: tuple[float, float] = (80.0, 120.0), min_box_size: int = 224,
+                box_scale: tuple[float, float] | None = None) -> CropConfig:
+    """The loader's crop configuration: box-crop scale from the store's mean top-k proposal area
+    (``box_scale`` overrides it, e.g. to try the paper's COCO BING value (0.51, 1) with other boxes)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    box_scale = box_scale_from_mean_area(store.mean_area_fraction(top_k)) if store.num_boxes else None
+    if box_scale is None and store.num_boxes:
+        box_scale = box_scale_from_mean_area(store.mean_area_fraction(top_k))
     return CropConfig(mode=mode, box_scale=box_scale, dilate=dilate, shift_range=shift_range,
                       min_box_size=min_box_size, top_k=top_k)
 
