@@ -8,6 +8,7 @@ from .synth import ensure_default_dataset, make_synthetic
 from .augment import RECIPES, Recipe, ViewAug, get_recipe, sample_aug_params
 from .loader import CROP_BACKENDS, ObjCropLoader, build_pipeline, register_crop_backend, shard_batches
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
+from .visualize import crop_grid, cut_crop
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "MODES", "CropConfig", "CropWindows", "box_scale_from_mean_area", "sample_windows",
     "RECIPES", "Recipe", "ViewAug", "get_recipe", "sample_aug_params",
     "CROP_BACKENDS", "ObjCropLoader", "build_pipeline", "register_crop_backend", "shard_batches",
+    "crop_grid", "cut_crop",
     "__version__",
 ]
