@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epoch", type=int, default=0, help="epoch of the windows (default 0)")
     p.add_argument("--size", type=int, default=224, help="crop side in pixels (default 224)")
     p.add_argument("--height", type=int, default=256, help="panel height in the PNG (default 256)")
+    p.add_argument("--loader", action="store_true",
+                   help="take the crops from ObjCropLoader's DALI pipeline (CPU; augmented, first batch of the "
+                        "epoch) instead of cutting them with OpenCV")
     p.set_defaults(func=run)
 
 
@@ -48,7 +51,16 @@ def run(args: argparse.Namespace) -> int:
     n = min(args.n, len(data.index))
     # which images: a seeded draw, shown in dataset order
     positions = np.sort(np.random.default_rng(args.seed).choice(len(data.index), n, replace=False))
-    rows = show_rows(data, positions, config, args.seed, args.epoch, args.size)
+    if args.loader:
+        from .loader import ObjCropLoader
+        from .tools import show_rows_from_loader
+        loader = ObjCropLoader(args.coco, boxes=args.boxes or "gt", mode=args.mode, batch_size=n, size=args.size,
+                               seed=args.seed, device="cpu", drop_last=False, images_dir=args.images,
+                               dilate=args.dilate, shift_range=tuple(args.shift_range), box_scale=config.box_scale,
+                               top_k=args.top_k, min_box_size=args.min_box_size)
+        rows = show_rows_from_loader(loader, data, n, args.epoch)
+    else:
+        rows = show_rows(data, positions, config, args.seed, args.epoch, args.size)
     grid = crop_grid(rows, args.out, height=args.height)
     print(f"wrote {args.out} ({grid.shape[1]}x{grid.shape[0]} px, {n} images, mode {args.mode}, "
           f"box scale {config.box_scale}) in {time.perf_counter() - t0:.1f} s")

@@ -145,3 +145,37 @@ def crop_stats(data: ToolData, config: CropConfig, samples: int, seed: int = 0, 
                      "min_box_size": config.min_box_size, "seed": seed, "images": n}
     return out
 
+
+
+def show_rows_from_loader(loader, data: ToolData, n: int, epoch: int = 0) -> list[dict]:
+    """Rows for :func:`~dali_objcrop.visualize.crop_grid` from the first batch an
+    :class:`~dali_objcrop.ObjCropLoader` delivers at ``epoch``: the DALI crops (augmented and
+    normalised) beside the loader's own windows, to check by eye that the pipeline cuts what the
+    windows say.
+
+    Args:
+        loader: an ``ObjCropLoader`` with ``batch_size >= n``.
+        data: the same dataset (for the proposals drawn).
+        n: rows wanted.
+        epoch: the epoch to draw.
+    """
+    import cv2
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    batch = next(it)
+    it.close()  # stop the epoch here; the loader drains on its next iteration
+    idx = batch["index"].cpu().numpy()[:n]
+    cw = loader.windows_for(idx, epoch)
+    top_k = loader.config.top_k
+    out = []
+    for j, p in enumerate(idx):
+        key = loader.key_of(p)
+        path = os.path.join(str(loader.index.root), key)
+        img = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        h, w = img.shape[:2]
+        props = np.asarray(data.store.boxes_of(data.store.row_of(key))[:top_k], np.float64) * np.array([w, h, w, h])
+        crops = [batch[v][j].float().cpu().numpy() for v in ("view1", "view2")]
+        out.append({"image": img, "proposals": props, "box": cw.box[j], "windows": cw.windows[j],
+                    "flips": cw.flip[j], "crops": crops, "key": key, "mode": loader.mode,
+                    "title": f"#{p} {key}  {loader.mode}  DALI {loader.device} seed {loader.seed} epoch {epoch}"})
+    return out

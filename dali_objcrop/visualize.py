@@ -190,9 +190,12 @@ def _header(body: np.ndarray, title: str, pad: int = 22, scale: float = 0.5) -> 
     x = 3
     pieces = [(title + "   ", TEXT_RGB), ("proposals ", PROPOSAL_RGB), ("chosen ", BOX_RGB),
               ("window 1 ", WINDOW_RGB[0]), ("window 2 ", WINDOW_RGB[1]), ("(f = flipped)", TEXT_RGB)]
-    for text, colour in pieces:
+    for k, (text, colour) in enumerate(pieces):
+        tw = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+        if k and x + tw > out.shape[1]:  # a legend word that does not fit is left out, never cut
+            break
         _label(out, text, (x, pad - 6), colour, scale, outline=False)
-        x += cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+        x += tw
     return out
 
 

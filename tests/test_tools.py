@@ -198,3 +198,28 @@ def test_crop_stats_real_coco_reproduces_paper_obj_scene(coco_ann):
     assert obj["intersection_on_object"] > 0.97
     assert scene["image_on_object"] < scene["intersection_on_object"] < 0.8
     assert obj["fallback"] == 0
+
+
+def test_show_cli_via_loader(synth16, tmp_path):
+    """--loader draws the DALI pipeline's crops (CPU) beside the loader's windows."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "loader.png"
+    assert cli.main(["show", "--coco", str(synth16), "--mode", "obj-obj-dilate", "--out", str(out), "-n", "2",
+                     "--height", "96", "--size", "64", "--loader"]) == 0
+    png = cv2.imread(str(out))
+    assert png is not None and png.shape[0] == 2 * (22 + 18 + 96) + 6
+
+
+@pytest.mark.parametrize("mode", ["obj-scene", "obj-obj-shift"])
+def test_tool_windows_equal_loader_windows(synth16, mode):
+    """What show draws and crop-stats measures is what the loader crops (same config, keys, positions)."""
+    pytest.importorskip("nvidia.dali")
+    from dali_objcrop.loader import ObjCropLoader
+    from dali_objcrop.tools import crop_config, load_tool_data, windows_for
+    data = load_tool_data(synth16)
+    loader = ObjCropLoader(synth16, boxes="gt", mode=mode, batch_size=4, seed=7, device="cpu")
+    assert list(loader.index.keys) == list(data.index.keys)
+    pos = np.arange(len(data.index))
+    cfg = crop_config(data.store, mode)
+    assert cfg == loader.config
+    np.testing.assert_array_equal(windows_for(data, pos, cfg, 7, 3).windows, loader.windows_for(pos, 3).windows)
