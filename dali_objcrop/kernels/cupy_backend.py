@@ -84,11 +84,11 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _wrap_pointer(ptr: int, shape: tuple, dtype, owner):
+def _wrap_pointer(ptr: int, shape: tuple, dtype, owner, device_id: int):
     """A CuPy view of device memory owned by another framework (kept alive through ``owner``)."""
     import cupy
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    mem = cupy.cuda.UnownedMemory(ptr, nbytes, owner)
+    mem = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device_id)
     return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
 
 
@@ -121,17 +121,21 @@ def _image_table(images: Sequence) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _torch_stream_ctx(images):
-    """Launch on torch's current stream when the images are torch tensors."""
+    """Launch on the images' device and torch's current stream when they are torch tensors."""
     import contextlib
+    stack = contextlib.ExitStack()
     if images and _is_torch(images[0]):
         import cupy
         import torch
-        s = torch.cuda.current_stream(images[0].device)
-        return cupy.cuda.ExternalStream(s.cuda_stream)
-    return contextlib.nullcontext()
+        dev = images[0].device
+        stack.enter_context(cupy.cuda.Device(dev.index))
+        stack.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, dev.index))
+    return stack
 
 
 def _grid(size: int, n: int) -> tuple[int, int, int]:
+    if n > 65535:  # gridDim.z limit
+        raise ValueError(f"at most 65535 images per launch, got {n}")
     return (-(-size * size // _BLOCK), 2, n)
 
 
@@ -210,7 +214,7 @@ def crop_views(images, sizes, boxes, offsets, index, seed: int, epoch: int, conf
             tdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[kind]
             outs_t = [torch.empty(shape, dtype=tdt, device=ims[0].device) for _ in (0, 1)]
             cdt = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[kind]
-            outs = [_wrap_pointer(t.data_ptr(), shape, cdt, t) for t in outs_t]
+            outs = [_wrap_pointer(t.data_ptr(), shape, cdt, t, t.device.index) for t in outs_t]
         else:
             cdt = {"f32": cupy.float32, "f16": cupy.float16, "bf16": cupy.uint16}[kind]
             outs = [cupy.empty(shape, dtype=cdt) for _ in (0, 1)]
