@@ -1,4 +1,21 @@
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithKernels(build_py):
+    """Also ship csrc/ (CUDA sources compiled at run time by cupy.RawModule) as dali_objcrop/kernels/csrc."""
+
+    def run(self):
+        super().run()
+        dst = Path(self.build_lib) / "dali_objcrop" / "kernels" / "csrc"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted((Path(__file__).resolve().parent / "csrc").glob("*")):
+            if f.suffix in (".cu", ".h", ".cpp"):
+                shutil.copy2(f, dst / f.name)
+
 
 setup(
     name="dali_objcrop",
@@ -7,6 +24,7 @@ setup(
     packages=find_packages(include=["dali_objcrop", "dali_objcrop.*"]),
     package_data={"dali_objcrop": ["models/**/*", "models/*"]},
     include_package_data=True,
+    cmdclass={"build_py": BuildPyWithKernels},
     python_requires=">=3.10",
     install_requires=[
         "nvidia-dali-cuda120>=2.0",
