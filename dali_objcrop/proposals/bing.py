@@ -11,8 +11,8 @@ CVPR 2014) scores every window of a set of quantised sizes (w, h) in {16, 32, ..
 3. stage I: correlate with the learned 8x8 filter.  OpenCV approximates the filter by two
    binary components ``w ~ c0 * b0 + c1 * b1`` (b in {-1, 1}) and the gradient by its top
    four bits, so its score is exactly ``c0 * S0 + c1 * S1`` with integer
-   ``Si = sum(bi * (mag >> 4))``: we compute S0 and S1 with one exact float32 ``filter2D``
-   (kernel ``b0 + 2048 * b1``; every partial sum is an integer below 2^24) and combine them
+   ``Si = sum(bi * (mag >> 4))``: we compute S0 and S1
+   (two exact float32 ``filter2D`` correlations with the sign patterns) and combine them
    in float32 the way OpenCV does, so the scores are bit-identical;
 4. per size, greedy non-maximum suppression on the score map (5 x 5 neighbourhoods, best
    250 kept): done as parallel rounds of 5 x 5 max filters over the top candidates (a point
@@ -156,13 +156,41 @@ def _dist_sum3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return d.sum(axis=-1)
 
 
-def normed_gradient(img: np.ndarray, color: str = "MAXBGR") -> np.ndarray:
+_K13 = np.ones((1, 3), np.uint8)
+
+
+def _chan_max(d: np.ndarray) -> np.ndarray:
+    """Max over the 3 channels of a (h, w, 3) uint8 array: a 1 x 3 dilation of the
+    interleaved rows, read at every third column (each pixel's middle channel)."""
+    h = d.shape[0]
+    return cv2.dilate(np.ascontiguousarray(d).reshape(h, -1), _K13)[:, 1::3]
+
+
+def _gradient_maxbgr(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    gx = np.empty((h, w), np.uint8)
+    gy = np.empty((h, w), np.uint8)
+    gx[:, 1:-1] = _chan_max(cv2.absdiff(img[:, 2:], img[:, :-2]))
+    gy[1:-1, :] = _chan_max(cv2.absdiff(img[2:], img[:-2]))
+    # one-sided differences, doubled, saturated (min(2d + g, 255) == sat(sat(2d) + g))
+    ex = _chan_max(cv2.absdiff(img[:, [1, w - 1]], img[:, [0, w - 2]]))
+    ey = _chan_max(cv2.absdiff(img[[1, h - 1]], img[[0, h - 2]]))
+    gx[:, [0, w - 1]] = cv2.add(ex, ex)
+    gy[[0, h - 1], :] = cv2.add(ey, ey)
+    return cv2.add(gx, gy)
+
+
+def normed_gradient(img: np.ndarray, color: str = "MAXBGR", reference: bool = False) -> np.ndarray:
     """BING's normed gradient ``min(|gx| + |gy|, 255)`` as uint8 (h, w) (OpenCV's gradientMag).
 
     Interior pixels use central differences ``|p[x+1] - p[x-1]|``; border pixels twice the
     one-sided difference (HSV: the central difference halved, the border one not doubled).
+    ``reference`` selects the plain NumPy version for MAXBGR (the default is a faster
+    equivalent built from OpenCV calls; tests check they agree).
     """
     h, w = img.shape[:2]
+    if color == "MAXBGR" and not reference:
+        return _gradient_maxbgr(img)
     if color == "MAXBGR":
         src, dist, half, dbl = img, _dist_max3, False, 2
     elif color == "I":
@@ -187,7 +215,8 @@ def normed_gradient(img: np.ndarray, color: str = "MAXBGR") -> np.ndarray:
     return np.minimum(gx + gy, 255).astype(np.uint8)
 
 
-def nms_rounds(score: np.ndarray, max_points: int, first_k: int = 2048) -> np.ndarray:
+def nms_rounds(score: np.ndarray, max_points: int, first_k: int = 2048, max_rounds: int | None = None
+               ) -> np.ndarray:
     """OpenCV's greedy score-map NMS (descending score, ties: larger flat index first;
     each kept point suppresses its 5 x 5 neighbourhood), best ``max_points`` kept.
 
@@ -195,7 +224,8 @@ def nms_rounds(score: np.ndarray, max_points: int, first_k: int = 2048) -> np.nd
     the best rank of its undecided 5 x 5 neighbourhood is kept, then its neighbourhood is
     suppressed.  Candidates are all points scoring at least the ``first_k``-th best, so
     they are closed upwards; if they settle fewer than ``max_points`` keeps, ``first_k``
-    grows.
+    grows.  ``max_rounds`` (None: exact) stops after that many rounds and returns the
+    points kept so far (always the best of their neighbourhoods: a close, faster variant).
 
     Returns:
         int64 flat indices of the kept points, in greedy order.
@@ -218,7 +248,9 @@ def nms_rounds(score: np.ndarray, max_points: int, first_k: int = 2048) -> np.nd
         und = rank.reshape(h, w)                    # undecided ranks (0: decided / not a candidate)
         kept_ranks = []
         n_kept = 0
-        while True:
+        rounds = 0
+        while max_rounds is None or rounds < max_rounds:
+            rounds += 1
             local = cv2.dilate(und, _K5)
             new = (und == local) & (und > 0)
             if not new.any():
@@ -232,7 +264,7 @@ def nms_rounds(score: np.ndarray, max_points: int, first_k: int = 2048) -> np.nd
                 allr = np.concatenate(kept_ranks)
                 if (allr > top).sum() >= max_points:
                     break
-        if n_kept >= max_points or k >= n:
+        if n_kept >= max_points or k >= n or max_rounds is not None:
             break
         k = min(n, k * 4)
     if not kept_ranks:
@@ -247,32 +279,37 @@ class Bing:
     Args:
         model: a :class:`BingModel`.
         per_size: windows kept per size after NMS (OpenCV: 250).
+        nms_rounds: None (default) for OpenCV's exact greedy per-size NMS; a small number
+            (e.g. 2) stops the parallel NMS rounds early: faster, nearly the same boxes.
     """
 
-    def __init__(self, model: BingModel, per_size: int = 250) -> None:
+    def __init__(self, model: BingModel, per_size: int = 250, nms_rounds: int | None = None) -> None:
+        if nms_rounds is not None and nms_rounds < 1:
+            raise ValueError(f"nms_rounds must be None or >= 1, got {nms_rounds}")
+        self.nms_rounds = nms_rounds
         if per_size < 1:
             raise ValueError(f"per_size must be >= 1, got {per_size}")
         self.model = model
         self.per_size = per_size
         coeffs, signs = binarize_filter(model.filter)
         self._coeffs = coeffs
-        # S0 + 2048 * S1 in one exact float32 correlation (|Si| <= 64 * 15 < 1024)
-        self._kernel = (signs[0] + 2048.0 * signs[1]).astype(np.float32)
+        self._signs = signs  # integer sums Si = sum(bi * (mag >> 4)) are exact in float32
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, color: str = "MAXBGR", per_size: int = 250) -> "Bing":
-        return cls(BingModel.load(model_dir, color), per_size)
+    def load(cls, model_dir: str | os.PathLike, color: str = "MAXBGR", per_size: int = 250,
+             nms_rounds: int | None = None) -> "Bing":
+        return cls(BingModel.load(model_dir, color), per_size, nms_rounds)
 
     def stage1(self, mag: np.ndarray) -> np.ndarray:
         """Stage-I score map (h - 7, w - 7) float32 of a normed-gradient map, as OpenCV's
-        binarised filter computes it."""
+        binarised filter computes it (bit-identical)."""
+        # float32 input: for uint8 input with a 64-tap kernel OpenCV switches to a DFT (inexact)
         q = (mag >> 4).astype(np.float32)
-        k = cv2.filter2D(q, cv2.CV_32F, self._kernel, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
-        k = k[: mag.shape[0] - W + 1, : mag.shape[1] - W + 1]
-        s1 = np.rint(k / 2048.0)
-        s0 = k - 2048.0 * s1
+        hh, ww = mag.shape[0] - W + 1, mag.shape[1] - W + 1
+        s0 = cv2.filter2D(q, cv2.CV_32F, self._signs[0], anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
+        s1 = cv2.filter2D(q, cv2.CV_32F, self._signs[1], anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
         c0, c1 = self._coeffs
-        return (c0 * s0.astype(np.float32) + c1 * s1.astype(np.float32)).astype(np.float32)
+        return c0 * s0[:hh, :ww] + c1 * s1[:hh, :ww]  # float32 products and sum, as the C code
 
     def raw(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every window kept by the per-size NMS, before sorting.
@@ -292,7 +329,7 @@ class Bing:
             size = (int(round(W * iw / width)), int(round(W * ih / height)))
             im = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR_EXACT)
             score = self.stage1(normed_gradient(im, self.model.color))
-            keep = nms_rounds(score, self.per_size)
+            keep = nms_rounds(score, self.per_size, max_rounds=self.nms_rounds)
             y, x = np.divmod(keep, score.shape[1])
             x0, y0 = x * (width // W), y * (height // W)
             b = np.stack([x0, y0, np.minimum(x0 + width, iw), np.minimum(y0 + height, ih)], 1)
