@@ -162,8 +162,9 @@ def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float]
             raise ValueError(f"a crop_grid row needs key {k!r}, got keys {sorted(row)}")
     flips = tuple(bool(f) for f in row.get("flips", (False, False)))
     win = np.asarray(row["windows"]).reshape(2, 4)
+    ih, iw = np.asarray(row["image"]).shape[:2]
     panels = [_titled(draw_sample(row["image"], row.get("proposals"), row.get("box"), row["windows"], flips,
-                                  height), f"image {np.asarray(row['image']).shape[1]}x{np.asarray(row['image']).shape[0]}px")]
+                                  height), f"image {iw}x{ih}px")]
     for v, crop in enumerate(row["crops"][:2]):
         c = crop_to_uint8(crop, mean, std)
         c = cv2.resize(c, (int(round(c.shape[1] * height / c.shape[0])), height), interpolation=cv2.INTER_AREA
