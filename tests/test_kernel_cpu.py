@@ -300,3 +300,27 @@ def test_cupy_backend_without_gpu_is_clear():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="CuPy|GPU"):
         cupy_backend.crop_views([], None, np.zeros((0, 4)), [0], [], 0, 0, CropConfig())
+
+
+def test_kernel_bench_smoke(tmp_path):
+    """benchmarks/kernel_bench.py runs end to end (tiny batch): CPU rows measured, GPU rows skipped or run,
+    the DALI-ops graphs exercised on the CPU; gpu_check.sh parses."""
+    import importlib.util
+    import json
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("kernel_bench", repo / "benchmarks" / "kernel_bench.py")
+    kb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kb)
+    out = tmp_path / "kb.json"
+    assert kb.main(["--batch", "6", "--size", "32", "--seconds", "0.1", "--warmup", "1", "--threads", "1",
+                    "--dali-cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    by = {(r["backend"], r["decode_included"], r.get("dtype")): r for r in rows}
+    assert by[("numpy-windows", False, None)]["status"] == "ok"
+    assert all(r["status"] in ("ok", "skipped") for r in rows), [r for r in rows if r["status"] == "error"]
+    try:
+        import nvidia.dali  # noqa: F401
+        assert by[("dali-ops", True, "float32")]["status"] == "ok"
+    except ImportError:
+        pass
+    assert subprocess.run(["bash", "-n", str(repo / "benchmarks" / "gpu_check.sh")]).returncode == 0

@@ -172,6 +172,7 @@ def test_gpu_loader_cupy_backend_matches_dali_backend(synth_set):
     """ObjCropLoader(crop_backend='cupy') runs in DALI and agrees with the DALI-ops backend (same windows,
     flips in the same direction) up to the resamplers' small differences."""
     pytest.importorskip("nvidia.dali")
+    pytest.importorskip("cv2")  # the synthetic set is drawn with OpenCV
     torch = pytest.importorskip("torch")
     from dali_objcrop.augment import Recipe, ViewAug
     from dali_objcrop.loader import ObjCropLoader
