@@ -9,6 +9,7 @@ from .augment import RECIPES, Recipe, ViewAug, get_recipe, sample_aug_params
 from .loader import CROP_BACKENDS, ObjCropLoader, build_pipeline, register_crop_backend, shard_batches
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 from .visualize import crop_grid, cut_crop
+from .kernels.cupy_backend import crop_views
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,6 @@ __all__ = [
     "RECIPES", "Recipe", "ViewAug", "get_recipe", "sample_aug_params",
     "CROP_BACKENDS", "ObjCropLoader", "build_pipeline", "register_crop_backend", "shard_batches",
     "crop_grid", "cut_crop",
+    "crop_views",
     "__version__",
 ]
