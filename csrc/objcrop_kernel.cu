@@ -11,10 +11,11 @@
 //   uint8 (N, S, S, 3), for the DALI graph, which samples windows in NumPy and
 //   augments and normalises after the crop.
 // objcrop_crop_{f32,f16,bf16}: one launch for both views of a whole batch.
-//   grid = (ceil(S*S / blockDim.x), 2 views, N samples); thread 0 of a block
-//   derives the sample's windows into shared memory (cheap: <= 20 tries of a
-//   few float64 ops), then every thread resamples one output pixel of that view
-//   (3 channels), normalises and writes NCHW.
+//   grid = (ceil(S*S / (blockDim.x * OC_PIX_PER_THREAD)), 2 views, N samples);
+//   thread 0 of a block derives the sample's windows into shared memory (cheap:
+//   <= 20 tries of a few float64 ops), then every thread resamples
+//   OC_PIX_PER_THREAD output pixels of that view (3 channels each, strided by
+//   blockDim.x so stores coalesce), normalises and writes NCHW.
 //
 // Inputs (device memory):
 //   ptrs    (N,) uint64     base address of image n, HWC uint8 RGB, contiguous
@@ -27,6 +28,11 @@
 // Outputs: out0, out1 (N, 3, S, S) of the output dtype; optional windows
 //   (N, 2, 4) int32 and flips (N, 2) uint8 (pass 0 to skip).
 #include "objcrop_core.h"
+
+// Output pixels per thread: a block covers blockDim.x * OC_PIX_PER_THREAD pixels of one view, so the
+// per-block window derivation (thread 0) is amortised over more work.  Must equal _PIX_PER_THREAD in
+// dali_objcrop/kernels/cupy_backend.py.
+#define OC_PIX_PER_THREAD 4
 
 extern "C" __global__ void objcrop_windows(const int* __restrict__ sizes, const float* __restrict__ boxes,
                                            const long long* __restrict__ offsets,
@@ -89,16 +95,17 @@ __device__ __forceinline__ void oc_crop_body(const unsigned long long* __restric
     }
   }
   __syncthreads();
-  const int pix = blockIdx.x * blockDim.x + threadIdx.x;
   const int plane = out_size * out_size;
-  if (pix >= plane) return;
-  const int oy = pix / out_size, ox = pix - oy * out_size;
   const unsigned char* img = (const unsigned char*)ptrs[n];
-  float rgb[3];
-  oc_resample_pixel(img, sizes[2 * n], s_win, s_flip, out_size, ox, oy, rgb);
   T* out = v == 0 ? out0 : out1;
-  const long long base = (long long)n * 3 * plane + pix;
-  for (int c = 0; c < 3; ++c) store(out, base + (long long)c * plane, (rgb[c] - norm[c]) * norm[3 + c]);
+  const int end = min(plane, (int)((blockIdx.x + 1) * blockDim.x * OC_PIX_PER_THREAD));
+  for (int pix = blockIdx.x * blockDim.x * OC_PIX_PER_THREAD + threadIdx.x; pix < end; pix += blockDim.x) {
+    const int oy = pix / out_size, ox = pix - oy * out_size;
+    float rgb[3];
+    oc_resample_pixel(img, sizes[2 * n], s_win, s_flip, out_size, ox, oy, rgb);
+    const long long base = (long long)n * 3 * plane + pix;
+    for (int c = 0; c < 3; ++c) store(out, base + (long long)c * plane, (rgb[c] - norm[c]) * norm[3 + c]);
+  }
 }
 
 struct OcStoreF32 {
@@ -141,13 +148,14 @@ extern "C" __global__ void __launch_bounds__(256)
                      const int* __restrict__ windows, const unsigned char* __restrict__ flips, int out_size,
                      unsigned char* out0, unsigned char* out1) {
   const int n = blockIdx.z, v = blockIdx.y;
-  const int pix = blockIdx.x * blockDim.x + threadIdx.x;
   const int plane = out_size * out_size;
-  if (pix >= plane) return;
-  const int oy = pix / out_size, ox = pix - oy * out_size;
-  float rgb[3];
-  oc_resample_pixel((const unsigned char*)ptrs[n], sizes[2 * n], windows + (n * 2 + v) * 4, flips[n * 2 + v],
-                    out_size, ox, oy, rgb);
-  unsigned char* out = (v == 0 ? out0 : out1) + ((long long)n * plane + pix) * 3;
-  for (int c = 0; c < 3; ++c) out[c] = oc_to_u8(rgb[c]);
+  const int end = min(plane, (int)((blockIdx.x + 1) * blockDim.x * OC_PIX_PER_THREAD));
+  for (int pix = blockIdx.x * blockDim.x * OC_PIX_PER_THREAD + threadIdx.x; pix < end; pix += blockDim.x) {
+    const int oy = pix / out_size, ox = pix - oy * out_size;
+    float rgb[3];
+    oc_resample_pixel((const unsigned char*)ptrs[n], sizes[2 * n], windows + (n * 2 + v) * 4, flips[n * 2 + v],
+                      out_size, ox, oy, rgb);
+    unsigned char* out = (v == 0 ? out0 : out1) + ((long long)n * plane + pix) * 3;
+    for (int c = 0; c < 3; ++c) out[c] = oc_to_u8(rgb[c]);
+  }
 }

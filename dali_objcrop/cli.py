@@ -17,6 +17,10 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("synth", "dali_objcrop.synth_cli"),
     ("show", "dali_objcrop.show_cli"),
     ("crop-stats", "dali_objcrop.cropstats_cli"),
+    ("proposals", "dali_objcrop.proposals.run"),
+    ("eval-proposals", "dali_objcrop.proposals.evaluate"),
+    ("train-bing", "dali_objcrop.proposals.train_bing"),
+    ("fetch-model", "dali_objcrop.proposals.fetch"),
 ]
 
 

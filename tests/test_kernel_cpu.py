@@ -222,6 +222,10 @@ def test_params_layout_matches_header():
     assert f"#define OC_NUM_PARAMS {len(common.PARAM_NAMES)}\n" in text
     for kind, code in common.KIND_CODES.items():
         assert f"#define OC_KIND_{kind.upper()} {code}\n" in text
+    from dali_objcrop.kernels import cupy_backend
+    cu = (common.csrc_dir() / common.KERNEL_FILE).read_text()
+    assert f"#define OC_PIX_PER_THREAD {cupy_backend._PIX_PER_THREAD}\n" in cu   # grid size = kernel's stride
+    assert f"__launch_bounds__({cupy_backend._BLOCK})" in cu
     p = common.kernel_params(CropConfig(mode="obj-obj", dilate=0.3))
     assert p[common.PARAM_NAMES.index("dilate")] == 0.0      # obj-obj is dilate 0
     assert p[common.PARAM_NAMES.index("box_lo")] == 1.0      # box_scale None -> (1, 1), as windows.py

@@ -37,6 +37,7 @@ IMAGENET_STD_PX = tuple(s * 255 for s in (0.229, 0.224, 0.225))
 _DTYPES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
            "bfloat16": "bf16", "bf16": "bf16"}
 _BLOCK = 256
+_PIX_PER_THREAD = 4  # = OC_PIX_PER_THREAD in csrc/objcrop_kernel.cu
 
 
 def cupy_or_raise():
@@ -136,7 +137,7 @@ def _torch_stream_ctx(images):
 def _grid(size: int, n: int) -> tuple[int, int, int]:
     if n > 65535:  # gridDim.z limit
         raise ValueError(f"at most 65535 images per launch, got {n}")
-    return (-(-size * size // _BLOCK), 2, n)
+    return (-(-size * size // (_BLOCK * _PIX_PER_THREAD)), 2, n)
 
 
 # ---- public API -------------------------------------------------------------------------------
