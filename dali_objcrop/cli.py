@@ -17,6 +17,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("synth", "dali_objcrop.synth_cli"),
     ("show", "dali_objcrop.show_cli"),
     ("crop-stats", "dali_objcrop.cropstats_cli"),
+    ("demo", "dali_objcrop.demo"),
     ("proposals", "dali_objcrop.proposals.run"),
     ("eval-proposals", "dali_objcrop.proposals.evaluate"),
     ("train-bing", "dali_objcrop.proposals.train_bing"),

@@ -62,14 +62,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # backend's own fields and the per-view augmentation draws, in this order).
 _AUG_FIELDS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
 BASE_FIELDS = ("jpegs", "index")
+ROI_DECODE_FIELDS = ("anchor", "shape")
 CROP_FIELDS = ("roi_start0", "roi_end0", "roi_start1", "roi_end1", "window", "flip")
 AUG_FIELDS = tuple(f"{f}{v}" for v in (0, 1) for f in _AUG_FIELDS)
-INPUT_FIELDS = BASE_FIELDS + CROP_FIELDS + AUG_FIELDS
+INPUT_FIELDS = BASE_FIELDS + ROI_DECODE_FIELDS + CROP_FIELDS + AUG_FIELDS
 
 
-def input_fields(crop_backend: str) -> tuple[str, ...]:
+def input_fields(crop_backend: str, roi_decode: bool = True) -> tuple[str, ...]:
     """The fields the external source emits for a crop backend (DALI warns about unused outputs)."""
-    return BASE_FIELDS + CROP_BACKENDS[crop_backend].inputs + AUG_FIELDS
+    return BASE_FIELDS + (ROI_DECODE_FIELDS if roi_decode else ()) + CROP_BACKENDS[crop_backend].inputs + AUG_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,16 +186,28 @@ class _Source:
             boxes, offsets = self.store.gather(self.rows[index], self.config.top_k)
         return sample_windows(self.sizes[index], boxes, offsets, index, self.seed, epoch, self.config)
 
-    def inputs(self, index: np.ndarray, epoch: int) -> tuple[dict[str, object], CropWindows]:
-        """Everything the pipeline's external source emits for one batch (see :data:`INPUT_FIELDS`)."""
+    def inputs(self, index: np.ndarray, epoch: int, roi_decode: bool = True
+               ) -> tuple[dict[str, object], CropWindows]:
+        """Everything the pipeline's external source emits for one batch (see :data:`INPUT_FIELDS`).
+
+        With ``roi_decode`` only the union of the two windows is decoded (``anchor``
+        (x, y) and ``shape`` (w, h), float32 pixels) and the crop fields are in the
+        coordinates of that region.
+        """
         cw = self.windows(index, epoch)
-        s0, e0, s1, e1 = window_rois(cw.windows, cw.flip)
+        win = cw.windows
         d: dict[str, object] = {
             "jpegs": read_encoded([self.paths[i] for i in index]),
             "index": np.asarray(index, dtype=np.int64),
-            "roi_start0": s0, "roi_end0": e0, "roi_start1": s1, "roi_end1": e1,
-            "window": cw.windows, "flip": cw.flip.astype(np.uint8),
         }
+        if roi_decode:
+            lo = win[:, :, :2].min(axis=1)                         # (N, 2) union top-left (x, y)
+            hi = win[:, :, 2:].max(axis=1)                         # (N, 2) union bottom-right
+            d["anchor"], d["shape"] = lo.astype(np.float32), (hi - lo).astype(np.float32)
+            win = win - np.concatenate([lo, lo], axis=1)[:, None, :].astype(win.dtype)
+        s0, e0, s1, e1 = window_rois(win, cw.flip)
+        d.update({"roi_start0": s0, "roi_end0": e0, "roi_start1": s1, "roi_end1": e1,
+                  "window": np.ascontiguousarray(win, dtype=np.int32), "flip": cw.flip.astype(np.uint8)})
         for v in (0, 1):
             p = _augment.sample_aug_params(cw.keys, v, self.recipe.views[v])
             for f in _AUG_FIELDS:
@@ -277,14 +290,20 @@ def _augment_view(img, inp: dict, v: int):
 
 
 def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend: str, out_dtype,
-                   decoder_kwargs: dict):
+                   decoder_kwargs: dict, roi_decode: bool):
     from nvidia.dali import fn, types
-    fields = input_fields(crop_backend)
+    fields = input_fields(crop_backend, roi_decode)
     nodes = fn.external_source(source=source, num_outputs=len(fields), batch=True)
     inp = dict(zip(fields, nodes))
     # adjust_orientation off: window coordinates are in the stored (header) pixel grid
-    images = fn.decoders.image(inp["jpegs"], device=decode_device, output_type=types.RGB,
-                               adjust_orientation=False, **decoder_kwargs)
+    if roi_decode:  # decode only the union of the two windows (libjpeg-turbo / nvJPEG ROI decoding)
+        images = fn.decoders.image_slice(inp["jpegs"], inp["anchor"], inp["shape"], axis_names="WH",
+                                         normalized_anchor=False, normalized_shape=False,
+                                         device=decode_device, output_type=types.RGB,
+                                         adjust_orientation=False, **decoder_kwargs)
+    else:
+        images = fn.decoders.image(inp["jpegs"], device=decode_device, output_type=types.RGB,
+                                   adjust_orientation=False, **decoder_kwargs)
     views = CROP_BACKENDS[crop_backend].fn(images, inp, size)
     outs = []
     for v in (0, 1):
@@ -297,7 +316,8 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
 
 def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, size: int = 224,
                    crop_backend: str = "dali", out_dtype: str = "float32", device_id: int | None = None,
-                   seed: int = 0, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None):
+                   seed: int = 0, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
+                   roi_decode: bool = True):
     """The object-crop DALI pipeline (built, not yet run).
 
     Args:
@@ -315,6 +335,7 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
         decoder_kwargs: extra ``fn.decoders.image`` arguments, e.g. ``hw_decoder_load``,
             ``preallocate_width_hint``, ``preallocate_height_hint``,
             ``device_memory_padding``, ``host_memory_padding`` (GPU).
+        roi_decode: decode only the union of the two windows (``anchor``/``shape`` inputs).
 
     Returns:
         a built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, index)``.
@@ -331,7 +352,7 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
     if device == "cpu" and kwargs:
         kwargs = {}  # the hints only concern nvJPEG
     pipe_fn = pipeline_def(_objcrop_graph, enable_conditionals=True)
-    pipe = pipe_fn(source, size, "mixed" if device == "gpu" else "cpu", crop_backend, dt, kwargs,
+    pipe = pipe_fn(source, size, "mixed" if device == "gpu" else "cpu", crop_backend, dt, kwargs, roi_decode,
                    batch_size=batch_size, num_threads=num_threads,
                    device_id=device_id if device == "gpu" else None, seed=seed,
                    prefetch_queue_depth=prefetch_queue_depth)
@@ -342,8 +363,16 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
 # ---------------------------------------------------------------------------------------------
 # the iterator
 # ---------------------------------------------------------------------------------------------
-def _resolve_data(data, images_dir) -> tuple[ImageIndex, str | None]:
-    """An ImageIndex from a COCO json / folder / ImageIndex, and the COCO json path if any."""
+def resolve_data(data, images_dir=None, max_images: int | None = None) -> tuple[ImageIndex, str | None]:
+    """An ImageIndex from a COCO json / folder / ImageIndex (its first ``max_images``), and the json path if any."""
+    index, coco = _index_of(data, images_dir)
+    if max_images:
+        index = ImageIndex(root=index.root, keys=list(index.keys[:max_images]), sizes=index.sizes[:max_images],
+                           bad=index.bad)
+    return index, coco
+
+
+def _index_of(data, images_dir) -> tuple[ImageIndex, str | None]:
     if isinstance(data, ImageIndex):
         return data, None
     p = Path(data)
@@ -416,6 +445,10 @@ class ObjCropLoader:
         device_id: CUDA device (default: ``torch.cuda.current_device()``).
         prefetch_queue_depth: DALI batches in flight.
         decoder_kwargs: extra nvJPEG arguments (``hw_decoder_load``, preallocation hints).
+        max_images: use only the first N images of ``data`` (quick runs, demos).
+        roi_decode: decode only the union of the two crop windows of each image
+            (saves decode time; pixels just outside a window then come from edge
+            clamping instead of the image, a sub-pixel difference at the border).
     """
 
     def __init__(self, data, boxes="gt", mode: str = "obj-obj-dilate", batch_size: int = 64, size: int = 224,
@@ -425,7 +458,8 @@ class ObjCropLoader:
                  dilate: float = 0.1, shift_range: tuple[float, float] = (80, 120),
                  box_scale: tuple[float, float] | None = None, top_k: int = 10, min_box_size: int = 224,
                  images_dir: str | os.PathLike | None = None, device_id: int | None = None,
-                 prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None) -> None:
+                 prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
+                 max_images: int | None = None, roi_decode: bool = True) -> None:
         import torch
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -458,7 +492,9 @@ class ObjCropLoader:
         self.shuffle, self.drop_last, self.on_bad_image, self.seed = shuffle, drop_last, on_bad_image, seed
         self.recipe = _augment.get_recipe(recipe)
 
-        index, coco_json = _resolve_data(data, images_dir)
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be >= 1 or None, got {max_images!r}")
+        index, coco_json = resolve_data(data, images_dir, max_images)
         if index.bad and on_bad_image == "raise":
             names = ", ".join(f"{k} ({v})" for k, v in list(index.bad.items())[:10])
             raise ValueError(f"{len(index.bad)} unusable image files under {index.root}: {names}")
@@ -472,6 +508,7 @@ class ObjCropLoader:
         self.config = CropConfig(mode=mode, box_scale=box_scale, dilate=dilate,
                                  shift_range=tuple(float(s) for s in shift_range), top_k=top_k,
                                  min_box_size=min_box_size)
+        self.store, self.store_rows = store, rows   # the box store and each dataset image's row in it
         self._src = _Source(paths=index.paths, sizes=np.asarray(index.sizes, dtype=np.int64), store=store,
                             rows=rows, config=self.config, recipe=self.recipe, seed=seed)
         without = 0 if rows is None else int((store.offsets[rows + 1] == store.offsets[rows]).sum())
@@ -486,7 +523,8 @@ class ObjCropLoader:
         self._device_id = device_id
         self._prefetch = prefetch_queue_depth
         self._decoder_kwargs = decoder_kwargs
-        self._fields = input_fields(crop_backend)
+        self._fields = input_fields(crop_backend, roi_decode)
+        self.roi_decode = roi_decode
         self._excluded: set[int] = set()
 
     # ---- setup helpers -------------------------------------------------------------------
@@ -521,7 +559,7 @@ class ObjCropLoader:
             self._out_dtype = out
             self._pipe = build_pipeline(self._pull, self.batch_size, self.num_threads, self.device, self.size,
                                         self.crop_backend, out, device_id, self.seed, self._prefetch,
-                                        self._decoder_kwargs)
+                                        self._decoder_kwargs, self.roi_decode)
         return self._pipe
 
     @staticmethod
@@ -558,7 +596,7 @@ class ObjCropLoader:
 
     def inputs_for(self, index, epoch: int) -> dict:
         """The per-batch inputs (windows, ROIs, augmentation draws) fed to DALI (for tests and tools)."""
-        return self._src.inputs(np.atleast_1d(np.asarray(index, dtype=np.int64)), epoch)[0]
+        return self._src.inputs(np.atleast_1d(np.asarray(index, dtype=np.int64)), epoch, self.roi_decode)[0]
 
     def key_of(self, position: int) -> str:
         """The image key (path relative to the image root) of a dataset position."""
@@ -595,7 +633,7 @@ class ObjCropLoader:
         """External-source callback: the next batch of this epoch (``StopIteration`` at its end)."""
         idx = self._substitute(next(self._feed))
         self._inflight.append(idx)  # before reading, so a missing file is found by _recover
-        d, cw = self._src.inputs(idx, self._epoch)
+        d, cw = self._src.inputs(idx, self._epoch, self.roi_decode)
         self.stats["fallback"] += cw.num_fallback
         return tuple(d[f] for f in self._fields)
 

@@ -79,10 +79,16 @@ def test_loader_windows_are_the_window_module(synth_set):
     got = ld.windows_for(idx, 2)
     np.testing.assert_array_equal(got.windows, ref.windows)
     np.testing.assert_array_equal(got.flip, ref.flip)
-    inp = ld.inputs_for(idx, 2)
-    s0, e0, s1, e1 = window_rois(ref.windows, ref.flip)
+    inp = ld.inputs_for(idx, 2)                     # ROI decoding: the union of the two windows
+    lo = ref.windows[:, :, :2].min(axis=1)
+    np.testing.assert_array_equal(inp["anchor"], lo)
+    np.testing.assert_array_equal(inp["shape"], ref.windows[:, :, 2:].max(axis=1) - lo)
+    s0, e0, s1, e1 = window_rois(ref.windows - np.tile(lo, 2)[:, None, :], ref.flip)
     np.testing.assert_array_equal(inp["roi_start0"], s0)
     np.testing.assert_array_equal(inp["roi_end1"], e1)
+    full = loader(synth_set, mode="obj-obj-dilate", roi_decode=False).inputs_for(idx, 2)
+    assert "anchor" not in full
+    np.testing.assert_array_equal(full["roi_start1"], window_rois(ref.windows, ref.flip)[2])
 
 
 def test_box_scale_follows_store_mean_area(synth_set):
@@ -100,10 +106,10 @@ def reference_crop(img_rgb: np.ndarray, win, flip: bool, size: int) -> np.ndarra
     return c[:, ::-1] if flip else c
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_views_are_the_windows_pixels(synth_set, mode):
+@pytest.mark.parametrize("mode,roi_decode", [(m, True) for m in MODES] + [("obj-obj-shift", False)])
+def test_views_are_the_windows_pixels(synth_set, mode, roi_decode):
     """Each view equals a reference crop+resize of its window (and not of a mirrored/wrong one)."""
-    ld = loader(synth_set, mode=mode, recipe=NO_AUG, size=48)
+    ld = loader(synth_set, mode=mode, recipe=NO_AUG, size=48, roi_decode=roi_decode)
     b = next(iter(ld))
     idx = b["index"].numpy()
     cw = ld.windows_for(idx, 0)

@@ -1,0 +1,322 @@
+"""Loader throughput: every crop mode and crop backend, scene-scene, and a torchvision baseline.
+
+Measures images/s (two 224 px views per image, MoCo-v2 recipe by default) of
+
+* ``ObjCropLoader`` for every mode (``--modes``), every registered crop backend
+  (``--backends``), on the CPU and, when torch sees CUDA, on the GPU;
+* a torchvision ``DataLoader`` doing the same two-view MoCo-v2 recipe with
+  ``--threads`` worker processes (PIL decode, RandomResizedCrop(scale 0.2-1),
+  ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale p 0.2, PIL Gaussian
+  blur sigma 0.1-2 p 0.5 (as the MoCo-v2 code), flip, ToTensor, Normalize).
+
+Method: every configuration is built once; then ``--reps`` rounds run the
+configurations round-robin (so a change of machine load hits all of them
+alike), each round starting a fresh iterator, discarding ``--warmup`` batches
+(the queues the loaders fill ahead), then counting images for ``--seconds``.
+A row's ``images_per_s`` is the median over rounds; min, max and the relative
+spread ``(max - min) / median`` come with it.  The machine is shared: compare
+rows of one run (ratios), not runs.
+
+Usage::
+
+    python benchmarks/throughput.py                      # embedded synthetic set
+    python benchmarks/throughput.py --coco ../shared/data/coco_val2017_subset/annotations/instances.json \\
+        --images ../shared/data/coco_val2017_subset/images --json out/throughput.json --png out/throughput.png
+
+Output JSON: ``{"results": [{"loader": "dali" | "torchvision", "mode", "backend",
+"device": "cpu" | "gpu", "batch_size", "threads", "images_per_s", ...extras}, ...],
+"machine": {...}, "ratios": {...}}``; the torchvision rows carry ``"mode": "scene-scene"``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("scene-scene", "obj-scene", "obj-obj", "obj-obj-dilate", "obj-obj-shift")
+
+
+# ---------------------------------------------------------------------------------------------
+# the torchvision baseline
+# ---------------------------------------------------------------------------------------------
+class _PILGaussianBlur:
+    """MoCo-v2's blur: PIL GaussianBlur with radius sigma ~ U(sigma_lo, sigma_hi)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        import random
+
+        from PIL import ImageFilter
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def mocov2_transform(size: int = 224):
+    """The MoCo-v2 augmentation of one view (torchvision, PIL)."""
+    from torchvision import transforms as T
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([_PILGaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+
+
+class TwoViewDataset:
+    """Image paths -> dict(view1, view2, index), decoded with PIL."""
+
+    def __init__(self, paths: list[str], size: int = 224):
+        self.paths, self.transform = list(paths), mocov2_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            img = im.convert("RGB")
+        return {"view1": self.transform(img), "view2": self.transform(img), "index": i}
+
+
+def torchvision_loader(paths: list[str], batch_size: int, workers: int, size: int = 224):
+    import torch
+    return torch.utils.data.DataLoader(TwoViewDataset(paths, size), batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, drop_last=True, persistent_workers=False,
+                                       prefetch_factor=2 if workers else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+def measure_once(loader, warmup: int, seconds: float) -> float:
+    """Images/s of one round: fresh iterator, ``warmup`` batches discarded, then ``seconds`` counted."""
+    it = iter(loader)
+    for _ in range(warmup):
+        try:
+            next(it)
+        except StopIteration:
+            it = iter(loader)
+            next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        try:
+            b = next(it)
+        except StopIteration:  # an epoch ended inside the round: the restart is part of the cost
+            it = iter(loader)
+            continue
+        n += len(b["index"])
+    dt = time.perf_counter() - t0
+    del it
+    return n / dt
+
+
+def machine_info() -> dict:
+    import torch
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "load_average_start": os.getloadavg()}
+    try:
+        import nvidia.dali as dali
+        info["dali"] = dali.__version__
+    except ImportError:
+        pass
+    try:
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def data_from_args(args) -> tuple[str, str | None]:
+    """(COCO json, image folder) from the flags; the embedded synthetic set by default."""
+    if args.coco:
+        return args.coco, args.images
+    if args.images:
+        return args.images, None
+    from dali_objcrop.synth import ensure_default_dataset
+    ann = ensure_default_dataset()
+    return str(ann), str(Path(ann).parent / "images")
+
+
+def build_configs(args, data: str, images_dir: str | None) -> list[tuple[dict, object]]:
+    """(row template, loader) for every configuration to measure."""
+    import torch
+
+    from dali_objcrop.loader import CROP_BACKENDS, ObjCropLoader
+    try:  # the fused-kernel backends register themselves when their module is importable
+        import dali_objcrop.kernels  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - an optional backend must not stop the benchmark
+        print(f"[throughput] kernels not loaded: {e}", file=sys.stderr)
+    devices = args.devices or (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
+    backends = args.backends or list(CROP_BACKENDS)
+    boxes = args.boxes or ("gt" if data.endswith(".json") else None)
+    configs = []
+    for device in devices:
+        for backend in backends:
+            for mode in args.modes:
+                row = {"loader": "dali", "mode": mode, "backend": backend, "device": device,
+                       "batch_size": args.batch_size, "threads": args.threads}
+                try:
+                    ld = ObjCropLoader(data, boxes=boxes if mode != "scene-scene" or boxes else None, mode=mode,
+                                       batch_size=args.batch_size, size=args.size, recipe=args.recipe,
+                                       num_threads=args.threads, device=device, crop_backend=backend,
+                                       seed=args.seed, images_dir=images_dir, rank=0, world_size=1,
+                                       max_images=args.max_images or None)
+                except ValueError as e:
+                    print(f"[throughput] skip {row}: {e}", file=sys.stderr)
+                    continue
+                configs.append((row, ld))
+    if not args.no_torchvision:
+        from dali_objcrop.loader import resolve_data
+        index, _ = resolve_data(data, images_dir, args.max_images or None)
+        paths = index.paths
+        row = {"loader": "torchvision", "mode": "scene-scene", "backend": "torchvision", "device": "cpu",
+               "batch_size": args.batch_size, "threads": args.threads}
+        configs.append((row, torchvision_loader(paths, args.batch_size, args.threads, args.size)))
+    return configs
+
+
+def run(args) -> dict:
+    data, images_dir = data_from_args(args)
+    machine = machine_info()
+    configs = build_configs(args, data, images_dir)
+    rounds: list[list[float]] = [[] for _ in configs]
+    for r in range(args.reps):
+        for k, (row, ld) in enumerate(configs):
+            ips = measure_once(ld, args.warmup, args.seconds)
+            rounds[k].append(ips)
+            print(f"[round {r + 1}/{args.reps}] {row['loader']:11s} {row['device']} {row['backend']:6s} "
+                  f"{row['mode']:15s} {ips:8.1f} img/s", flush=True)
+    results = []
+    for (row, _), vals in zip(configs, rounds):
+        med = statistics.median(vals)
+        results.append({**row, "images_per_s": round(med, 2), "images_per_s_min": round(min(vals), 2),
+                        "images_per_s_max": round(max(vals), 2),
+                        "spread": round((max(vals) - min(vals)) / med, 3) if med else None,
+                        "rounds": [round(v, 2) for v in vals], "recipe": args.recipe, "size": args.size})
+    machine["load_average_end"] = os.getloadavg()
+    out = {"results": results, "machine": machine, "ratios": ratios(results),
+           "settings": {"data": data, "images": images_dir, "seconds": args.seconds, "reps": args.reps,
+                        "warmup": args.warmup, "max_images": args.max_images, "command": " ".join(sys.argv)}}
+    return out
+
+
+def ratios(results: list[dict]) -> dict:
+    """Each DALI row over the same device/backend's scene-scene, and CPU rows over torchvision."""
+    out = {}
+    tv = next((r["images_per_s"] for r in results if r["loader"] == "torchvision"), None)
+    for r in results:
+        if r["loader"] != "dali":
+            continue
+        key = f"{r['device']}/{r['backend']}/{r['mode']}"
+        base = next((s["images_per_s"] for s in results if s["loader"] == "dali" and s["mode"] == "scene-scene"
+                     and s["device"] == r["device"] and s["backend"] == r["backend"]), None)
+        if base:
+            out[f"{key} / scene-scene"] = round(r["images_per_s"] / base, 3)
+        if tv and r["device"] == "cpu":
+            out[f"{key} / torchvision"] = round(r["images_per_s"] / tv, 3)
+    return out
+
+
+def plot(results: list[dict], png: str, title: str = "") -> None:
+    """Bar chart of images/s (median, whiskers min..max), one bar per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r['loader']}\n{r['device']}/{r['backend']}\n{r['mode']}" for r in results]
+    med = np.array([r["images_per_s"] for r in results])
+    lo = med - np.array([r["images_per_s_min"] for r in results])
+    hi = np.array([r["images_per_s_max"] for r in results]) - med
+    colours = ["#888888" if r["loader"] == "torchvision" else ("#2a7ab9" if r["mode"] == "scene-scene"
+                                                                  else "#e07b39") for r in results]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results)), 4.2))
+    ax.bar(range(len(results)), med, yerr=[lo, hi], color=colours, capsize=4)
+    for i, v in enumerate(med):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("images/s (two views each)")
+    ax.set_title(title or "loader throughput (median of rounds, whiskers min..max)", fontsize=9)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--coco", help="COCO annotation json (default: the embedded synthetic set)")
+    p.add_argument("--images", help="image folder (of --coco, or alone: a plain folder, scene-scene only)")
+    p.add_argument("--boxes", help="a .boxes store (default: the GT boxes of --coco)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--png", help="write a bar chart here")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="DALI threads = torchvision workers (default 2)")
+    p.add_argument("--seconds", type=float, default=10.0, help="counted seconds per configuration and round")
+    p.add_argument("--reps", type=int, default=3, help="rounds (median and spread over them)")
+    p.add_argument("--warmup", type=int, default=3, help="batches discarded at the start of each round")
+    p.add_argument("--modes", default="all", help="comma-separated crop modes or 'all'")
+    p.add_argument("--backends", default="", help="comma-separated crop backends (default: every registered)")
+    p.add_argument("--devices", default="", help="comma-separated cpu,gpu (default: cpu, plus gpu if present)")
+    p.add_argument("--recipe", default="mocov2", choices=("mocov2", "byol"))
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
+    p.add_argument("--no-torchvision", action="store_true", help="skip the torchvision baseline")
+    args = p.parse_args(argv)
+    args.modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"unknown modes {bad}; choose from {MODES}")
+    args.backends = [b for b in args.backends.split(",") if b]
+    args.devices = [d for d in args.devices.split(",") if d]
+    for d in args.devices:
+        if d not in ("cpu", "gpu"):
+            p.error(f"unknown device {d!r}")
+    for name in ("batch_size", "threads", "reps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seconds <= 0 or args.warmup < 0:
+        p.error("--seconds must be > 0 and --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = run(args)
+    for r in out["results"]:
+        print(f"{r['loader']:11s} {r['device']} {r['backend']:11s} {r['mode']:15s} "
+              f"{r['images_per_s']:8.1f} img/s  (min {r['images_per_s_min']:.1f}, max {r['images_per_s_max']:.1f})")
+    for k, v in out["ratios"].items():
+        print(f"  {k}: {v:.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    if args.png:
+        plot(out["results"], args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
