@@ -1,0 +1,221 @@
+"""Unit tests of the training suite (train/): config, heads per mode, losses, schedules, EMA, queues, LARS,
+and a quick overfit check of every method on one fixed batch from the object-aware loader (CPU)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from train.heads import HEADS, Backbone, head_keys, mlp, preset  # noqa: E402
+from train.lars import LARS, param_groups  # noqa: E402
+from train.methods.byol import byol_loss, regression_loss  # noqa: E402
+from train.methods.common import (cosine_schedule, enqueue, info_nce, lr_at, shuffled_forward,  # noqa: E402
+                                  update_momentum)
+from train.methods.densecl import dense_info_nce  # noqa: E402
+from train.pretrain import Config, build_model, build_optimizer, parse_config  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # tiny models on a shared 2-core machine: OpenMP threads spinning against other processes cost 10x
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(arch="resnet18", size=32, batch_size=8, queue_size=64, head_hidden=64, head_out=32, pred_hidden=64)
+
+
+def tiny_cfg(**kw) -> Config:
+    return Config(**{**TINY, **kw}).resolved()
+
+
+# ---- config ---------------------------------------------------------------------------------------------------
+def test_parse_config_types_files_and_unknown_keys(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"method": "byol", "batch_size": 32, "lr": 0.1}))
+    c = parse_config([f"--config={f}", "--batch-size=16", "--share_heads", "--steps", "7", "--compile=false"])
+    assert (c.method, c.batch_size, c.lr, c.share_heads, c.steps, c.compile) == ("byol", 16, 0.1, True, 7, False)
+    assert isinstance(c.lr, float) and isinstance(c.steps, int)
+    with pytest.raises(ValueError, match="unknown flag --bogus"):
+        parse_config(["--bogus=1"])
+    with pytest.raises(ValueError, match="--steps expects int"):
+        parse_config(["--steps=abc"])
+    f.write_text(json.dumps({"nope": 1}))
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
+        parse_config([f"--config={f}"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        Config(method="simclr").resolved()
+
+
+def test_method_defaults_resolved():
+    m, b = Config(method="mocov2").resolved(), Config(method="byol").resolved()
+    assert (m.queue_size, m.momentum, m.temperature, m.lr, m.weight_decay) == (65536, 0.999, 0.2, 0.03, 1e-4)
+    assert (b.momentum, b.lr, b.weight_decay, b.recipe) == (0.99, 0.2, 1.5e-6, "byol")
+    assert Config(method="densecl").resolved().lam == 0.5
+    assert HEADS["mocov2"].sizes == (2048, 128) and HEADS["byol_projector"].sizes == (4096, 256)
+
+
+# ---- heads per mode -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["mocov2", "byol", "densecl"])
+@pytest.mark.parametrize("mode,share,expect", [("scene-scene", False, {"scene"}), ("obj-scene", False, {"obj", "scene"}),
+                                               ("obj-obj-dilate", False, {"obj", "scene"}),
+                                               ("obj-obj-dilate", True, {"scene"})])
+def test_heads_per_mode(method, mode, share, expect):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(method=method, crops=mode, share_heads=share))
+    assert set(model.heads) == expect and set(model.heads_k) == expect
+    if method == "densecl":
+        assert set(model.dense_heads) == expect
+    assert not any(p.requires_grad for p in model.backbone_k.parameters())
+    assert not any(p.requires_grad for p in model.heads_k.parameters())
+
+
+def test_object_view_goes_through_object_head():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(method="mocov2", crops="obj-obj-dilate"))
+    seen = {}
+    def remember(key):
+        def hook(module, inputs, output):
+            seen[key] = inputs[0].detach().clone()
+        return hook
+    for k in ("obj", "scene"):
+        model.heads[k].register_forward_hook(remember(k))
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    model(v1, v2)
+    with torch.no_grad():
+        assert torch.allclose(seen["obj"], model.backbone.pooled(v1), atol=1e-5)
+        assert torch.allclose(seen["scene"], model.backbone.pooled(v2), atol=1e-5)
+
+
+def test_backbone_and_head_builders():
+    assert Backbone("resnet18").dim == 512 and Backbone("resnet50").dim == 2048
+    with pytest.raises(ValueError, match="torchvision ResNet"):
+        Backbone("vit_b_16")
+    h = mlp(16, preset("byol_projector", hidden=8, out=4))
+    assert [type(m).__name__ for m in h] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert h(torch.randn(3, 16)).shape == (3, 4)
+    d = mlp(16, preset("densecl_dense", hidden=8, out=4))
+    assert d(torch.randn(2, 16, 3, 3)).shape == (2, 4, 3, 3)
+    assert head_keys("obj-scene") == ("obj", "scene") and head_keys("scene-scene") == ("scene", "scene")
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------
+def test_info_nce_prefers_the_positive():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(8, 16), dim=1)
+    queue = F.normalize(torch.randn(16, 32), dim=0)
+    good, bad = info_nce(q, q, queue, 0.2), info_nce(q, q.roll(1, 0), queue, 0.2)
+    assert good < bad and math.isfinite(good.item())
+    # equal logits everywhere -> log(K + 1)
+    z = torch.zeros(4, 16)
+    assert info_nce(z, z, torch.zeros(16, 9), 0.2).item() == pytest.approx(math.log(10))
+
+
+def test_byol_loss_properties():
+    p = torch.randn(5, 8)
+    assert regression_loss(p, 3 * p).item() == pytest.approx(0.0, abs=1e-6)
+    assert regression_loss(p, -p).item() == pytest.approx(4.0, abs=1e-5)
+    assert byol_loss(p, p, p, p).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dense_positives_follow_backbone_similarity():
+    torch.manual_seed(0)
+    n, d, c, s = 2, 8, 16, 9
+    q = F.normalize(torch.randn(n, d, s), dim=1)
+    fq = torch.randn(n, c, s)
+    perm = torch.randperm(s)
+    # key view = query view with locations permuted: argmax matching must undo the permutation
+    k, fk = q[:, :, perm], fq[:, :, perm]
+    queue = F.normalize(torch.randn(d, 16), dim=0)
+    matched = dense_info_nce(q, k, fq, fk, queue, 0.2)
+    unmatched = dense_info_nce(q, k, fq, torch.randn(n, c, s), queue, 0.2)
+    assert matched < unmatched
+    assert matched.item() == pytest.approx(info_nce(q.transpose(1, 2).reshape(-1, d), q.transpose(1, 2).reshape(-1, d),
+                                                    queue, 0.2).item(), rel=1e-5)
+
+
+# ---- schedules, EMA, queues, LARS -----------------------------------------------------------------------------
+def test_schedules():
+    assert cosine_schedule(0, 10, 0.99, 1.0) == pytest.approx(0.99)
+    assert cosine_schedule(10, 10, 0.99, 1.0) == pytest.approx(1.0)
+    assert cosine_schedule(5, 10, 0.0, 1.0) == pytest.approx(0.5)
+    assert lr_at(0, 100, 1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_at(10, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_update_momentum_is_ema():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    wa, wb = a.weight.detach().clone(), b.weight.detach().clone()
+    update_momentum(a, b, 0.9)
+    assert torch.allclose(b.weight, 0.9 * wb + 0.1 * wa)
+    assert torch.equal(a.weight, wa)
+    with pytest.raises(ValueError):
+        update_momentum(a, b, 1.5)
+
+
+def test_enqueue_wraps_and_shuffle_is_identity_alone():
+    queue, ptr = torch.zeros(2, 3, 5), torch.zeros((), dtype=torch.long)
+    keys = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    enqueue(queue, ptr, keys)
+    enqueue(queue, ptr, keys + 100)
+    assert int(ptr) == 3
+    assert torch.equal(queue[:, :, 0], keys[:, 1] + 100) and torch.equal(queue[:, :, 3], keys[:, 3])
+    x = torch.randn(4, 2)
+    assert torch.equal(shuffled_forward(lambda t: (t * 2,), x, seed=1)[0], x * 2)
+
+
+def test_lars_trust_ratio_and_groups():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    groups = param_groups(lin.named_parameters(), weight_decay=0.1)
+    assert groups[0]["params"][0] is lin.weight and groups[1]["params"][0] is lin.bias
+    opt = LARS(groups, lr=1.0, momentum=0.0, eta=0.001)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin.weight.grad, lin.bias.grad = torch.ones_like(lin.weight), torch.ones_like(lin.bias)
+    opt.step()
+    d = torch.ones_like(w0) + 0.1 * w0
+    assert torch.allclose(lin.weight, w0 - 0.001 * w0.norm() / d.norm() * d, atol=1e-6)
+    assert torch.allclose(lin.bias, b0 - 1.0)  # no trust ratio, no decay on biases
+    with pytest.raises(ValueError):
+        LARS(lin.parameters(), lr=-1)
+
+
+# ---- quick overfit on one fixed batch of the object-aware loader ------------------------------------------------
+@pytest.fixture(scope="module")
+def fixed_batch(synth_set):
+    from dali_objcrop.loader import ObjCropLoader
+    loader = ObjCropLoader(str(synth_set), boxes="gt", mode="obj-obj-dilate", batch_size=8, size=32, seed=0,
+                           num_threads=1, device="cpu", rank=0, world_size=1)
+    batch = next(iter(loader))
+    assert batch["view1"].shape == (8, 3, 32, 32) and not torch.equal(batch["view1"], batch["view2"])
+    return batch
+
+
+@pytest.mark.parametrize("method", ["mocov2", "byol", "densecl"])
+def test_loss_falls_on_a_fixed_batch(method, fixed_batch):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(method=method, crops="obj-obj-dilate", lr={"byol": 20.0}.get(method, 3.0), momentum=0.9)
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model, 1)
+    v1, v2 = fixed_batch["view1"], fixed_batch["view2"]
+    losses = []
+    for step in range(12):
+        loss, aux = model(v1, v2, shuffle_seed=step)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_step(aux, cfg.momentum)
+        losses.append(loss.item())
+    assert min(losses[-3:]) < 0.9 * losses[0], losses
