@@ -93,6 +93,15 @@ def _wrap_pointer(ptr: int, shape: tuple, dtype, owner, device_id: int):
     return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
 
 
+def _host(x):
+    """A host (NumPy-convertible) copy of a CuPy array or torch tensor; other inputs as they are."""
+    if _is_torch(x):
+        return x.detach().cpu().numpy()
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return x
+
+
 def _image_list(images) -> list:
     """N HWC uint8 device arrays from a list or a dense (N, H, W, 3) array."""
     if hasattr(images, "shape") and len(images.shape) == 4:
@@ -153,7 +162,7 @@ def windows_gpu(sizes, boxes, offsets, index, seed: int, epoch: int, config: Cro
         (N, 2) uint8, ``box_index`` (N,) int32, ``fallback`` (N,) uint8, ``shift`` (N, 2) int32.
     """
     cupy = cupy_or_raise()
-    sizes, boxes, offsets, index = check_batch_arrays(sizes, boxes, offsets, index)
+    sizes, boxes, offsets, index = check_batch_arrays(*(_host(a) for a in (sizes, boxes, offsets, index)))
     n = len(index)
     out = {"windows": cupy.zeros((n, 2, 4), cupy.int32), "regions": cupy.zeros((n, 2, 4), cupy.int32),
            "flip": cupy.zeros((n, 2), cupy.uint8), "box_index": cupy.zeros(n, cupy.int32),
@@ -177,7 +186,8 @@ def crop_views(images, sizes, boxes, offsets, index, seed: int, epoch: int, conf
         images: N decoded HWC uint8 RGB images on the GPU: a list of CuPy arrays or torch CUDA
             tensors (any sizes), or one dense (N, H, W, 3) array / tensor.
         sizes: None, or (N, 2) (width, height) checked against the images' shapes.
-        boxes: (M, 4) float32 normalised proposals, best-first per image (host array).
+        boxes: (M, 4) float32 normalised proposals, best-first per image (host or device array;
+            the batch description is small and is validated on the host).
         offsets: (N + 1,) int64, image i owns ``boxes[offsets[i]:offsets[i+1]]``.
         index: (N,) sample indices (the random key with ``seed`` and ``epoch``).
         config: the crop sampler (set ``box_scale`` as the loader does).
@@ -202,7 +212,7 @@ def crop_views(images, sizes, boxes, offsets, index, seed: int, epoch: int, conf
     if sizes is not None and not np.array_equal(np.asarray(sizes).reshape(-1, 2), shapes):
         raise ValueError("sizes do not match the images' shapes (width, height): "
                          f"first given {np.asarray(sizes).reshape(-1, 2)[:1].tolist()}, actual {shapes[:1].tolist()}")
-    shapes, boxes, offsets, index = check_batch_arrays(shapes, boxes, offsets, index)
+    shapes, boxes, offsets, index = check_batch_arrays(shapes, _host(boxes), _host(offsets), _host(index))
     n = len(index)
     if n != len(ims):
         raise ValueError(f"{len(ims)} images but {n} indices")
