@@ -39,7 +39,7 @@ def model_digest(model_dir: str | os.PathLike, color: str = "MAXBGR") -> str:
 
 
 def make_detector(method: str, model_dir: str | os.PathLike | None = None, color: str = "MAXBGR",
-                  ss_mode: str = "fast") -> Detector:
+                  ss_mode: str = "fast", bing_nms_rounds: int | None = None) -> Detector:
     """Build a detector for ``method`` (one per process: OpenCV's BING is not thread-safe).
 
     Args:
@@ -48,10 +48,11 @@ def make_detector(method: str, model_dir: str | os.PathLike | None = None, color
         model_dir: BING model folder (default: the packaged model).
         color: BING colour model.
         ss_mode: selective search strategy, ``fast`` or ``quality``.
+        bing_nms_rounds: cap on our BING's per-size NMS rounds (None: exact).
     """
     if method == "bing":
         from .bing import Bing
-        det = Bing.load(resolve_model_dir(model_dir), color)
+        det = Bing.load(resolve_model_dir(model_dir), color, nms_rounds=bing_nms_rounds)
         return lambda img: det(img)
     if method == "bing-opencv":
         from .bing_cv import OpenCVBing

@@ -46,6 +46,7 @@ class ProposalJob:
         model_dir: BING model folder (None: the packaged model).
         color: BING colour model.
         ss_mode: selective-search strategy.
+        bing_nms_rounds: our BING's per-size NMS round cap (None: exact, OpenCV's boxes).
     """
 
     method: str = "bing"
@@ -55,6 +56,7 @@ class ProposalJob:
     model_dir: str | None = None
     color: str = "MAXBGR"
     ss_mode: str = "fast"
+    bing_nms_rounds: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS or self.method == "gt":
@@ -74,6 +76,10 @@ class ProposalJob:
             p["model_dir"] = str(resolve_model_dir(self.model_dir))
         else:
             p.pop("model_dir"), p.pop("color")
+        if self.method != "bing":
+            p.pop("bing_nms_rounds")
+        if self.method != "selective-search":
+            p.pop("ss_mode")
         return p
 
 
@@ -107,7 +113,7 @@ def _init_worker(job: ProposalJob, threads: int) -> None:
     if threads > 0:
         cv2.setNumThreads(threads)
     _JOB = job
-    _DETECTOR = make_detector(job.method, job.model_dir, job.color, job.ss_mode)
+    _DETECTOR = make_detector(job.method, job.model_dir, job.color, job.ss_mode, job.bing_nms_rounds)
 
 
 def _chunk_path(parts: Path, chunk: int) -> Path:
@@ -277,3 +283,9 @@ def load_index(source: str | os.PathLike, images: str | os.PathLike | None = Non
     if source.is_dir():
         return ImageIndex.from_folder(source, check=check)
     raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")
+
+
+def add_parser(sub) -> None:
+    """``dali-objcrop proposals`` (defined in :mod:`.cli`)."""
+    from .cli import add_proposals
+    add_proposals(sub)
