@@ -99,8 +99,33 @@ def torchvision_loader(paths: list[str], batch_size: int, workers: int, size: in
 # ---------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------
-def measure_once(loader, warmup: int, seconds: float) -> float:
-    """Images/s of one round: fresh iterator, ``warmup`` batches discarded, then ``seconds`` counted."""
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (Linux /proc), 0 where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _cpu_seconds(it) -> float:
+    """CPU seconds of this process (all its threads: DALI's too) plus the iterator's worker processes."""
+    workers = getattr(it, "_workers", None) or []
+    return time.process_time() + sum(_proc_cpu_seconds(w.pid) for w in workers if w.pid)
+
+
+def measure_once(loader, warmup: int, seconds: float) -> tuple[float, float]:
+    """One round: fresh iterator, ``warmup`` batches discarded, then ``seconds`` counted.
+
+    Returns:
+        ``(images per second, CPU milliseconds per image)``; the CPU time counts
+        every thread and worker process of the loader, so it is robust to other
+        load on a shared machine (wall-clock throughput is not).
+    """
     it = iter(loader)
     for _ in range(warmup):
         try:
@@ -108,17 +133,19 @@ def measure_once(loader, warmup: int, seconds: float) -> float:
         except StopIteration:
             it = iter(loader)
             next(it)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), _cpu_seconds(it)
     while time.perf_counter() - t0 < seconds:
         try:
             b = next(it)
         except StopIteration:  # an epoch ended inside the round: the restart is part of the cost
+            c0 -= _cpu_seconds(it)  # keep the finished workers' time, then count the new ones'
             it = iter(loader)
+            c0 += _cpu_seconds(it)
             continue
         n += len(b["index"])
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds(it) - c0
     del it
-    return n / dt
+    return n / dt, (1000.0 * cpu / n if n else float("nan"))
 
 
 def machine_info() -> dict:
@@ -200,19 +227,25 @@ def run(args) -> dict:
     machine = machine_info()
     configs = build_configs(args, data, images_dir)
     rounds: list[list[float]] = [[] for _ in configs]
+    cpu: list[list[float]] = [[] for _ in configs]
     for r in range(args.reps):
         for k, (row, ld) in enumerate(configs):
-            ips = measure_once(ld, args.warmup, args.seconds)
+            ips, ms = measure_once(ld, args.warmup, args.seconds)
             rounds[k].append(ips)
+            cpu[k].append(ms)
             print(f"[round {r + 1}/{args.reps}] {row['loader']:11s} {row['device']} {row['backend']:6s} "
-                  f"{row['mode']:15s} {ips:8.1f} img/s", flush=True)
+                  f"{row['mode']:15s} {ips:8.1f} img/s  {ms:6.2f} CPU ms/img  (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
     results = []
-    for (row, _), vals in zip(configs, rounds):
+    for (row, _), vals, ms in zip(configs, rounds, cpu):
         med = statistics.median(vals)
         results.append({**row, "images_per_s": round(med, 2), "images_per_s_min": round(min(vals), 2),
                         "images_per_s_max": round(max(vals), 2),
                         "spread": round((max(vals) - min(vals)) / med, 3) if med else None,
-                        "rounds": [round(v, 2) for v in vals], "recipe": args.recipe, "size": args.size})
+                        "rounds": [round(v, 2) for v in vals],
+                        "cpu_ms_per_image": round(statistics.median(ms), 3),
+                        "cpu_ms_per_image_rounds": [round(v, 3) for v in ms],
+                        "recipe": args.recipe, "size": args.size})
     machine["load_average_end"] = os.getloadavg()
     out = {"results": results, "machine": machine, "ratios": ratios(results),
            "settings": {"data": data, "images": images_dir, "seconds": args.seconds, "reps": args.reps,
@@ -221,19 +254,24 @@ def run(args) -> dict:
 
 
 def ratios(results: list[dict]) -> dict:
-    """Each DALI row over the same device/backend's scene-scene, and CPU rows over torchvision."""
+    """Each DALI row over the same device/backend's scene-scene, and CPU rows over torchvision.
+
+    Two figures per ratio: images/s (wall clock) and the inverse ratio of CPU
+    milliseconds per image (``cpu:``), which other load on the machine distorts less.
+    """
     out = {}
-    tv = next((r["images_per_s"] for r in results if r["loader"] == "torchvision"), None)
+    tv = next((r for r in results if r["loader"] == "torchvision"), None)
     for r in results:
         if r["loader"] != "dali":
             continue
         key = f"{r['device']}/{r['backend']}/{r['mode']}"
-        base = next((s["images_per_s"] for s in results if s["loader"] == "dali" and s["mode"] == "scene-scene"
+        base = next((s for s in results if s["loader"] == "dali" and s["mode"] == "scene-scene"
                      and s["device"] == r["device"] and s["backend"] == r["backend"]), None)
-        if base:
-            out[f"{key} / scene-scene"] = round(r["images_per_s"] / base, 3)
-        if tv and r["device"] == "cpu":
-            out[f"{key} / torchvision"] = round(r["images_per_s"] / tv, 3)
+        for name, ref in (("scene-scene", base), ("torchvision", tv if r["device"] == "cpu" else None)):
+            if ref and ref["images_per_s"]:
+                out[f"{key} / {name}"] = round(r["images_per_s"] / ref["images_per_s"], 3)
+                if r["cpu_ms_per_image"]:
+                    out[f"cpu: {key} / {name}"] = round(ref["cpu_ms_per_image"] / r["cpu_ms_per_image"], 3)
     return out
 
 
@@ -305,7 +343,8 @@ def main(argv=None) -> int:
     out = run(args)
     for r in out["results"]:
         print(f"{r['loader']:11s} {r['device']} {r['backend']:11s} {r['mode']:15s} "
-              f"{r['images_per_s']:8.1f} img/s  (min {r['images_per_s_min']:.1f}, max {r['images_per_s_max']:.1f})")
+              f"{r['images_per_s']:8.1f} img/s  (min {r['images_per_s_min']:.1f}, max {r['images_per_s_max']:.1f})"
+              f"  {r['cpu_ms_per_image']:6.2f} CPU ms/img")
     for k, v in out["ratios"].items():
         print(f"  {k}: {v:.3f}")
     if args.json:

@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=2, help="grid rows per mode (default 2)")
     p.add_argument("--out", default="demo_grid.png", help="PNG grid path (default ./demo_grid.png)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set-size", type=int, default=512, help="images in the synthetic set (default 512)")
     p.set_defaults(func=run)
 
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown modes {bad}; choose from {MODES}")
     t0 = time.perf_counter()
-    ann, boxes = ensure_demo_data(seed=args.seed)
+    ann, boxes = ensure_demo_data(n=args.set_size, seed=args.seed)
     print(f"synthetic set: {ann} ; boxes: {boxes} ({time.perf_counter() - t0:.1f} s)")
     rows, results = [], []
     for mode in modes:
