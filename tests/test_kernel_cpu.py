@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from dali_objcrop.kernels import common, reference
-from dali_objcrop.kernels.host import (compiler, host_apply_u8, host_crop_views, host_to_bf16_bits,
-                                       host_to_f16_bits, host_windows, load_host_library)
+from dali_objcrop.kernels.host import (compiler, emulate_apply_u8, emulate_crop_views, emulate_windows,
+                                       host_apply_u8, host_crop_views, host_to_bf16_bits, host_to_f16_bits,
+                                       host_windows, load_emulator, load_host_library)
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
 
 COCO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_val2017_subset" / "images"
@@ -160,6 +161,51 @@ def test_apply_u8_matches_reference(lib):
     u0, u1 = host_apply_u8(lib, ims, cw.windows, cw.flip, 80)
     for u, r in ((u0, r0), (u1, r1)):
         assert np.abs(u.transpose(0, 3, 1, 2).astype(np.float64) - r).max() <= 0.5 + 1e-3
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return load_emulator(tmp_path_factory.mktemp("oc_emu"))
+
+
+@pytest.mark.parametrize("size,dtype", [(224, "float32"), (37, "float32"), (1, "float32"), (64, "float16"),
+                                        (50, "bfloat16")])
+def test_cuda_kernels_emulated_match_reference(lib, emu, size, dtype):
+    """The CUDA kernels of objcrop_kernel.cu themselves (serial CPU emulation of the grid cupy_backend
+    launches): windows == windows.py, pixels == reference within 1/255, half outputs == the core's rounding."""
+    ims = _images(3)
+    boxes, offsets = _boxes_for(len(ims), 7)
+    index = np.arange(len(ims)) + 40
+    mean, std = IMAGENET_MEAN_PX, IMAGENET_STD_PX
+    for mode in ("obj-obj-dilate", "obj-obj-shift", "scene-scene"):
+        cfg = CropConfig(mode=mode, box_scale=(0.3, 1.0), min_box_size=40)
+        r0, r1, cw = reference.crop_views_reference(ims, boxes, offsets, index, 6, 1, cfg, size, mean, std)
+        got = emulate_crop_views(emu, ims, boxes, offsets, index, 6, 1, cfg, size, mean, std, dtype)
+        np.testing.assert_array_equal(got["windows"], cw.windows)
+        np.testing.assert_array_equal(got["flip"], cw.flip)
+        if dtype == "float32":
+            tol = (1.0 / std)[None, :, None, None]
+            assert (np.abs(got["view0"] - r0) <= tol).all() and (np.abs(got["view1"] - r1) <= tol).all()
+        else:
+            f32 = emulate_crop_views(emu, ims, boxes, offsets, index, 6, 1, cfg, size, mean, std, "float32")
+            conv = host_to_f16_bits if dtype == "float16" else host_to_bf16_bits
+            for v in ("view0", "view1"):
+                np.testing.assert_array_equal(got[v].view(np.uint16), conv(lib, f32[v]))
+    u0, u1 = emulate_apply_u8(emu, ims, cw.windows, cw.flip, size)
+    h0, h1 = host_apply_u8(lib, ims, cw.windows, cw.flip, size)
+    np.testing.assert_array_equal(u0, h0)
+    np.testing.assert_array_equal(u1, h1)
+
+
+def test_cuda_windows_kernel_emulated(emu):
+    """The objcrop_windows kernel (emulated grid of 128-thread blocks) == windows.py on 5,000 samples."""
+    sizes, boxes, offsets, index = random_batch(5000, seed=11)
+    cfg = CropConfig(mode="obj-obj-shift", box_scale=(0.4, 1.0))
+    cw = sample_windows(sizes, boxes, offsets, index, 2, 9, cfg)
+    got = emulate_windows(emu, sizes, boxes, offsets, index, 2, 9, cfg)
+    for k, ref in (("windows", cw.windows), ("regions", cw.regions), ("flip", cw.flip), ("box_index", cw.box_index),
+                   ("fallback", cw.fallback), ("shift", cw.extras["shift"])):
+        np.testing.assert_array_equal(got[k], ref, err_msg=k)
 
 
 def test_reference_is_crop_then_pil_bilinear():

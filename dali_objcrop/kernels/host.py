@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ..windows import CropConfig
-from .common import CORE_FILE, HOST_FILE, check_batch_arrays, csrc_dir, kernel_params, norm_params
+from .common import HOST_FILE, check_batch_arrays, csrc_dir, kernel_params, norm_params
+
+EMULATE_FILE = "objcrop_emulate.cpp"
 
 _P = ctypes.c_void_p
 _SIGNATURES = {
@@ -31,6 +33,12 @@ _SIGNATURES = {
     "oc_host_to_f16": [_P, _P, ctypes.c_longlong],
     "oc_host_to_bf16": [_P, _P, ctypes.c_longlong],
 }
+_I, _U64 = ctypes.c_int, ctypes.c_uint64
+_EMU_SIGNATURES = {
+    "oc_emu_windows": [_I, _I, _P, _P, _P, _P, _I, _U64, _U64, _P, _P, _P, _P, _P, _P, _P],
+    "oc_emu_crop": [_I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _U64, _U64, _P, _P, _I, _P, _P, _P, _P],
+    "oc_emu_apply_u8": [_I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P],
+}
 
 
 def compiler() -> str | None:
@@ -38,38 +46,54 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def load_host_library(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Compile ``csrc/objcrop_host.cpp`` (``-O2 -ffp-contract=off``) and load it.
-
-    Args:
-        build_dir: where to put the library (default: a per-user temp folder);
-            the file name carries the source hash, so edits rebuild.
-
-    Raises:
-        RuntimeError: no compiler, or the compilation failed (with its output).
-    """
+def _build(source: str, build_dir, signatures: dict) -> ctypes.CDLL:
+    """Compile ``csrc/<source>`` into a shared library (cached by the hash of every csrc file) and load it."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set $CXX or install g++)")
     src = csrc_dir()
-    digest = hashlib.sha256((src / HOST_FILE).read_bytes() + (src / CORE_FILE).read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256(source.encode())
+    for f in sorted(src.glob("*")):
+        if f.suffix in (".h", ".cu", ".cpp"):
+            h.update(f.name.encode() + f.read_bytes())
     out_dir = Path(build_dir) if build_dir else Path(tempfile.gettempdir()) / f"dali_objcrop_host_{os.getuid()}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    lib_path = out_dir / f"libobjcrop_host_{digest}.so"
+    lib_path = out_dir / f"lib{Path(source).stem}_{h.hexdigest()[:16]}.so"
     if not lib_path.exists():
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
         # -ffp-contract=off: no FMA contraction, as the device code (__dmul_rn/__dadd_rn) and NumPy
-        cmd = [cxx, "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-o", str(tmp),
-               str(src / HOST_FILE)]
+        cmd = [cxx, "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-o", str(tmp), str(src / source)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"host build failed: {' '.join(cmd)}\n{res.stderr}")
         os.replace(tmp, lib_path)
     lib = ctypes.CDLL(str(lib_path))
-    for name, argtypes in _SIGNATURES.items():
+    for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
     return lib
+
+
+def load_host_library(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
+    """Compile ``csrc/objcrop_host.cpp`` (``-O2 -ffp-contract=off``) and load it.
+
+    Args:
+        build_dir: where to put the library (default: a per-user temp folder);
+            the file name carries the sources' hash, so edits rebuild.
+
+    Raises:
+        RuntimeError: no compiler, or the compilation failed (with its output).
+    """
+    return _build(HOST_FILE, build_dir, _SIGNATURES)
+
+
+def load_emulator(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
+    """Compile ``csrc/objcrop_emulate.cpp``: the CUDA kernels themselves, run serially on the CPU.
+
+    Use with :func:`emulate_crop_views` / :func:`emulate_windows` / :func:`emulate_apply_u8`,
+    which launch them with the grid of :mod:`.cupy_backend`.
+    """
+    return _build(EMULATE_FILE, build_dir, _EMU_SIGNATURES)
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -155,3 +179,68 @@ def host_to_bf16_bits(lib: ctypes.CDLL, x: np.ndarray) -> np.ndarray:
     y = np.zeros(x.shape, np.uint16)
     lib.oc_host_to_bf16(_ptr(x), _ptr(y), x.size)
     return y
+
+
+# ---- the CUDA kernels, emulated (grid and block as cupy_backend launches them) --------------------
+def emulate_windows(lib: ctypes.CDLL, sizes, boxes, offsets, index, seed: int, epoch: int,
+                    config: CropConfig) -> dict[str, np.ndarray]:
+    """The ``objcrop_windows`` kernel run on the CPU (same outputs as :func:`host_windows`)."""
+    sizes, boxes, offsets, index = check_batch_arrays(sizes, boxes, offsets, index)
+    n = len(index)
+    out = {"windows": np.zeros((n, 2, 4), np.int32), "regions": np.zeros((n, 2, 4), np.int32),
+           "flip": np.zeros((n, 2), np.uint8), "box_index": np.zeros(n, np.int32),
+           "fallback": np.zeros(n, np.uint8), "shift": np.zeros((n, 2), np.int32)}
+    params = kernel_params(config)
+    block = 128  # as cupy_backend.windows_gpu
+    lib.oc_emu_windows(-(-n // block), block, _ptr(sizes), _ptr(boxes), _ptr(offsets), _ptr(index), n, seed, epoch,
+                       _ptr(params),
+                       *(_ptr(out[k]) for k in ("windows", "regions", "flip", "box_index", "fallback", "shift")))
+    out["flip"] = out["flip"].astype(bool)
+    out["fallback"] = out["fallback"].astype(bool)
+    return out
+
+
+def emulate_crop_views(lib: ctypes.CDLL, images: list[np.ndarray], boxes, offsets, index, seed: int, epoch: int,
+                       config: CropConfig, size: int, mean=0.0, std=1.0, dtype: str = "float32") -> dict:
+    """The fused ``objcrop_crop_*`` kernel run on the CPU with cupy_backend's grid and block.
+
+    Returns:
+        dict with ``view0``, ``view1`` (N, 3, size, size) float32 / float16 / uint16 (bfloat16 bits),
+        ``windows`` (N, 2, 4) int32, ``flip`` (N, 2) bool.
+    """
+    from .cupy_backend import _BLOCK, _grid
+    kind = {"float32": 0, "float16": 1, "bfloat16": 2}[dtype]
+    ptrs, sizes, keep = _image_pointers(images)
+    sizes, boxes, offsets, index = check_batch_arrays(sizes, boxes, offsets, index)
+    boxes = boxes if len(boxes) else np.zeros((1, 4), np.float32)
+    n = len(index)
+    dt = (np.float32, np.float16, np.uint16)[kind]
+    out0 = np.full((n, 3, size, size), 7, dt)   # a fill the kernel must overwrite everywhere
+    out1 = np.full_like(out0, 7)
+    win = np.full((n, 2, 4), -1, np.int32)
+    flip = np.full((n, 2), 9, np.uint8)
+    params, norm = kernel_params(config), norm_params(mean, std)
+    if n:
+        gx, gy, gz = _grid(size, n)
+        lib.oc_emu_crop(kind, gx, gy, gz, _BLOCK, _ptr(ptrs), _ptr(sizes), _ptr(boxes), _ptr(offsets), _ptr(index),
+                        seed, epoch, _ptr(params), _ptr(norm), size, _ptr(out0), _ptr(out1), _ptr(win), _ptr(flip))
+    del keep
+    return {"view0": out0, "view1": out1, "windows": win, "flip": flip.astype(bool)}
+
+
+def emulate_apply_u8(lib: ctypes.CDLL, images: list[np.ndarray], windows, flip, size: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``objcrop_apply_u8`` kernel run on the CPU with cupy_backend's grid and block."""
+    from .cupy_backend import _BLOCK, _grid
+    ptrs, sizes, keep = _image_pointers(images)
+    n = len(ptrs)
+    windows = np.ascontiguousarray(windows, dtype=np.int32).reshape(n, 2, 4)
+    flip = np.ascontiguousarray(flip, dtype=np.uint8).reshape(n, 2)
+    out0 = np.full((n, size, size, 3), 7, np.uint8)
+    out1 = np.full_like(out0, 7)
+    if n:
+        gx, gy, gz = _grid(size, n)
+        lib.oc_emu_apply_u8(gx, gy, gz, _BLOCK, _ptr(ptrs), _ptr(sizes), _ptr(windows), _ptr(flip), size,
+                            _ptr(out0), _ptr(out1))
+    del keep
+    return out0, out1
