@@ -458,17 +458,18 @@ def train(cfg: Config, loader=None) -> dict:
 
             with autocast():
                 loss, aux = ddp_model(v1, v2, shuffle_seed=cfg.seed * 1_000_003 + step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            # fail early on a diverged run; this also waits for the GPU to finish the step, so the time
+            # spent in next(loader) below is time the GPU really idles waiting for data
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             model.after_step(aux, m)
             step += 1
 
             t1 = time.perf_counter()
             wait, dt = t_data - t0, t1 - t0
-            t0 = t1
             if step > warm_until:
                 meas_time, meas_wait, meas_steps = meas_time + dt, meas_wait + wait, meas_steps + 1
             win_time, win_wait, win_steps = win_time + dt, win_wait + wait, win_steps + 1
@@ -497,6 +498,7 @@ def train(cfg: Config, loader=None) -> dict:
                 save_checkpoint(out / "ckpt.pt", model, opt, step, cfg, env.world_size)
                 if cfg.keep_ckpts:
                     save_checkpoint(out / f"ckpt_{step:07d}.pt", model, opt, step, cfg, env.world_size)
+            t0 = time.perf_counter()  # logging and checkpoint I/O count neither as step nor as data time
         epoch += 1
     if bar is not None:
         bar.close()
