@@ -1,0 +1,616 @@
+"""Does object-aware cropping pay off?  A small-scale reproduction of the paper's headline.
+
+Mishra et al. (TMLR 2022) report OpenImages linear-probe mAP 49.8 (MoCo-v2, scene-scene crops) ->
+58.6 (obj-obj-dilate).  This script measures the same comparison at a scale a 2-core CPU can run:
+MoCo-v2 pretraining of a small ResNet at reduced resolution on real COCO photos, in three settings
+with an identical budget (epochs, batch size, learning rate, augmentations, initial weights per seed):
+
+* ``scene-scene``           two RandomResizedCrops of the image (the baseline);
+* ``obj-obj-dilate+gt``     obj-obj-dilate conditioned on ground-truth COCO boxes;
+* ``obj-obj-dilate+bing``   obj-obj-dilate conditioned on BING proposals (top 10, NMS 0.5);
+
+then, on a deterministic eval transform of the same photos (short side resized, centre crop of
+``size``: ``train.linear_eval.extract_features``), a frozen-feature linear probe (multi-label mAP) and a kNN classifier (multi-label mAP of
+similarity-weighted neighbour votes), on a fixed seeded image-level train/test split.  Every COCO
+photo of the default set holds a person, so ``person`` is left out of the probe's classes, as are
+classes without a positive image in the train or the test split (AP is undefined there).
+
+Pretraining sees only the train split's images (no labels).  Each (setting, seed) cell is written
+to ``OUT/cells/SETTING__seedS.json`` when done: a killed run resumes cell by cell, ``--only SETTING
+--seed S`` reruns one cell alone, and the summary (``OUT/pretrain_quality.json``, a Markdown table,
+``OUT/pretrain_quality.png``) is rebuilt from every cell present that matches this configuration.
+
+Runs::
+
+    # the default: ~2 hours on an unloaded 2-core CPU (3 settings x 3 seeds)
+    python benchmarks/pretrain_quality.py --out runs/pretrain_quality
+
+    # one cell alone (its numbers merge into the same summary)
+    python benchmarks/pretrain_quality.py --out runs/pretrain_quality --only obj-obj-dilate+bing --seed 1
+
+    # scaled up on a GPU: full-width ResNet-18 (or 50) at 128-224 px, more epochs
+    python benchmarks/pretrain_quality.py --arch resnet18 --size 128 --epochs 200 --batch-size 256 \\
+        --device cuda --num-threads 8 --out runs/pq_gpu
+
+    # minutes, end to end, on the embedded synthetic set (GT boxes stand in for BING if it is missing)
+    python benchmarks/pretrain_quality.py --quick --out /tmp/pq_quick
+
+Reuses the project's pieces: :class:`dali_objcrop.loader.ObjCropLoader` (crops and MoCo-v2
+augmentations), ``train.methods.mocov2.MoCoV2`` (model, loss, queues, momentum update),
+``train.heads`` (projection heads, torchvision backbones), ``train.pretrain.build_optimizer`` and
+the schedules of ``train.methods.common``, ``train.linear_eval`` / ``train.knn_eval`` (probes), and
+the ``dali-objcrop proposals`` command for BING.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: import train/ and dali_objcrop from this checkout
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_COCO = REPO.parent / "shared" / "data" / "coco_val2017_subset" / "annotations" / "instances.json"
+DEFAULT_BING_MODELS = REPO.parent / "shared" / "models" / "bing"
+
+# setting -> (crop mode, boxes source)
+SETTINGS: dict[str, tuple[str, str | None]] = {
+    "scene-scene": ("scene-scene", None),
+    "obj-obj-dilate+gt": ("obj-obj-dilate", "gt"),
+    "obj-obj-dilate+bing": ("obj-obj-dilate", "bing"),
+}
+BASELINE = "scene-scene"
+METRICS = ("linear_map", "knn_map")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything that is the same for every setting (the experiment's fixed budget).
+
+    Args:
+        arch: ``resnet18-w0.25`` style (a ResNet-18 whose widths are scaled: narrow and CPU-cheap) or
+            any torchvision ResNet name (``resnet18``, ``resnet50``) for GPUs.
+        size: crop side in pixels (pretraining views and the eval transform).
+        epochs: pretraining epochs over the train split.
+        batch_size: images per step.
+        lr: SGD learning rate per 256 images (scaled by ``batch_size / 256``, as MoCo).
+        weight_decay, momentum, temperature, queue_size: MoCo-v2 settings (queue and momentum shrunk
+            to the dataset: ~1k images cannot fill a 65536-key queue).
+        head_hidden, head_out: projection head widths.
+        warmup_epochs: linear lr warm-up before the cosine decay.
+        dilate: delta of obj-obj-dilate (0.1 for COCO, as the paper).
+        top_k: proposals per image the crops draw from.
+        recipe: augmentation recipe of the loader.
+        knn_k, knn_t: kNN neighbours and temperature.
+        probe_epochs, probe_lr, probe_wd: linear probe (``train.linear_eval``: AdamW on standardised features).
+    """
+
+    arch: str = "resnet18-w0.25"
+    size: int = 64
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 0.24
+    weight_decay: float = 5e-4
+    momentum: float = 0.99
+    temperature: float = 0.2
+    queue_size: int = 1024
+    head_hidden: int = 256
+    head_out: int = 64
+    warmup_epochs: int = 2
+    dilate: float = 0.1
+    top_k: int = 10
+    recipe: str = "mocov2"
+    knn_k: int = 20
+    knn_t: float = 0.07
+    probe_epochs: int = 100
+    probe_lr: float = 1e-3
+    probe_wd: float = 5e-4
+
+
+# ---- data: split, labels, eval images ----------------------------------------------------------------------
+def probe_classes(y: np.ndarray, names: list[str], train: np.ndarray, test: np.ndarray,
+                  exclude: tuple[str, ...] = ("person",)) -> tuple[np.ndarray, dict]:
+    """Columns the probe scores: not excluded, with a positive image in both the train and the test split.
+
+    Returns:
+        ``(columns, report)``: the kept column indices and why the others were dropped.
+    """
+    pos_tr, pos_te = y[train].sum(0), y[test].sum(0)
+    excluded = [j for j, n in enumerate(names) if n in exclude]
+    unknown = set(exclude) - set(names)
+    if unknown:
+        raise ValueError(f"--exclude names unknown classes {sorted(unknown)}")
+    keep = [j for j in range(len(names)) if j not in excluded and pos_tr[j] > 0 and pos_te[j] > 0]
+    report = {"excluded": [names[j] for j in excluded],
+              "absent_from_train": [names[j] for j in range(len(names)) if pos_tr[j] == 0 and j not in excluded],
+              "absent_from_test": [names[j] for j in range(len(names))
+                                   if pos_te[j] == 0 and pos_tr[j] > 0 and j not in excluded],
+              "kept": [names[j] for j in keep]}
+    if not keep:
+        raise ValueError("no class has positives in both splits; nothing to probe")
+    return np.asarray(keep, dtype=np.int64), report
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+class NarrowResNet18(torch.nn.Module):
+    """ResNet-18 with every width scaled by ``width`` (torchvision's BasicBlock; 0.25: 16-32-64-128 channels).
+
+    The same interface as :class:`train.heads.Backbone` (``dim``, ``forward`` -> feature map,
+    ``pooled``), so MoCo and the probes take it unchanged.  torchvision's BasicBlock ResNets have no
+    width option, hence this small builder.
+    """
+
+    def __init__(self, width: float = 0.25):
+        import torch.nn as nn
+        from torchvision.models.resnet import BasicBlock
+        super().__init__()
+        if not 0.0 < width <= 4.0:
+            raise ValueError(f"width must be in (0, 4], got {width!r}")
+        c = [max(4, int(round(64 * width))) * 2 ** i for i in range(4)]
+        layers: list[nn.Module] = [nn.Conv2d(3, c[0], 7, 2, 3, bias=False), nn.BatchNorm2d(c[0]),
+                                   nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+        inp = c[0]
+        for i, planes in enumerate(c):
+            for b in range(2):
+                stride = 2 if i > 0 and b == 0 else 1
+                down = None
+                if stride != 1 or inp != planes:
+                    down = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+                layers.append(BasicBlock(inp, planes, stride, down))
+                inp = planes
+        self.trunk = nn.Sequential(*layers)
+        self.dim = inp
+        for m in self.modules():  # torchvision's ResNet initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.trunk(x)
+
+    def pooled(self, x):
+        return self.trunk(x).mean((2, 3))
+
+
+def build_backbone(arch: str):
+    """``resnet18-wW`` (narrow, see :class:`NarrowResNet18`) or a torchvision ResNet via ``train.heads.Backbone``."""
+    if arch.startswith("resnet18-w"):
+        try:
+            width = float(arch[len("resnet18-w"):])
+        except ValueError:
+            raise ValueError(f"arch {arch!r}: expected resnet18-w<width>, e.g. resnet18-w0.25") from None
+        return NarrowResNet18(width)
+    from train.heads import Backbone
+    return Backbone(arch)
+
+
+def build_mocov2(budget: Budget, mode: str):
+    """MoCo-v2 (the trainer's model class) with this budget's backbone and heads."""
+    from train.heads import head_keys, preset
+    from train.methods.mocov2 import MoCoV2
+    return MoCoV2(build_backbone(budget.arch), preset("mocov2", budget.head_hidden, budget.head_out),
+                  head_keys(mode), budget.queue_size, budget.temperature)
+
+
+# ---- pretraining ---------------------------------------------------------------------------------------------
+def pretrain(loader, budget: Budget, mode: str, seed: int, device: str, log_every: int = 0) -> tuple[object, dict]:
+    """MoCo-v2 pretraining of one cell; returns ``(backbone, log)``.
+
+    The loop is the trainer's single-process step (``train/pretrain.py``): the trainer's optimizer
+    builder, warm-up + cosine lr, shuffle seed per step, ``after_step`` for momentum and queues.  It is
+    inlined only because the trainer builds torchvision backbones by name and the narrow CPU backbone
+    is not one.
+    """
+    from train.methods.common import lr_at
+    from train.pretrain import Config, build_optimizer
+    torch.manual_seed(seed)  # the same initial backbone weights for every setting of a seed (paired design)
+    model = build_mocov2(budget, mode).to(device)
+    cfg = Config(method="mocov2", lr=budget.lr, weight_decay=budget.weight_decay, batch_size=budget.batch_size)
+    opt = build_optimizer(cfg, model, 1)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {budget.batch_size} leaves no full batch in {len(loader.index)} images")
+    total, warmup = budget.epochs * steps_per_epoch, budget.warmup_epochs * steps_per_epoch
+    losses, step, t0 = [], 0, time.perf_counter()
+    wait = 0.0
+    model.train()
+    for epoch in range(budget.epochs):
+        loader.set_epoch(epoch)
+        ep_loss, n = 0.0, 0
+        tw = time.perf_counter()
+        for batch in loader:
+            wait += time.perf_counter() - tw
+            v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
+            scale = lr_at(step, total, 1.0, warmup)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * scale
+            loss, aux = model(v1, v2, shuffle_seed=seed * 1_000_003 + step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.after_step(aux, budget.momentum)
+            ep_loss, n, step = ep_loss + float(loss), n + 1, step + 1
+            tw = time.perf_counter()
+        losses.append(ep_loss / max(n, 1))
+        if log_every and (epoch + 1) % log_every == 0:
+            print(f"    epoch {epoch + 1}/{budget.epochs} loss {losses[-1]:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    dt = time.perf_counter() - t0
+    log = {"epoch_losses": losses, "steps": step, "seconds": dt,
+           "images_per_s": step * budget.batch_size / dt if dt > 0 else math.nan,
+           "data_wait_frac": wait / dt if dt > 0 else math.nan, "loader_stats": _jsonable(loader.stats)}
+    return model.backbone.eval(), log
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+def evaluate(backbone, exp: "Experiment", budget: Budget, seed: int, args) -> dict:
+    """Frozen features (the trainer's centre-crop extraction), then its linear probe and kNN, on the test split.
+
+    Returns:
+        ``{"linear_map", "knn_map", "per_class_ap": {"linear", "knn"}, "feature_dim"}``.
+    """
+    from train.knn_eval import knn_eval
+    from train.linear_eval import extract_features, linear_probe_map
+    x = extract_features(backbone, exp.paths, budget.size, batch_size=128, workers=args.eval_workers,
+                         device=args.device)
+    y = torch.from_numpy(exp.y[:, exp.cols].astype(np.float32))
+    tr, te = torch.from_numpy(exp.train), torch.from_numpy(exp.test)
+    lin = linear_probe_map(x[tr], y[tr], x[te], y[te], epochs=budget.probe_epochs, lr=budget.probe_lr,
+                           weight_decay=budget.probe_wd, seed=seed)
+    knn = knn_eval(x[tr], y[tr], x[te], y[te], k=budget.knn_k, temperature=budget.knn_t)
+    return {"linear_map": float(lin["map"]), "knn_map": float(knn["map"]), "feature_dim": int(x.shape[1]),
+            "per_class_ap": {"linear": lin["per_class_ap"], "knn": knn["per_class_ap"]},
+            "probe_train_loss": lin["train_loss"]}
+
+
+# ---- the experiment ------------------------------------------------------------------------------------------
+@dataclass
+class Experiment:
+    """What every cell shares: data, split, labels, classes, eval images, box stores."""
+
+    coco_json: str
+    images_dir: str
+    index: object                 # dali_objcrop.ImageIndex of every usable image
+    paths: list[str]              # the images' files, in index order
+    train: np.ndarray
+    test: np.ndarray
+    y: np.ndarray
+    names: list[str]
+    cols: np.ndarray
+    class_report: dict
+    stores: dict                  # "gt" / "bing" -> BoxStore
+    store_notes: dict
+
+
+def bing_store(args, coco_json: str, images_dir: str, out: Path) -> tuple[object, dict]:
+    """BING proposals of every image: ``--bing-store``, else ``dali-objcrop proposals`` into OUT (cached)."""
+    from dali_objcrop.boxstore import BoxStore
+    if args.bing_store:
+        s = BoxStore.load(args.bing_store)
+        return s, {"source": f"BING store {args.bing_store}", "stand_in": False, "meta": _jsonable(s.meta)}
+    path = out / f"bing_{args.bing_method}_top{args.bing_top_k}.boxes"
+    cmd = [sys.executable, "-m", "dali_objcrop", "proposals", coco_json, "--images", images_dir, "--out", str(path),
+           "--method", args.bing_method, "--top-k", str(args.bing_top_k), "--workers", str(args.bing_workers)]
+    if args.bing_model_dir:
+        cmd += ["--model-dir", str(args.bing_model_dir)]
+    if not path.exists():
+        print("[pq] BING proposals:", " ".join(cmd), flush=True)
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if r.returncode != 0 or not path.exists():
+            msg = (r.stderr or r.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"BING proposals failed (rc {r.returncode}): {' | '.join(msg)}")
+    s = BoxStore.load(path)
+    return s, {"source": f"BING via dali-objcrop proposals --method {args.bing_method}", "stand_in": False,
+               "command": cmd, "path": str(path), "meta": _jsonable(s.meta)}
+
+
+def prepare(args, budget: Budget, out: Path) -> Experiment:
+    """Data, split, labels, box stores and eval images (shared by every cell)."""
+    from dali_objcrop.boxstore import BoxStore
+    from dali_objcrop.dataset import ImageIndex
+    coco_json = str(Path(args.coco).resolve())
+    images_dir = str(Path(args.images).resolve()) if args.images else str(_images_beside(Path(coco_json)))
+    from train.linear_eval import coco_image_labels, split_indices
+    index = ImageIndex.from_coco(coco_json, images_dir)
+    # labels of every class (the column filter is ours: it also needs the split)
+    labels = coco_image_labels(coco_json, images_dir, drop_uninformative=False)
+    if list(labels.keys) != list(index.keys):
+        pos = {k: i for i, k in enumerate(labels.keys)}
+        labels.targets = labels.targets[[pos[k] for k in index.keys]]
+    y, names = labels.targets.astype(np.uint8), labels.classes
+    train, test = split_indices(len(index), args.test_frac, args.split_seed)
+    cols, report = probe_classes(y, names, train, test, tuple(args.exclude))
+    stores: dict = {"gt": BoxStore.from_coco(coco_json)}
+    notes: dict = {"gt": {"source": "COCO ground-truth boxes (largest first)", "meta": _jsonable(stores["gt"].meta)}}
+    wanted = {SETTINGS[s][1] for s in args.settings}
+    if "bing" in wanted:
+        try:
+            stores["bing"], notes["bing"] = bing_store(args, coco_json, images_dir, out)
+        except Exception as e:
+            if not args.bing_fallback_gt:
+                raise
+            # --quick on a checkout without BING: GT boxes stand in, and the JSON says so
+            stores["bing"] = stores["gt"]
+            notes["bing"] = {"source": "STAND-IN: ground-truth boxes (BING unavailable)", "stand_in": True,
+                             "error": str(e)}
+            print(f"[pq] BING unavailable ({e}); GT boxes stand in for it", flush=True)
+    for k, s in stores.items():
+        notes[k]["mean_area_fraction_top_k"] = s.mean_area_fraction(budget.top_k) if s.num_boxes else None
+    print(f"[pq] {len(index)} images ({len(train)} train / {len(test)} test), {len(cols)} probe classes",
+          flush=True)
+    return Experiment(coco_json, images_dir, index, index.paths, train, test, y, names, cols, report, stores, notes)
+
+
+def make_loader(exp: Experiment, setting: str, budget: Budget, seed: int, args):
+    """The project's loader over the train split's images, for one setting."""
+    from dali_objcrop.dataset import ImageIndex
+    from dali_objcrop.loader import ObjCropLoader
+    mode, boxes = SETTINGS[setting]
+    sub = ImageIndex(root=exp.index.root, keys=[exp.index.keys[i] for i in exp.train],
+                     sizes=exp.index.sizes[exp.train])
+    return ObjCropLoader(sub, boxes=None if boxes is None else exp.stores[boxes], mode=mode,
+                         batch_size=budget.batch_size, size=budget.size, recipe=budget.recipe, seed=seed,
+                         num_threads=args.num_threads, device=args.loader_device, rank=0, world_size=1,
+                         drop_last=True, dilate=budget.dilate, top_k=budget.top_k)
+
+
+def run_cell(exp: Experiment, setting: str, seed: int, budget: Budget, args) -> dict:
+    """Pretrain one (setting, seed) and evaluate it; returns the cell record."""
+    t0 = time.time()
+    loader = make_loader(exp, setting, budget, seed, args)
+    backbone, log = pretrain(loader, budget, SETTINGS[setting][0], seed, args.device, args.log_every)
+    del loader
+    metrics = evaluate(backbone, exp, budget, seed, args)
+    return {"setting": setting, "seed": seed, "mode": SETTINGS[setting][0], "boxes": SETTINGS[setting][1],
+            **metrics, "pretrain": log, "seconds": time.time() - t0, "torch_threads": torch.get_num_threads()}
+
+
+def random_init_cell(exp: Experiment, seed: int, budget: Budget, args) -> dict:
+    """The same probes on an untrained backbone (same init as every setting's seed): the floor."""
+    torch.manual_seed(seed)
+    backbone = build_mocov2(budget, BASELINE).backbone.to(args.device)
+    return {"setting": "random-init", "seed": seed, **evaluate(backbone, exp, budget, seed, args)}
+
+
+def summarise(cells: list[dict], settings: list[str]) -> dict:
+    """Mean/std per setting and metric, and the per-seed paired differences to scene-scene."""
+    summary: dict = {"per_setting": {}, "paired_diff_to_" + BASELINE: {}}
+    by = {(c["setting"], c["seed"]): c for c in cells}
+    for s in dict.fromkeys(list(settings) + ["random-init"]):
+        rows = [c for c in cells if c["setting"] == s]
+        if not rows:
+            continue
+        summary["per_setting"][s] = {
+            m: {"mean": float(np.mean([c[m] for c in rows])),
+                "std": float(np.std([c[m] for c in rows], ddof=1)) if len(rows) > 1 else 0.0,
+                "n": len(rows), "seeds": [c["seed"] for c in rows], "values": [c[m] for c in rows]}
+            for m in METRICS}
+        if s in (BASELINE, "random-init"):
+            continue
+        d = {}
+        for m in METRICS:
+            pairs = [(c["seed"], c[m] - by[(BASELINE, c["seed"])][m]) for c in rows if (BASELINE, c["seed"]) in by]
+            if pairs:
+                v = np.array([p[1] for p in pairs])
+                d[m] = {"per_seed": {str(sd): float(x) for sd, x in pairs}, "mean": float(v.mean()),
+                        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+                        "n_positive": int((v > 0).sum())}
+        summary["paired_diff_to_" + BASELINE][s] = d
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """The README table: mean +- std (n seeds) per setting, and the paired difference to scene-scene."""
+    pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
+    diffs = summary["paired_diff_to_" + BASELINE]
+    lines = ["| setting | linear-probe mAP (%) | kNN mAP (%) | paired diff linear (pp) | paired diff kNN (pp) |",
+             "|---|---|---|---|---|"]
+    for s, r in summary["per_setting"].items():
+        cells = [f"{pct(r[m]['mean'])} ± {pct(r[m]['std'])} (n={r[m]['n']})" for m in METRICS]
+        dd = []
+        for m in METRICS:
+            d = diffs.get(s, {}).get(m)
+            dd.append("—" if d is None else
+                      f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({d['n_positive']}/{d['n']} seeds > 0)")
+        lines.append(f"| {s} | {cells[0]} | {cells[1]} | {dd[0]} | {dd[1]} |")
+    return "\n".join(lines)
+
+
+def plot(cells: list[dict], summary: dict, path: Path, title: str) -> None:
+    """Per-seed points and mean +- std bars per setting, one panel per metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = list(summary["per_setting"])
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.5 * len(METRICS), 4.2))
+    for ax, m in zip(np.atleast_1d(axes), METRICS):
+        for i, s in enumerate(settings):
+            r = summary["per_setting"][s][m]
+            ax.bar(i, 100 * r["mean"], yerr=100 * r["std"], color="#bbb" if s == "random-init" else f"C{i}",
+                   alpha=0.6, capsize=4)
+            ax.scatter([i] * len(r["values"]), [100 * v for v in r["values"]], color="k", s=14, zorder=3)
+        ax.set_xticks(range(len(settings)), settings, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"{m.replace('_', ' ')} (%)")
+        lo = min(100 * min(summary["per_setting"][s][m]["values"]) for s in settings)
+        ax.set_ylim(max(0.0, lo - 3), None)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+QUICK = dict(arch="resnet18-w0.125", size=48, epochs=2, batch_size=32, queue_size=128, head_hidden=64,
+             head_out=32, warmup_epochs=0, probe_epochs=50, knn_k=5)
+
+
+def build_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Budget()
+    p.add_argument("--coco", default=str(DEFAULT_COCO), help="COCO json (default: ../shared COCO subset)")
+    p.add_argument("--images", default="", help="image folder (default: images/ beside the json's folder)")
+    p.add_argument("--out", default="runs/pretrain_quality", help="output folder (cells/, JSON, PNG)")
+    p.add_argument("--quick", action="store_true",
+                   help="minutes, end to end, on a synthetic set (tiny budget; not a measurement)")
+    p.add_argument("--quick-n", type=int, default=96, help="synthetic images of --quick")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", choices=list(SETTINGS), help="run only this setting (with --seed)")
+    p.add_argument("--seed", type=int, help="with --only: that one seed")
+    p.add_argument("--rerun", action="store_true", help="recompute cells already present")
+    p.add_argument("--no-random-init", action="store_true", help="skip the untrained-backbone floor")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--test-frac", type=float, default=0.3)
+    p.add_argument("--exclude", nargs="*", default=["person"], help="classes left out of the probe")
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+    p.add_argument("--loader-device", default="cpu", choices=("cpu", "gpu", "auto"))
+    p.add_argument("--num-threads", type=int, default=2, help="DALI threads")
+    p.add_argument("--eval-workers", type=int, default=0, help="DataLoader workers of feature extraction")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--log-every", type=int, default=5, help="print the loss every N epochs (0: never)")
+    p.add_argument("--label", default="", help="free text stored in the JSON (e.g. 'reduced budget')")
+    p.add_argument("--bing-store", default="", help="a precomputed BING .boxes store for the images")
+    p.add_argument("--bing-method", default="bing", help="dali-objcrop proposals --method")
+    p.add_argument("--bing-model-dir", default=str(DEFAULT_BING_MODELS) if DEFAULT_BING_MODELS.is_dir() else "")
+    p.add_argument("--bing-top-k", type=int, default=10)
+    p.add_argument("--bing-workers", type=int, default=2)
+    p.add_argument("--bing-fallback-gt", action="store_true",
+                   help="if BING fails, let GT boxes stand in (recorded in the JSON; default with --quick)")
+    for f in dataclasses.fields(Budget):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=None,
+                       help=f"budget (default {getattr(d, f.name)}; --quick {QUICK.get(f.name, '=')})")
+    return p
+
+
+def budget_from_args(args) -> Budget:
+    base = dataclasses.replace(Budget(), **QUICK) if args.quick else Budget()
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None}
+    b = dataclasses.replace(base, **over)
+    for name in ("size", "epochs", "batch_size", "queue_size", "knn_k"):
+        if getattr(b, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(b, name)!r}")
+    if b.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {b.lr!r}")
+    return b
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_argparser().parse_args(argv)
+    if args.seed is not None and args.only is None:
+        raise SystemExit("--seed needs --only SETTING")
+    budget = budget_from_args(args)
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    if args.quick:
+        from dali_objcrop.synth import make_synthetic
+        synth_dir = out / "synthetic"
+        if not (synth_dir / "annotations.json").exists():
+            make_synthetic(synth_dir, n=args.quick_n, seed=0)
+        args.coco, args.images, args.exclude = str(synth_dir / "annotations.json"), "", []
+        args.bing_fallback_gt = True
+
+    settings = [args.only] if args.only else list(args.settings)
+    seeds = [args.seed] if args.seed is not None else list(args.seeds)
+    exp = prepare(args, budget, out)
+    config = {"budget": asdict(budget), "data": {"coco": exp.coco_json, "images": exp.images_dir,
+              "num_images": len(exp.index), "bad_images": exp.index.bad, "quick": args.quick},
+              "split": {"seed": args.split_seed, "test_frac": args.test_frac,
+                        "train_keys": [exp.index.keys[i] for i in exp.train],
+                        "test_keys": [exp.index.keys[i] for i in exp.test]},
+              "classes": {**exp.class_report, "num_probe_classes": len(exp.cols)},
+              "boxes": exp.store_notes, "eval_transform": f"train.linear_eval.extract_features: short side to "
+                                                          f"{round(budget.size * 8 / 7)}, centre crop {budget.size}, "
+                                                          "ImageNet mean/std"}
+    fp = _fingerprint(config)
+
+    for seed in seeds:
+        for s in settings + ([] if args.no_random_init or args.only else ["random-init"]):
+            path = out / "cells" / f"{s}__seed{seed}.json"
+            if path.exists() and not args.rerun and json.loads(path.read_text()).get("config_fp") == fp:
+                print(f"[pq] {s} seed {seed}: done before ({path})", flush=True)
+                continue
+            print(f"[pq] {s} seed {seed} ...", flush=True)
+            cell = random_init_cell(exp, seed, budget, args) if s == "random-init" \
+                else run_cell(exp, s, seed, budget, args)
+            cell["config_fp"] = fp
+            _write_json(path, cell)
+            print(f"[pq] {s} seed {seed}: linear mAP {100 * cell['linear_map']:.2f}  "
+                  f"kNN mAP {100 * cell['knn_map']:.2f}", flush=True)
+
+    cells = [c for c in (json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json")))
+             if c.get("config_fp") == fp]
+    summary = summarise(cells, list(SETTINGS))
+    table = markdown_table(summary)
+    cmd = " ".join([Path(sys.executable).name, "benchmarks/pretrain_quality.py"] + list(argv or sys.argv[1:]))
+    result = {"label": args.label or ("quick smoke run (synthetic data, not a measurement)" if args.quick else ""),
+              "command": cmd, "config_fp": fp, **config, "summary": summary, "table_markdown": table,
+              "cells": cells,
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "torch": torch.__version__, "cpus": os.cpu_count(), "device": args.device,
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    _write_json(out / "pretrain_quality.json", result)
+    (out / "pretrain_quality.md").write_text(table + "\n")
+    plot(cells, summary, out / "pretrain_quality.png",
+         f"MoCo-v2 {budget.arch} {budget.size}px {budget.epochs} ep, {len(exp.train)} train imgs, "
+         f"{len(exp.cols)} classes {args.label}")
+    print(table)
+    print(f"[pq] wrote {out / 'pretrain_quality.json'}, {out / 'pretrain_quality.png'}")
+    return 0
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+def _images_beside(coco_json: Path) -> Path:
+    for c in (coco_json.parent / "images", coco_json.parent.parent / "images"):
+        if c.is_dir():
+            return c
+    raise ValueError(f"no images/ folder beside {coco_json}; pass --images")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def _fingerprint(config: dict) -> str:
+    """Cells are merged only with cells of the same budget, data, split and classes."""
+    import hashlib
+    key = {k: config[k] for k in ("budget", "split", "classes")}
+    key["data"] = {k: config["data"][k] for k in ("coco", "num_images")}
+    key["boxes"] = {k: v.get("source") for k, v in config["boxes"].items()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_jsonable(obj), f, indent=1, allow_nan=True)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
