@@ -219,3 +219,30 @@ def test_loss_falls_on_a_fixed_batch(method, fixed_batch):
         model.after_step(aux, cfg.momentum)
         losses.append(loss.item())
     assert min(losses[-3:]) < 0.9 * losses[0], losses
+
+
+def _shuffle_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1) + 10 * rank   # rank 0: 0..3, rank 1: 10..13
+    per_sample = shuffled_forward(lambda t: (t * 2,), x, seed=3)[0]
+    # a batch statistic shows which samples shared this rank's batch after the shuffle
+    centred = shuffled_forward(lambda t: (t - t.mean(),), x, seed=3)[0]
+    off = shuffled_forward(lambda t: (t - t.mean(),), x, seed=3, enabled=False)[0]
+    torch.save({"per_sample": per_sample, "centred": centred, "off": off, "x": x}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_shuffle_bn_across_two_ranks(tmp_path):
+    """Outputs come back in input order; the key batch mixes both ranks' samples (gloo, 2 processes)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shuffle_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(r["per_sample"], r["x"] * 2)
+        assert torch.allclose(r["off"], r["x"] - r["x"].mean())
+        assert not torch.allclose(r["centred"], r["off"])  # other rank's samples changed the batch mean

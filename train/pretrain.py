@@ -375,6 +375,8 @@ def train(cfg: Config, loader=None) -> dict:
 
     torch.manual_seed(cfg.seed)  # the same initial weights (and queues) on every rank
     model = build_model(cfg)
+    if hasattr(model, "shuffle_bn"):
+        model.shuffle_bn = cfg.bn == "shuffle"
     if cfg.bn == "sync" and env.ddp:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

@@ -85,19 +85,20 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shuffled_forward(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor, seed: int
-                     ) -> tuple[torch.Tensor, ...]:
+def shuffled_forward(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor, seed: int,
+                     enabled: bool = True) -> tuple[torch.Tensor, ...]:
     """Shuffle-BN (He et al. 2020, MoCo section 3.3): run ``fn`` on a batch shuffled across ranks.
 
     Each rank's BN then sees samples of other ranks, so the key encoder's batch
     statistics cannot leak which key belongs to which query.  The permutation is
     drawn from ``seed`` (identical on every rank, so no broadcast is needed and
-    a resumed run draws the same one).  With one process it is ``fn(x)``.
+    a resumed run draws the same one).  With one process, or ``enabled=False``
+    (SyncBN, or plain per-rank BN), it is ``fn(x)``.
 
     Returns:
         ``fn``'s outputs (a tuple of tensors with batch dim 0), in ``x``'s order.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not enabled or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return fn(x)
     world, rank, n = dist.get_world_size(), dist.get_rank(), len(x)
     xs = all_gather_cat(x)

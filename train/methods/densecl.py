@@ -72,6 +72,7 @@ class DenseCL(nn.Module):
                              f"lam={lam}")
         if not dense_head.conv:
             raise ValueError("dense_head must be a 1x1-conv head (HeadSpec(conv=True))")
+        self.shuffle_bn = True  # shuffle-BN of the key encoder across ranks; off with SyncBN
         self.keys, self.temperature, self.lam = tuple(keys), float(temperature), float(lam)
         self.backbone = backbone
         self.heads = build_heads(backbone.dim, global_head, self.keys)
@@ -99,8 +100,8 @@ class DenseCL(nn.Module):
         with torch.no_grad():
             def key_fn(key):
                 return lambda x: self._embed(self.backbone_k, self.heads_k, self.dense_heads_k, x, key)
-            k1, kd1, kf1 = shuffled_forward(key_fn(self.keys[0]), v1, shuffle_seed * 2)
-            k2, kd2, kf2 = shuffled_forward(key_fn(self.keys[1]), v2, shuffle_seed * 2 + 1)
+            k1, kd1, kf1 = shuffled_forward(key_fn(self.keys[0]), v1, shuffle_seed * 2, self.shuffle_bn)
+            k2, kd2, kf2 = shuffled_forward(key_fn(self.keys[1]), v2, shuffle_seed * 2 + 1, self.shuffle_bn)
         queue, queue_d = self.queue.clone().detach(), self.queue_dense.clone().detach()
         loss_g = mocov2_loss(q1, q2, k1, k2, queue, self.temperature)
         loss_d = 0.5 * (dense_info_nce(qd1, kd2, f1.detach(), kf2, queue_d[1], self.temperature)

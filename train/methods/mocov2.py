@@ -50,6 +50,7 @@ class MoCoV2(nn.Module):
         super().__init__()
         if queue_size < 1 or temperature <= 0:
             raise ValueError(f"queue_size must be >= 1 and temperature > 0, got {queue_size}, {temperature}")
+        self.shuffle_bn = True  # shuffle-BN of the key encoder across ranks; off with SyncBN
         self.keys, self.temperature = tuple(keys), float(temperature)
         self.backbone, self.heads = backbone, build_heads(backbone.dim, head, self.keys)
         self.backbone_k, self.heads_k = target_copy(self.backbone), target_copy(self.heads)
@@ -66,9 +67,9 @@ class MoCoV2(nn.Module):
         q2 = self._embed(self.backbone, self.heads, v2, self.keys[1])
         with torch.no_grad():
             k1, = shuffled_forward(lambda x: (self._embed(self.backbone_k, self.heads_k, x, self.keys[0]),),
-                                   v1, shuffle_seed * 2)
+                                   v1, shuffle_seed * 2, self.shuffle_bn)
             k2, = shuffled_forward(lambda x: (self._embed(self.backbone_k, self.heads_k, x, self.keys[1]),),
-                                   v2, shuffle_seed * 2 + 1)
+                                   v2, shuffle_seed * 2 + 1, self.shuffle_bn)
         loss = mocov2_loss(q1, q2, k1, k2, self.queue.clone().detach(), self.temperature)
         return loss, {"keys": torch.stack([k1, k2]).detach()}
 
