@@ -212,10 +212,11 @@ def crop_views(images, sizes, boxes, offsets, index, seed: int, epoch: int, conf
     if sizes is not None and not np.array_equal(np.asarray(sizes).reshape(-1, 2), shapes):
         raise ValueError("sizes do not match the images' shapes (width, height): "
                          f"first given {np.asarray(sizes).reshape(-1, 2)[:1].tolist()}, actual {shapes[:1].tolist()}")
-    shapes, boxes, offsets, index = check_batch_arrays(shapes, _host(boxes), _host(offsets), _host(index))
+    index = np.asarray(_host(index)).reshape(-1)
+    if len(index) != len(ims):
+        raise ValueError(f"{len(ims)} images but {len(index)} indices")
+    shapes, boxes, offsets, index = check_batch_arrays(shapes, _host(boxes), _host(offsets), index)
     n = len(index)
-    if n != len(ims):
-        raise ValueError(f"{len(ims)} images but {n} indices")
     kind = _DTYPES[dtype]
     torch_out = bool(ims) and _is_torch(ims[0])
     shape = (n, 3, size, size)
