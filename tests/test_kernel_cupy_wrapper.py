@@ -207,3 +207,19 @@ def test_dali_stage_function(fake_cupy):
     for outs, r in ((out0, r0), (out1, r1)):
         got = np.stack([np.asarray(o) for o in outs]).transpose(0, 3, 1, 2).astype(np.float64)
         assert np.abs(got - r).max() <= 0.5 + 1e-3
+
+
+def test_loader_cupy_backend_registered_and_guarded():
+    """crop_backend='cupy' is registered in the loader; on the CPU it is refused, and building the GPU
+    graph without CuPy / a GPU fails with a message naming what is missing."""
+    pytest.importorskip("nvidia.dali")
+    from dali_objcrop import loader
+    from dali_objcrop.kernels.cupy_backend import gpu_available
+    assert loader.CROP_BACKENDS["cupy"].inputs == ("window", "flip")
+    with pytest.raises(ValueError, match="needs device='gpu'"):
+        loader.ObjCropLoader("/nonexistent.json", crop_backend="cupy", device="cpu")
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="CuPy|GPU"):
+        loader.build_pipeline(lambda: None, batch_size=2, num_threads=1, device="gpu", crop_backend="cupy",
+                              device_id=0)
