@@ -114,6 +114,26 @@ def blur_window(sigma: np.ndarray) -> np.ndarray:
     return (2 * np.ceil(3.0 * np.asarray(sigma, dtype=np.float64)) + 1).astype(np.int32)
 
 
+def gaussian_kernels(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised 1-D Gaussian kernels, one per sigma, vectorised.
+
+    Args:
+        sigma: (N,) standard deviations in pixels (> 0).
+
+    Returns:
+        ``(kernels, sizes)``: (N, K) float32 rows (row i is centred and zero
+        beyond ``sizes[i]``; K = max size) and (N,) int32 odd sizes
+        ``2 * ceil(3 sigma) + 1``.  The blur is separable: apply row ``i[:sizes[i]]``
+        along x, then along y (cv2.GaussianBlur with BORDER_REFLECT_101 agrees).
+    """
+    sigma = np.asarray(sigma, dtype=np.float64).reshape(-1)
+    sizes = blur_window(sigma)
+    kmax = int(sizes.max()) if sizes.size else 1
+    x = np.arange(kmax)[None, :] - (sizes[:, None] // 2)                 # offsets from each centre
+    g = np.where(np.arange(kmax)[None, :] < sizes[:, None], np.exp(-0.5 * (x / sigma[:, None]) ** 2), 0.0)
+    return (g / g.sum(axis=1, keepdims=True)).astype(np.float32), sizes
+
+
 def _factor(u: np.ndarray, s: float) -> np.ndarray:
     return max(0.0, 1.0 - s) + u * ((1.0 + s) - max(0.0, 1.0 - s))
 

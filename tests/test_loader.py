@@ -157,6 +157,9 @@ def test_aug_params_are_counter_based_and_have_the_recipe_rates():
     assert np.abs(p["hue"]).max() <= 36.0 + 1e-4
     assert (p["saturation"][p["gray"]] == 0).all()
     assert ((p["blur_window"] % 2 == 1) & (p["blur_window"] <= 13)).all()
+    kern, size = augment.gaussian_kernels(p["sigma"][:50])
+    np.testing.assert_allclose(kern.sum(axis=1), 1.0, rtol=1e-5)
+    assert (size == p["blur_window"][:50]).all() and (kern[np.arange(50), size // 2] == kern.max(axis=1)).all()
     q = augment.sample_aug_params(keys[::-1].copy(), 0, moco.views[0])
     np.testing.assert_array_equal(p["sigma"][::-1], q["sigma"])  # per-sample, order-free
     byol = augment.get_recipe("byol")
@@ -240,3 +243,38 @@ def test_bad_arguments_name_the_value(synth_set, kw, match):
 def test_scene_scene_without_boxes(synth_set):
     ld = loader(synth_set, boxes=None, mode="scene-scene")
     assert sum(len(b["index"]) for b in ld) == 24
+
+
+# ---- the augmentations apply the drawn parameters --------------------------------------------------
+def _view(ld, recipe_view) -> tuple[np.ndarray, dict]:
+    """First batch's view 1 (N, H, W, 3) in [0, 255] and view 1's drawn parameters."""
+    b = next(iter(ld))
+    px = to_uint8_range(b["view1"]).permute(0, 2, 3, 1).numpy()
+    p = augment.sample_aug_params(ld.windows_for(b["index"].numpy(), 0).keys, 0, recipe_view)
+    return px, p
+
+
+@pytest.mark.parametrize("what", ["blur", "solarize", "gray", "brightness"])
+def test_augmentations_match_a_numpy_reference(synth_set, what):
+    kw = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    kw.update({"blur": dict(blur_p=1.0), "solarize": dict(solarize_p=1.0), "gray": dict(gray_p=1.0),
+               "brightness": dict(jitter_p=1.0, contrast=0.0, saturation=0.0, hue=0.0)}[what])
+    va = augment.ViewAug(**kw)
+    rec = augment.Recipe(what, (va, va))
+    plain, _ = _view(loader(synth_set, recipe=NO_AUG, mode="obj-obj-dilate"), va)
+    got, p = _view(loader(synth_set, recipe=rec, mode="obj-obj-dilate"), va)
+    for r in range(len(got)):
+        x = plain[r]
+        if what == "blur":
+            kern, k = augment.gaussian_kernels(p["sigma"][r:r + 1])
+            g = kern[0, :k[0]]
+            ref = cv2.sepFilter2D(x, -1, g, g, borderType=cv2.BORDER_REFLECT_101)
+        elif what == "solarize":
+            ref = np.where(x >= 128, 255 - x, x)
+        elif what == "gray":
+            ref = np.repeat((x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None], 3, axis=-1)
+        else:
+            ref = np.clip(x * p["brightness"][r], 0, 255)
+        tol = 3.0 if what == "solarize" else 1.0   # solarise flips pixels within rounding of 128
+        err = np.abs(got[r] - ref)
+        assert np.median(err) < 0.5 and np.mean(err) < tol, f"{what} sample {r}: mean error {err.mean():.2f}"
