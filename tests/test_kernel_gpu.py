@@ -168,13 +168,14 @@ def test_gpu_matches_host_build():
     assert np.abs(g[0].get() - h["view0"]).max() < 1e-2 and np.abs(g[1].get() - h["view1"]).max() < 1e-2
 
 
-def test_gpu_loader_cupy_backend_matches_dali_backend(synth_set):
+def test_gpu_loader_cupy_backend_matches_dali_backend(request):
     """ObjCropLoader(crop_backend='cupy') runs in DALI and agrees with the DALI-ops backend (same windows,
     flips in the same direction) up to the resamplers' small differences."""
     pytest.importorskip("nvidia.dali")
     if not hasattr(pytest.importorskip("cv2"), "imread"):  # gpu_check.sh stubs a missing OpenCV
         pytest.skip("OpenCV missing: the synthetic set is drawn with it")
     torch = pytest.importorskip("torch")
+    synth_set = request.getfixturevalue("synth_set")  # after the skips: it needs OpenCV
     from dali_objcrop.augment import Recipe, ViewAug
     from dali_objcrop.loader import ObjCropLoader
     plain = ViewAug(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
