@@ -88,7 +88,8 @@ class Budget:
         batch_size: images per step.
         lr: SGD learning rate per 256 images (scaled by ``batch_size / 256``, as MoCo).
         weight_decay, momentum, temperature, queue_size: MoCo-v2 settings (queue and momentum shrunk
-            to the dataset: ~1k images cannot fill a 65536-key queue).
+            to the dataset: ~1k images cannot fill a 65536-key queue; a queue shorter than an epoch holds no
+            older key of the query's own image).
         head_hidden, head_out: projection head widths.
         warmup_epochs: linear lr warm-up before the cosine decay.
         dilate: delta of obj-obj-dilate (0.1 for COCO, as the paper).
@@ -106,7 +107,7 @@ class Budget:
     weight_decay: float = 5e-4
     momentum: float = 0.99
     temperature: float = 0.2
-    queue_size: int = 1024
+    queue_size: int = 512
     head_hidden: int = 256
     head_out: int = 64
     warmup_epochs: int = 2
@@ -244,7 +245,7 @@ def pretrain(loader, budget: Budget, mode: str, seed: int, device: str, log_ever
             loss.backward()
             opt.step()
             model.after_step(aux, budget.momentum)
-            ep_loss, n, step = ep_loss + float(loss), n + 1, step + 1
+            ep_loss, n, step = ep_loss + loss.item(), n + 1, step + 1
             tw = time.perf_counter()
         losses.append(ep_loss / max(n, 1))
         if log_every and (epoch + 1) % log_every == 0:
@@ -474,6 +475,8 @@ def build_argparser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=list(SETTINGS), help="run only this setting (with --seed)")
     p.add_argument("--seed", type=int, help="with --only: that one seed")
     p.add_argument("--rerun", action="store_true", help="recompute cells already present")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="run no cell: rebuild the JSON, table and plot from the cells present (same settings)")
     p.add_argument("--no-random-init", action="store_true", help="skip the untrained-backbone floor")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--test-frac", type=float, default=0.3)
@@ -541,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           "ImageNet mean/std"}
     fp = _fingerprint(config)
 
-    for seed in seeds:
+    for seed in [] if args.summarise_only else seeds:
         for s in settings + ([] if args.no_random_init or args.only else ["random-init"]):
             path = out / "cells" / f"{s}__seed{seed}.json"
             if path.exists() and not args.rerun and json.loads(path.read_text()).get("config_fp") == fp:
