@@ -296,9 +296,10 @@ def main(argv=None) -> int:
             return dali_rois(counter["it"])
 
         def graph():
-            # the same decoded images every batch (copied in by DALI), ROIs on the CPU as resize needs them
+            # the same decoded images every batch (no_copy: DALI reads our buffers, which stay alive and
+            # unchanged), ROIs on the CPU as resize needs them
             ims = fn.external_source(source=lambda: dev, batch=True, device="gpu" if dali_gpu else "cpu",
-                                     layout="HWC")
+                                     layout="HWC", no_copy=True)
             r = fn.external_source(source=rois, num_outputs=4, batch=True)
             return tuple(resize_views(ims, r, fn, types))
         pipe = dali_pipe(graph)
