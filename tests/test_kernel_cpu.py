@@ -379,3 +379,20 @@ def test_kernel_bench_smoke(tmp_path):
     except ImportError:
         pass
     assert subprocess.run(["bash", "-n", str(repo / "benchmarks" / "gpu_check.sh")]).returncode == 0
+
+
+def test_installed_package_ships_csrc(tmp_path):
+    """setup.py's build_py copies csrc/ into dali_objcrop/kernels/csrc, and an installed copy finds it there."""
+    repo = Path(__file__).resolve().parents[1]
+    lib = tmp_path / "lib"
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=repo,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    shipped = lib / "dali_objcrop" / "kernels" / "csrc"
+    for name in (common.KERNEL_FILE, common.CORE_FILE, "objcrop_host.cpp", "objcrop_emulate.cpp"):
+        assert (shipped / name).read_bytes() == (repo / "csrc" / name).read_bytes()
+    code = "from dali_objcrop.kernels import common; print(common.csrc_dir()); print(len(common.kernel_source()))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(lib)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == str(shipped)
