@@ -560,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cells = [c for c in (json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json")))
              if c.get("config_fp") == fp]
+    if not cells:
+        raise SystemExit(f"no finished cell in {out / 'cells'} matches this configuration (fingerprint {fp}); "
+                         "run without --summarise-only, or with the flags of the run that made the cells")
     summary = summarise(cells, list(SETTINGS))
     table = markdown_table(summary)
     cmd = " ".join([Path(sys.executable).name, "benchmarks/pretrain_quality.py"] + list(argv or sys.argv[1:]))
