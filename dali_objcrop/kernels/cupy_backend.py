@@ -247,7 +247,8 @@ def apply_windows_u8(images, windows, flip, size: int):
     """Both views from given windows as HWC uint8 (the DALI stage's kernel).
 
     Args:
-        images: N HWC uint8 RGB device images (list of CuPy arrays / torch tensors).
+        images: N HWC uint8 RGB device images (list of CuPy arrays / torch tensors; with torch, the
+            launch goes on torch's current stream).
         windows: (N, 2, 4) int32 ``[x1, y1, x2, y2)`` per view (host or device), inside the images.
         flip: (N, 2) horizontal flips (host or device).
         size: output side S.
@@ -259,18 +260,20 @@ def apply_windows_u8(images, windows, flip, size: int):
     ims = _image_list(images)
     ptrs, shapes = _image_table(ims)
     n = len(ims)
-    win = cupy.ascontiguousarray(cupy.asarray(windows, dtype=cupy.int32).reshape(n, 2, 4))
-    fl = cupy.ascontiguousarray(cupy.asarray(flip).astype(cupy.uint8).reshape(n, 2))
     if isinstance(windows, np.ndarray):  # cheap host check; device windows are trusted
         w = windows.reshape(n, 2, 4)
         wh = np.repeat(shapes[:, None, :], 2, axis=1)
         if (w[..., :2] < 0).any() or (w[..., 2:] > wh).any() or (w[..., 2:] <= w[..., :2]).any():
             raise ValueError("windows must satisfy 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height")
-    out0 = cupy.empty((n, size, size, 3), cupy.uint8)
-    out1 = cupy.empty_like(out0)
-    if n:
-        kernel("objcrop_apply_u8")(_grid(size, n), (_BLOCK,),
-                                   (cupy.asarray(ptrs), cupy.asarray(shapes), win, fl, np.int32(size), out0, out1))
+    with _torch_stream_ctx(ims):
+        win = cupy.ascontiguousarray(cupy.asarray(windows, dtype=cupy.int32).reshape(n, 2, 4))
+        fl = cupy.ascontiguousarray(cupy.asarray(flip).astype(cupy.uint8).reshape(n, 2))
+        out0 = cupy.empty((n, size, size, 3), cupy.uint8)
+        out1 = cupy.empty_like(out0)
+        if n:
+            kernel("objcrop_apply_u8")(_grid(size, n), (_BLOCK,),
+                                       (cupy.asarray(ptrs), cupy.asarray(shapes), win, fl, np.int32(size), out0,
+                                        out1))
     return out0, out1
 
 
