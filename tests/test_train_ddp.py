@@ -67,12 +67,17 @@ def test_resume_equals_uninterrupted(run, tmp_path):
     """Resume from the step-2 checkpoint in a fresh torchrun: steps 3..5 (across the epoch) are identical."""
     method, out = run
     resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    # the interrupted run's log already holds steps 1..5: records after the checkpoint must be replaced
+    (resumed / "log.jsonl").write_text((out / "log.jsonl").read_text())
     data = json.loads((out / "config.json").read_text())["data"]
     torchrun([f"--method={method}", "--crops=obj-obj-dilate", f"--data={data}", f"--steps={STEPS}",
               f"--out={resumed}", f"--resume={out / 'ckpt_0000002.pt'}", *TINY])
     full, again = read_log(out), read_log(resumed)
-    assert [r["step"] for r in again] == [3, 4, 5]
-    assert [r["loss"] for r in again] == [r["loss"] for r in full[2:]]
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5]
+    assert again[:2] == full[:2]
+    assert [r["loss"] for r in again[2:]] == [r["loss"] for r in full[2:]]
+    assert [r["lr"] for r in again[2:]] == [r["lr"] for r in full[2:]]
     a = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
     b = torch.load(resumed / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

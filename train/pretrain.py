@@ -405,6 +405,10 @@ def train(cfg: Config, loader=None) -> dict:
         torch.set_rng_state(state["torch_rng"])
         if cuda and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        log = out / "log.jsonl"
+        if env.master and log.exists():  # drop records of steps after the checkpoint: they are redone
+            kept = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            log.write_text("".join(ln + "\n" for ln in kept))
     torch.manual_seed(cfg.seed + 1000 * env.rank + step)  # any later torch randomness: per rank, per start
 
     if cfg.compile:
