@@ -273,6 +273,102 @@ def nms_rounds(score: np.ndarray, max_points: int, first_k: int = 2048, max_roun
     return cand[order[(m - allr).astype(np.int64)]]
 
 
+_OFFS = [(dy, dx) for dy in range(-NSS, NSS + 1) for dx in range(-NSS, NSS + 1) if dy or dx]
+
+
+class _MapNMS:
+    """One score map's NMS state: the candidates' unique ranks (best = m), the map of
+    undecided ranks (0: decided or not a candidate) and the ranks kept so far."""
+
+    def __init__(self, score: np.ndarray, max_points: int, first_k: int) -> None:
+        self.score, self.max_points = score, max_points
+        h, w = score.shape
+        self.n = n = h * w
+        flat = score.reshape(-1)
+        self.k = k = min(n, first_k)
+        if k >= n:
+            cand = np.arange(n)
+        else:
+            cand = np.flatnonzero(flat >= np.partition(flat, n - k)[n - k])  # closed upwards
+        self.order = np.lexsort((-cand, -flat[cand]))  # best first; ties: larger index first
+        self.cand, self.m = cand, len(cand)
+        rank = np.zeros(n, np.float32)
+        rank[cand[self.order]] = np.arange(self.m, 0, -1, dtype=np.float32)
+        self.und = rank.reshape(h, w)
+        self.kept: list[np.ndarray] = []
+        self.n_kept = 0
+        self.settled = False
+
+    def full_rounds(self, rounds: int | None) -> None:
+        """Parallel rounds on the whole map (stops early once the best ``max_points`` are settled)."""
+        r = 0
+        while not self.settled and (rounds is None or r < rounds):
+            r += 1
+            und = self.und
+            new = (und == cv2.dilate(und, _K5)) & (und > 0)
+            if not new.any():
+                self.settled = True
+                break
+            r_new = und[new]
+            self.kept.append(r_new)
+            self.n_kept += len(r_new)
+            und[cv2.dilate(new.view(np.uint8), _K5).view(bool)] = 0
+            if self.n_kept >= self.max_points:
+                allr = np.concatenate(self.kept)
+                self.settled = bool((allr > und.max()).sum() >= self.max_points)
+
+    def result(self, exact: bool) -> np.ndarray:
+        """Flat indices of the best ``max_points`` kept points, in greedy order."""
+        if exact and self.n_kept < self.max_points and self.k < self.n:
+            return nms_rounds(self.score, self.max_points, first_k=4 * self.k)  # too few candidates (rare)
+        if not self.kept:
+            return np.zeros(0, np.int64)
+        allr = np.sort(np.concatenate(self.kept))[::-1][:self.max_points]
+        return self.cand[self.order[(self.m - allr).astype(np.int64)]]
+
+
+def _finish_compact(states: list[_MapNMS]) -> None:
+    """Finish the parallel rounds of every unsettled map at once, on the list of its
+    undecided points (few after two full rounds) instead of whole maps: the maps go into
+    one canvas, two zero rows/columns apart, so each point's 24 neighbours are fixed flat
+    offsets and never belong to another map."""
+    todo = [st for st in states if not st.settled]
+    if not todo:
+        return
+    cw = max(st.und.shape[1] for st in todo) + 2 * NSS
+    tops = np.cumsum([NSS] + [st.und.shape[0] + NSS for st in todo])
+    canvas = np.zeros((int(tops[-1]) + NSS, cw), np.float32)
+    for st, t in zip(todo, tops):
+        h, w = st.und.shape
+        canvas[t:t + h, NSS:NSS + w] = st.und
+    flat = canvas.reshape(-1)
+    u = np.flatnonzero(flat > 0)
+    nu = len(u)
+    r = np.append(flat[u], np.float32(0))           # sentinel nu: rank 0, never alive
+    ids = np.full(flat.size, nu, np.int32)
+    ids[u] = np.arange(nu, dtype=np.int32)
+    nb = ids[u[:, None] + np.array([dy * cw + dx for dy, dx in _OFFS])[None, :]]  # (nu, 24)
+    alive = np.ones(nu + 1, bool)
+    alive[nu] = False
+    kept = np.zeros(nu, bool)
+    active = np.arange(nu)
+    while active.size:
+        nba = nb[active]
+        best_nb = np.where(alive[nba], r[nba], 0).max(axis=1)
+        new = active[r[active] > best_nb]           # ranks are unique within a map
+        kept[new] = True
+        alive[new] = False
+        alive[nb[new].reshape(-1)] = False
+        alive[nu] = False
+        active = active[alive[active]]
+    owner = np.searchsorted(tops, u // cw, side="right") - 1
+    for i, st in enumerate(todo):
+        r_new = r[:nu][kept & (owner == i)]
+        st.kept.append(r_new)
+        st.n_kept += len(r_new)
+        st.settled = True
+
+
 class Bing:
     """BING proposals for uint8 BGR images (one instance can be shared: it holds no state).
 
@@ -282,6 +378,8 @@ class Bing:
         nms_rounds: None (default) for OpenCV's exact greedy per-size NMS; a small number
             (e.g. 2) stops the parallel NMS rounds early: faster, nearly the same boxes.
     """
+
+    FULL_ROUNDS = 4  # whole-map NMS rounds before the compact finish (a speed trade-off only)
 
     def __init__(self, model: BingModel, per_size: int = 250, nms_rounds: int | None = None) -> None:
         if nms_rounds is not None and nms_rounds < 1:
@@ -320,7 +418,7 @@ class Bing:
         """
         img = check_bgr_u8(img)
         ih, iw = img.shape[:2]
-        boxes, scores, rows = [], [], []
+        maps, geo = [], []
         for ir in range(len(self.model.size_idx) - 1, -1, -1):
             width, height = size_of(int(self.model.size_idx[ir]))
             if height > ih * BASE or width > iw * BASE:
@@ -328,13 +426,21 @@ class Bing:
             height, width = min(height, ih), min(width, iw)
             size = (int(round(W * iw / width)), int(round(W * ih / height)))
             im = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR_EXACT)
-            score = self.stage1(normed_gradient(im, self.model.color))
-            keep = nms_rounds(score, self.per_size, max_rounds=self.nms_rounds)
-            y, x = np.divmod(keep, score.shape[1])
+            st = _MapNMS(self.stage1(normed_gradient(im, self.model.color)), self.per_size, 2048)
+            # exact: a few rounds on the whole map, the rest on the few undecided points of all maps
+            st.full_rounds(self.nms_rounds if self.nms_rounds is not None else self.FULL_ROUNDS)
+            maps.append(st)
+            geo.append((ir, width, height))
+        if self.nms_rounds is None:
+            _finish_compact(maps)
+        boxes, scores, rows = [], [], []
+        for st, (ir, width, height) in zip(maps, geo):
+            keep = st.result(exact=self.nms_rounds is None)
+            y, x = np.divmod(keep, st.score.shape[1])
             x0, y0 = x * (width // W), y * (height // W)
             b = np.stack([x0, y0, np.minimum(x0 + width, iw), np.minimum(y0 + height, ih)], 1)
             boxes.append(b.astype(np.int32))
-            scores.append(score.reshape(-1)[keep])
+            scores.append(st.score.reshape(-1)[keep])
             rows.append(np.full(len(keep), ir, np.int32))
         if not boxes:
             return np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32)

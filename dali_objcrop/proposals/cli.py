@@ -32,8 +32,9 @@ def add_proposals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=64, help="images per resumable chunk (default 64)")
     p.add_argument("--model-dir", help="BING model folder (default: the model shipped with the package)")
     p.add_argument("--color", default="MAXBGR", choices=["MAXBGR", "HSV", "I"], help="BING colour model")
-    p.add_argument("--bing-nms-rounds", type=int, default=None,
-                   help="cap our BING's per-size NMS rounds (faster, nearly OpenCV's boxes; default: exact)")
+    p.add_argument("--bing-nms-rounds", type=int, default=5,
+                   help="our BING's per-size NMS rounds (default 5: ~2x faster, top 10 as OpenCV's on COCO); "
+                        "0: exact greedy NMS, OpenCV's complete box list")
     p.add_argument("--max-side", type=int, default=512, help="long side the method sees (default 512)")
     p.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
     p.add_argument("--no-check", action="store_true", help="skip the per-file header scan of the image index")
@@ -54,7 +55,8 @@ def run_proposals_cmd(args: argparse.Namespace) -> int:
         return 0
     index = load_index(args.source, args.images, check=not args.no_check)
     job = ProposalJob(method=args.method, top_k=args.top_k, nms_iou=args.nms_iou, max_side=args.max_side,
-                      model_dir=args.model_dir, color=args.color, bing_nms_rounds=args.bing_nms_rounds)
+                      model_dir=args.model_dir, color=args.color,
+                      bing_nms_rounds=args.bing_nms_rounds or None)
     store, rep = run_proposals(index, args.out, job, workers=args.workers, chunk_size=args.chunk_size,
                                restart=args.restart, progress=not args.no_progress, max_chunks=args.max_chunks)
     print(f"{rep.computed} images computed ({rep.rate:.1f} images/s), {rep.resumed} resumed from earlier chunks, "

@@ -66,13 +66,15 @@ def recall_table(proposals: dict[str, np.ndarray], gt: dict[str, np.ndarray], ns
 
 
 def evaluate_store(store: BoxStore | str | os.PathLike, annotations: str | os.PathLike, top_k: int | None = None,
-                   ns=DEFAULT_NS, ious=DEFAULT_IOUS) -> dict:
+                   ns=DEFAULT_NS, ious=DEFAULT_IOUS, only_store_images: bool = False) -> dict:
     """Recall table, mean area fraction and proposals per image of a box store.
 
     Args:
         store: a :class:`BoxStore` or its path.
         annotations: COCO JSON whose ``file_name`` values are the store's keys.
-        top_k: only the first ``top_k`` proposals of each image count for the area and count figures.
+        top_k: only the first ``top_k`` proposals of each image count.
+        only_store_images: evaluate on the store's images only (default: every annotated
+            image; those missing from the store count as having no proposals).
     """
     if not isinstance(store, BoxStore):
         store = BoxStore.load(store)
@@ -82,6 +84,8 @@ def evaluate_store(store: BoxStore | str | os.PathLike, annotations: str | os.Pa
     for row, key in enumerate(store.keys):
         b = np.asarray(store.boxes_of(row))
         props[key] = b[:top_k] if top_k else b
+    if only_store_images:
+        gt = {k: v for k, v in gt.items() if k in props}
     res = recall_table(props, gt, ns, ious)
     allb = [b for b in props.values() if len(b)]
     flat = np.concatenate(allb).astype(np.float64) if allb else np.zeros((0, 4))

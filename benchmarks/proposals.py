@@ -1,0 +1,166 @@
+"""Proposal throughput and quality on the real COCO photos in ../shared.
+
+Measures, side by side on the same machine and images:
+
+* end-to-end proposals/s of each method through the real driver (``run_proposals``: JPEG
+  decoding, downscale to 512, proposals, NMS, top 10, chunk files, final store), with every
+  core as a worker process: OpenCV's BING, our BING (exact), our BING with 5 NMS rounds (the driver's default),
+  and selective search on a few images;
+* single-thread BING latency without decoding (preloaded images, the two implementations
+  interleaved image by image so load from other processes hits both alike);
+* recall@{1,5,10} at IoU {0.5,0.7} on the 200 held-out photos (never used for training) of
+  the shipped model next to OpenCV's pretrained model, both run with our BING.
+
+Writes a JSON file and a PNG plot.  Usage::
+
+    .venv/bin/python benchmarks/proposals.py --out bench_out/proposals.json --plot bench_out/proposals.png
+    .venv/bin/python benchmarks/proposals.py --images 200 --quick   # a smaller run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dali_objcrop.dataset import ImageIndex  # noqa: E402
+from dali_objcrop.proposals.bing import Bing  # noqa: E402
+from dali_objcrop.proposals.bing_cv import OpenCVBing  # noqa: E402
+from dali_objcrop.proposals.common import load_for_proposals  # noqa: E402
+from dali_objcrop.proposals.evaluate import evaluate_store  # noqa: E402
+from dali_objcrop.proposals.methods import default_model_dir  # noqa: E402
+from dali_objcrop.proposals.run import ProposalJob, run_proposals  # noqa: E402
+
+COCO = REPO.parent / "shared" / "data" / "coco_val2017_subset"
+ANN = COCO / "annotations" / "instances.json"
+OPENCV_MODEL = REPO.parent / "shared" / "models" / "bing"
+
+
+def subset_index(full: ImageIndex, rows: slice) -> ImageIndex:
+    return ImageIndex(root=full.root, keys=full.keys[rows], sizes=full.sizes[rows], bad={})
+
+
+def driver_rate(index: ImageIndex, job: ProposalJob, workers: int, tmp: Path, name: str) -> dict:
+    out = tmp / f"{name}.boxes"
+    t0 = time.perf_counter()
+    store, rep = run_proposals(index, out, job, workers=workers, chunk_size=16, restart=True, progress=False)
+    dt = time.perf_counter() - t0  # includes starting the worker processes
+    return {"images": len(index), "seconds": round(dt, 2), "images_per_s": round(len(index) / dt, 1),
+            "failed": rep.failed, "workers": workers}
+
+
+def single_thread_ms(n: int) -> dict:
+    """Per-image BING time (no decoding), one thread, implementations interleaved."""
+    cv2.setNumThreads(1)
+    files = sorted((COCO / "images").glob("*.jpg"))[:n]
+    imgs = [load_for_proposals(f) for f in files]
+    dets = {"bing-opencv": OpenCVBing(OPENCV_MODEL), "bing (ours, exact)": Bing.load(OPENCV_MODEL),
+            "bing (ours, 5 NMS rounds)": Bing.load(OPENCV_MODEL, nms_rounds=5)}
+    tot = {k: 0.0 for k in dets}
+    for img in imgs:
+        for k, d in dets.items():
+            t = time.process_time()
+            d(img)
+            tot[k] += time.process_time() - t
+    cv2.setNumThreads(-1)
+    return {k: round(1000 * v / len(imgs), 2) for k, v in tot.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1200, help="COCO photos for the throughput runs")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--ss-images", type=int, default=8, help="photos for selective search (slow)")
+    ap.add_argument("--latency-images", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="fewer images everywhere")
+    ap.add_argument("--out", default="bench_out/proposals.json")
+    ap.add_argument("--plot", default="bench_out/proposals.png")
+    args = ap.parse_args(argv)
+    if not ANN.exists():
+        print(f"{ANN} not present", file=sys.stderr)
+        return 1
+    if args.quick:
+        args.images, args.ss_images, args.latency_images = min(args.images, 200), 4, 30
+    full = ImageIndex.from_coco(ANN, COCO / "images", check=False)
+    res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "opencv": cv2.__version__,
+                       "load_average_start": os.getloadavg()},
+           "args": vars(args)}
+    print("single-thread latency ...", flush=True)
+    res["single_thread_ms_per_image_no_decode"] = single_thread_ms(args.latency_images)
+    print(json.dumps(res["single_thread_ms_per_image_no_decode"]), flush=True)
+
+    rates = {}
+    index = subset_index(full, slice(0, args.images))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        runs = [("bing-opencv", ProposalJob(method="bing-opencv", model_dir=str(OPENCV_MODEL))),
+                ("bing (ours, exact)", ProposalJob(method="bing", model_dir=str(OPENCV_MODEL),
+                                                    bing_nms_rounds=None)),
+                ("bing (ours, 5 NMS rounds, default)", ProposalJob(method="bing", model_dir=str(OPENCV_MODEL),
+                                                                    bing_nms_rounds=5))]
+        for name, job in runs:
+            print(f"throughput: {name} ...", flush=True)
+            rates[name] = driver_rate(index, job, args.workers, tmp, name.split()[0] + str(len(rates)))
+            print(json.dumps(rates[name]), flush=True)
+        print("throughput: selective-search ...", flush=True)
+        rates["selective-search (fast)"] = driver_rate(subset_index(full, slice(0, args.ss_images)),
+                                                       ProposalJob(method="selective-search"), args.workers, tmp, "ss")
+        res["throughput_decode_included"] = rates
+        res["speedup_vs_opencv"] = {k: round(v["images_per_s"] / rates["bing-opencv"]["images_per_s"], 2)
+                                    for k, v in rates.items()}
+        # recall on the held-out photos: shipped model vs OpenCV's pretrained, our exact BING
+        held = subset_index(full, slice(1000, 1200))
+        recall = {}
+        for name, mdir in [("shipped (trained by train-bing)", default_model_dir()),
+                           ("opencv pretrained", OPENCV_MODEL)]:
+            out = tmp / f"held_{len(recall)}.boxes"
+            store, _ = run_proposals(held, out, ProposalJob(method="bing", model_dir=str(mdir)),
+                                     workers=args.workers, chunk_size=16, restart=True, progress=False)
+            recall[name] = evaluate_store(store, ANN, only_store_images=True)
+            print(name, json.dumps({k: v for k, v in recall[name].items() if k.startswith("recall@10")}), flush=True)
+        res["recall_heldout_200"] = recall
+    res["machine"]["load_average_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, args.plot)
+    print(f"wrote {args.out} and {args.plot}")
+    return 0
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    rates = res["throughput_decode_included"]
+    names = list(rates)
+    a.barh(names, [rates[n]["images_per_s"] for n in names], color=["grey", "C0", "C1", "C2"][:len(names)])
+    for i, n in enumerate(names):
+        a.text(rates[n]["images_per_s"], i, f" {rates[n]['images_per_s']:.1f}", va="center")
+    a.set_xlabel(f"images/s, decoding included, {res['args']['workers']} worker processes")
+    a.set_title("proposal throughput on COCO photos")
+    rec = res["recall_heldout_200"]
+    keys = ["recall@1_iou0.5", "recall@5_iou0.5", "recall@10_iou0.5", "recall@10_iou0.7"]
+    x = np.arange(len(keys))
+    for i, (n, r) in enumerate(rec.items()):
+        b.bar(x + 0.4 * i - 0.2, [r[k] for k in keys], width=0.4, label=n)
+    b.set_xticks(x, keys, fontsize=8)
+    b.set_title("recall, 200 held-out COCO photos, top 10 after NMS 0.5")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
