@@ -287,9 +287,9 @@ def _cupy_crop(images, inp: dict, size: int):
 register_crop_backend("cupy", _cupy_crop, ("window", "flip"))
 
 
-def _augment_view(img, inp: dict, v: int):
+def _augment_view(img, inp: dict, v: int, gpu: bool = False):
     """Colour twist / grayscale, blur and solarise on float HWC pixels in [0, 255], each only on the
-    samples drawn for it (DALI conditionals split the batch)."""
+    samples drawn for it (DALI conditionals split the batch; the predicates are CPU nodes)."""
     from nvidia.dali import fn
     from nvidia.dali import math as dmath
     if inp[f"colour{v}"]:
@@ -298,7 +298,10 @@ def _augment_view(img, inp: dict, v: int):
                                          saturation=inp[f"saturation{v}"], hue=inp[f"hue{v}"]), 0.0, 255.0)
     if inp[f"blur{v}"]:
         # two 1-D passes of fn.filter with per-sample kernels: same pixels as gaussian_blur, ~7x cheaper on the CPU
-        img = fn.filter(fn.filter(img, inp[f"blur_h{v}"]), inp[f"blur_v{v}"])
+        kh, kv = inp[f"blur_h{v}"], inp[f"blur_v{v}"]
+        if gpu:  # filters beside GPU data (a GPU filter input is accepted in any case)
+            kh, kv = kh.gpu(), kv.gpu()
+        img = fn.filter(fn.filter(img, kh), kv)
     if inp[f"solarize{v}"]:
         img = img + (img >= 128.0) * (255.0 - 2.0 * img)
     return img
@@ -325,7 +328,7 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
         views = tuple(fn.cast(x, dtype=types.FLOAT) for x in views)
     outs = []
     for v in (0, 1):
-        img = _augment_view(views[v], inp, v)
+        img = _augment_view(views[v], inp, v, gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
                                              mean=[m * 255 for m in IMAGENET_MEAN],
                                              std=[s * 255 for s in IMAGENET_STD]))
