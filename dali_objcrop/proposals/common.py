@@ -94,12 +94,12 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def nms_top_k(boxes: np.ndarray, iou: float = 0.5, top_k: int | None = 10, block: int = 256) -> np.ndarray:
+def nms_top_k(boxes: np.ndarray, iou: float = 0.5, top_k: int | None = 10, block: int = 64) -> np.ndarray:
     """Greedy non-maximum suppression over best-first boxes; stops at ``top_k`` kept.
 
     A box is dropped when its IoU with an already kept box exceeds ``iou`` (``iou >= 1``
     keeps everything).  Works on blocks of ``block`` candidates, so the usual case (the
-    top k found among the first few hundred of thousands of BING boxes) costs one small
+    top k found among the first few dozen of thousands of BING boxes) costs one small
     IoU matrix.
 
     Returns:
