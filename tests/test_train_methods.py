@@ -246,3 +246,24 @@ def test_shuffle_bn_across_two_ranks(tmp_path):
         assert torch.equal(r["per_sample"], r["x"] * 2)
         assert torch.allclose(r["off"], r["x"] - r["x"].mean())
         assert not torch.allclose(r["centred"], r["off"])  # other rank's samples changed the batch mean
+
+
+def test_single_process_epochs_run_scene_scene_and_resume_checks(synth_set, tmp_path):
+    """No DDP: one epoch of scene-scene (no boxes) with the real loader, one head; a resume with other
+    settings is refused, naming them."""
+    from train.pretrain import load_backbone, load_checkpoint, train
+    cfg = Config(**{**TINY, "method": "mocov2", "crops": "scene-scene", "boxes": "none", "data": str(synth_set),
+                    "epochs": 1, "num_threads": 1, "log_every": 1, "progress": False, "loader_device": "cpu",
+                    "out": str(tmp_path / "run")})
+    summary = train(cfg)
+    assert summary["steps"] == 3 and summary["world_size"] == 1  # 24 images // 8
+    assert all(math.isfinite(r["loss"]) for r in summary["losses"])
+    state = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert {k.split(".")[1] for k in state["model"] if k.startswith("heads.")} == {"scene"}
+    backbone, saved = load_backbone(tmp_path / "run" / "ckpt.pt")
+    assert saved.crops == "scene-scene" and backbone.dim == 512
+    other = Config(**{**TINY, "batch_size": 4, "crops": "scene-scene", "boxes": "none", "data": str(synth_set)})
+    with pytest.raises(ValueError, match="batch_size"):
+        load_checkpoint(tmp_path / "run" / "ckpt.pt", other.resolved())
+    with pytest.raises(ValueError, match="world_size 1"):
+        load_checkpoint(tmp_path / "run" / "ckpt.pt", cfg.resolved(), world_size=2)
