@@ -13,7 +13,7 @@ Measures, side by side on the same machine and images:
 
 Writes a JSON file and a PNG plot.  Usage::
 
-    .venv/bin/python benchmarks/proposals.py --out bench_out/proposals.json --plot bench_out/proposals.png
+    .venv/bin/python benchmarks/proposals.py --out out/proposals.json --plot out/proposals.png
     .venv/bin/python benchmarks/proposals.py --images 200 --quick   # a smaller run
 """
 from __future__ import annotations
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ss-images", type=int, default=8, help="photos for selective search (slow)")
     ap.add_argument("--latency-images", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="fewer images everywhere")
-    ap.add_argument("--out", default="bench_out/proposals.json")
-    ap.add_argument("--plot", default="bench_out/proposals.png")
+    ap.add_argument("--out", default="out/proposals.json")
+    ap.add_argument("--plot", default="out/proposals.png")
     args = ap.parse_args(argv)
     if not ANN.exists():
         print(f"{ANN} not present", file=sys.stderr)

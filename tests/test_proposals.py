@@ -272,3 +272,18 @@ def test_fetch_model_from_local_server(local_server, tmp_path):
                         str(tmp_path / "c4"), "--base-url", "http://127.0.0.1:9/none"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Offline?" in r.stderr
+
+
+def test_selective_search_boxes_are_in_range_and_reproducible():
+    from dali_objcrop.proposals.selective_search import selective_search
+    img = np.full((120, 160, 3), 40, np.uint8)
+    img[30:90, 40:120] = (0, 200, 255)
+    a = selective_search(img, max_boxes=500)
+    b = selective_search(img, max_boxes=500)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) > 0 and a.dtype == np.int32
+    assert (a[:, :2] >= 0).all() and (a[:, 2] <= 160).all() and (a[:, 3] <= 120).all()
+    assert ((a[:, 2:] > a[:, :2])).all()
+    assert box_iou(np.array([[40, 30, 120, 90]]), a).max() > 0.7
+    with pytest.raises(ValueError, match="mode"):
+        selective_search(img, mode="slow")

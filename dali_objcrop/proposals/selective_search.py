@@ -2,6 +2,8 @@
 (~1.7-2 s per 640x480 image in fast mode; SoCo's choice of proposals)."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from .common import check_bgr_u8
@@ -22,7 +24,9 @@ def selective_search(img: np.ndarray, mode: str = "fast", max_boxes: int = 2000)
     if mode not in ("fast", "quality"):
         raise ValueError(f"mode must be 'fast' or 'quality', got {mode!r}")
     img = check_bgr_u8(img)
-    cv2.setRNGSeed(0)  # the ranking draws random numbers: make every image's result reproducible
+    # OpenCV ranks regions by level * rand(): seed C's rand() so that every image's order is
+    # reproducible (a resumed run must equal an uninterrupted one); cv2.setRNGSeed has no effect
+    ctypes.CDLL(None).srand(0)
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(img)
     (ss.switchToSelectiveSearchFast if mode == "fast" else ss.switchToSelectiveSearchQuality)()
