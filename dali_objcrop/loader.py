@@ -68,9 +68,32 @@ AUG_FIELDS = tuple(f"{f}{v}" for v in (0, 1) for f in _AUG_FIELDS)
 INPUT_FIELDS = BASE_FIELDS + ROI_DECODE_FIELDS + CROP_FIELDS + AUG_FIELDS
 
 
-def input_fields(crop_backend: str, roi_decode: bool = True) -> tuple[str, ...]:
-    """The fields the external source emits for a crop backend (DALI warns about unused outputs)."""
-    return BASE_FIELDS + (ROI_DECODE_FIELDS if roi_decode else ()) + CROP_BACKENDS[crop_backend].inputs + AUG_FIELDS
+def aug_stages(aug: _augment.ViewAug) -> dict[str, str]:
+    """How the graph applies each augmentation of a view: ``off`` (p = 0: not in the graph),
+    ``always`` (p = 1: no batch split) or ``drawn`` (a DALI conditional on the per-sample draw)."""
+    def kind(p: float) -> str:
+        return "off" if p <= 0 else ("always" if p >= 1 else "drawn")
+    return {"colour": kind(1 - (1 - aug.jitter_p) * (1 - aug.gray_p)), "blur": kind(aug.blur_p),
+            "solarize": kind(aug.solarize_p)}
+
+
+def _aug_fields(recipe: _augment.Recipe) -> tuple[str, ...]:
+    out = []
+    for v in (0, 1):
+        st = aug_stages(recipe.views[v])
+        for stage, params in (("colour", ("brightness", "contrast", "saturation", "hue")),
+                              ("blur", ("blur_h", "blur_v")), ("solarize", ())):
+            if st[stage] == "drawn":
+                out.append(f"{stage}{v}")
+            if st[stage] != "off":
+                out += [f"{p}{v}" for p in params]
+    return tuple(out)
+
+
+def input_fields(crop_backend: str, roi_decode: bool = True, recipe="mocov2") -> tuple[str, ...]:
+    """The fields the external source emits (DALI warns about unused outputs, and each costs a copy)."""
+    return (BASE_FIELDS + (ROI_DECODE_FIELDS if roi_decode else ()) + CROP_BACKENDS[crop_backend].inputs
+            + _aug_fields(_augment.get_recipe(recipe)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,30 +310,53 @@ def _cupy_crop(images, inp: dict, size: int):
 register_crop_backend("cupy", _cupy_crop, ("window", "flip"))
 
 
-def _augment_view(img, inp: dict, v: int, gpu: bool = False):
-    """Colour twist / grayscale, blur and solarise on float HWC pixels in [0, 255], each only on the
-    samples drawn for it (DALI conditionals split the batch; the predicates are CPU nodes)."""
+def _colour(img, inp: dict, v: int):
     from nvidia.dali import fn
     from nvidia.dali import math as dmath
-    if inp[f"colour{v}"]:
-        # float in, float out: ~3x cheaper than color_twist's uint8 path on the CPU; clamp as torchvision does
-        img = dmath.clamp(fn.color_twist(img, brightness=inp[f"brightness{v}"], contrast=inp[f"contrast{v}"],
-                                         saturation=inp[f"saturation{v}"], hue=inp[f"hue{v}"]), 0.0, 255.0)
-    if inp[f"blur{v}"]:
-        # two 1-D passes of fn.filter with per-sample kernels: same pixels as gaussian_blur, ~7x cheaper on the CPU
-        kh, kv = inp[f"blur_h{v}"], inp[f"blur_v{v}"]
-        if gpu:  # filters beside GPU data (a GPU filter input is accepted in any case)
-            kh, kv = kh.gpu(), kv.gpu()
-        img = fn.filter(fn.filter(img, kh), kv)
-    if inp[f"solarize{v}"]:
-        img = img + (img >= 128.0) * (255.0 - 2.0 * img)
+    # float in, float out: ~3x cheaper than color_twist's uint8 path on the CPU; clamp as torchvision does
+    return dmath.clamp(fn.color_twist(img, brightness=inp[f"brightness{v}"], contrast=inp[f"contrast{v}"],
+                                      saturation=inp[f"saturation{v}"], hue=inp[f"hue{v}"]), 0.0, 255.0)
+
+
+def _blur(img, inp: dict, v: int, gpu: bool):
+    from nvidia.dali import fn
+    kh, kv = inp[f"blur_h{v}"], inp[f"blur_v{v}"]
+    if gpu:  # filters beside GPU data (a GPU filter input is accepted in any case)
+        kh, kv = kh.gpu(), kv.gpu()
+    # two 1-D passes of fn.filter with per-sample kernels: same pixels as gaussian_blur, ~7x cheaper on the CPU
+    return fn.filter(fn.filter(img, kh), kv)
+
+
+def _solarize(img):
+    return img + (img >= 128.0) * (255.0 - 2.0 * img)
+
+
+def _augment_view(img, inp: dict, v: int, stages: dict[str, str], gpu: bool = False):
+    """Colour twist / grayscale, blur and solarise on float HWC pixels in [0, 255], each only on the
+    samples drawn for it (DALI conditionals split the batch; the predicates are CPU nodes).  A stage
+    with probability 0 is left out of the graph and one with probability 1 runs without a split."""
+    if stages["colour"] == "always":
+        img = _colour(img, inp, v)
+    elif stages["colour"] == "drawn":
+        if inp[f"colour{v}"]:
+            img = _colour(img, inp, v)
+    if stages["blur"] == "always":
+        img = _blur(img, inp, v, gpu)
+    elif stages["blur"] == "drawn":
+        if inp[f"blur{v}"]:
+            img = _blur(img, inp, v, gpu)
+    if stages["solarize"] == "always":
+        img = _solarize(img)
+    elif stages["solarize"] == "drawn":
+        if inp[f"solarize{v}"]:
+            img = _solarize(img)
     return img
 
 
 def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend: str, out_dtype,
-                   decoder_kwargs: dict, roi_decode: bool):
+                   decoder_kwargs: dict, roi_decode: bool, recipe: _augment.Recipe):
     from nvidia.dali import fn, types
-    fields = input_fields(crop_backend, roi_decode)
+    fields = input_fields(crop_backend, roi_decode, recipe)
     nodes = fn.external_source(source=source, num_outputs=len(fields), batch=True)
     inp = dict(zip(fields, nodes))
     # adjust_orientation off: window coordinates are in the stored (header) pixel grid
@@ -328,7 +374,7 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
         views = tuple(fn.cast(x, dtype=types.FLOAT) for x in views)
     outs = []
     for v in (0, 1):
-        img = _augment_view(views[v], inp, v, gpu=decode_device == "mixed")
+        img = _augment_view(views[v], inp, v, aug_stages(recipe.views[v]), gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
                                              mean=[m * 255 for m in IMAGENET_MEAN],
                                              std=[s * 255 for s in IMAGENET_STD]))
@@ -338,7 +384,7 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
 def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, size: int = 224,
                    crop_backend: str = "dali", out_dtype: str = "float32", device_id: int | None = None,
                    seed: int = 0, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
-                   roi_decode: bool = True):
+                   roi_decode: bool = True, recipe="mocov2"):
     """The object-crop DALI pipeline (built, not yet run).
 
     Args:
@@ -357,6 +403,8 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
             ``preallocate_width_hint``, ``preallocate_height_hint``,
             ``device_memory_padding``, ``host_memory_padding`` (GPU).
         roi_decode: decode only the union of the two windows (``anchor``/``shape`` inputs).
+        recipe: the augmentation recipe (name or :class:`~dali_objcrop.augment.Recipe`); its
+            probabilities decide which stages are in the graph (see :func:`aug_stages`).
 
     Returns:
         a built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, index)``.
@@ -374,6 +422,7 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
         kwargs = {}  # the hints only concern nvJPEG
     pipe_fn = pipeline_def(_objcrop_graph, enable_conditionals=True)
     pipe = pipe_fn(source, size, "mixed" if device == "gpu" else "cpu", crop_backend, dt, kwargs, roi_decode,
+                   _augment.get_recipe(recipe),
                    batch_size=batch_size, num_threads=num_threads,
                    device_id=device_id if device == "gpu" else None, seed=seed,
                    prefetch_queue_depth=prefetch_queue_depth)
@@ -544,7 +593,7 @@ class ObjCropLoader:
         self._device_id = device_id
         self._prefetch = prefetch_queue_depth
         self._decoder_kwargs = decoder_kwargs
-        self._fields = input_fields(crop_backend, roi_decode)
+        self._fields = input_fields(crop_backend, roi_decode, self.recipe)
         self.roi_decode = roi_decode
         self._excluded: set[int] = set()
 
@@ -574,19 +623,15 @@ class ObjCropLoader:
                 import torch
                 device_id = torch.cuda.current_device()
             self._device_id = device_id
-            out = "float16" if self.dtype != self._torch_float32() else "float32"
-            if self.device == "cpu":
-                out = "float32"  # CPU half conversions are slow in DALI; torch converts instead
+            import torch
+            # DALI writes float16 itself only on the GPU (its CPU half conversion is slow); bfloat16,
+            # which DALI lacks, is converted from float32 by torch on the loader's device
+            out = "float16" if (self.device == "gpu" and self.dtype == torch.float16) else "float32"
             self._out_dtype = out
             self._pipe = build_pipeline(self._pull, self.batch_size, self.num_threads, self.device, self.size,
                                         self.crop_backend, out, device_id, self.seed, self._prefetch,
-                                        self._decoder_kwargs, self.roi_decode)
+                                        self._decoder_kwargs, self.roi_decode, self.recipe)
         return self._pipe
-
-    @staticmethod
-    def _torch_float32():
-        import torch
-        return torch.float32
 
     # ---- public API -----------------------------------------------------------------------
     def __len__(self) -> int:

@@ -54,7 +54,7 @@ def write_coco(root: Path, images: list[tuple[str, np.ndarray | None, list]], wr
 
 
 # ---- shapes, dtypes, normalisation ---------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_shapes_dtypes_and_normalisation(synth_set, dtype):
     ld = loader(synth_set, dtype=dtype, recipe=NO_AUG)
     batches = list(ld)
@@ -238,6 +238,25 @@ def test_rank_from_torchrun_env(synth_set, monkeypatch):
 def test_bad_arguments_name_the_value(synth_set, kw, match):
     with pytest.raises(ValueError, match=match):
         loader(synth_set, **kw)
+
+
+def test_fewer_images_than_a_batch(synth_set):
+    ld = loader(synth_set, batch_size=50)
+    assert len(ld) == 0 and list(ld) == [] and list(ld) == []
+    ld = loader(synth_set, batch_size=50, drop_last=False)
+    (b,) = list(ld)
+    assert len(b["index"]) == 24 and len(ld) == 1
+
+
+def test_recipe_probabilities_shape_the_graph():
+    from dali_objcrop.loader import aug_stages, input_fields
+    moco, byol = augment.get_recipe("mocov2"), augment.get_recipe("byol")
+    assert aug_stages(moco.views[0]) == {"colour": "drawn", "blur": "drawn", "solarize": "off"}
+    assert aug_stages(byol.views[0])["blur"] == "always" and aug_stages(byol.views[1])["solarize"] == "drawn"
+    f = input_fields("dali", True, "byol")
+    assert "blur0" not in f and "blur_h0" in f and "solarize1" in f and "solarize0" not in f
+    assert input_fields("dali", False, NO_AUG) == ("jpegs", "index", "roi_start0", "roi_end0", "roi_start1",
+                                                   "roi_end1")
 
 
 def test_scene_scene_without_boxes(synth_set):
