@@ -3,41 +3,58 @@
 Architecture (sample in NumPy per batch, apply in DALI)::
 
     our sampler (seed, epoch, rank) --> batch of dataset positions
-      --> batch_inputs(): encoded bytes (np.fromfile), crop windows
-          (windows.sample_windows, vectorised), augmentation draws
-          (augment.sample_aug_params, vectorised)      [one Python call per batch]
-      --> fn.external_source(batch=True) --> fn.decoders.image ("mixed" on GPU, "cpu")
-      --> crop backend: fn.resize with per-sample roi_start/roi_end per view
-          (roi_start > roi_end on x mirrors: the flip is free)
-      --> per view, only where the draw says so (DALI conditionals split the
-          batch): color_twist (jitter; grayscale = saturation 0), gaussian_blur
-          (2 ceil(3 sigma) + 1 taps), solarise
-      --> crop_mirror_normalize to NCHW float32 / float16 --> torch tensors
+      --> _Source.inputs(): encoded bytes (np.fromfile), both views' windows
+          (windows.sample_windows), every augmentation draw
+          (augment.sample_aug_params), all vectorised  [one Python call per batch]
+      --> fn.external_source(batch=True)
+      --> fn.decoders.image_slice of the union of the two windows
+          ("mixed" on a GPU, "cpu" otherwise; adjust_orientation off)
+      --> crop backend "dali": fn.resize per view with per-sample roi_start /
+          roi_end to float (roi_start > roi_end on x mirrors: the flip is free)
+      --> per view, only on the samples drawn for it (DALI conditionals):
+          color_twist + clamp (jitter; grayscale = saturation 0), Gaussian
+          blur as two fn.filter passes with per-sample 1-D kernels, solarise
+      --> crop_mirror_normalize to NCHW float32 (float16 on the GPU) --> torch
 
-Why this shape (measured on the 2-core CPU machine, COCO photos, batch 64,
-2 threads; see DESIGN.md section 3 and ``benchmarks/throughput.py``):
+Decisions and the measurements behind them (2-core CPU machine shared with
+other engineers, COCO photos ~640x480, batch 64, 2 DALI threads; CPU
+milliseconds per image over all threads, which other load distorts less than
+images/s):
 
 * Windows in NumPy, not in the DALI graph: ``sample_windows`` is the single
-  source of truth (the CUDA kernel and this graph are tested against it) and
-  costs ~1 ms per batch of 64, vectorised; the same maths as ~100 DALI
-  arithmetic ops cost ~15 ms per batch of 256 (DESIGN.md).  There is no
-  per-sample Python anywhere: the callback is per batch, so the GIL is held
-  ~2 ms per batch while DALI's threads decode.
+  source of truth (the CUDA kernel and this graph are tested against it); a
+  batch's inputs cost 7-12 ms per 64 images in the main thread (0.1-0.2 ms
+  per image, windows 0.5-1.4 ms of it), the same maths as ~100 DALI
+  arithmetic ops ~15 ms per 256 (DESIGN.md) and float32 rather than float64.
+  No per-sample Python anywhere.
 * Our own sampler instead of a DALI reader: a global reshuffle from
-  ``(seed, epoch)``, sharded by rank, with equal batch counts on every rank
-  and the epoch known *before* any batch of it is prefetched, so
-  ``set_epoch`` always takes effect (a reader-based pipeline prefetches the
-  next epoch at reset time).  The loader drives the pipeline itself
-  (``Pipeline.run`` until the source's ``StopIteration``) instead of
-  ``DALIGenericIterator``, so nothing runs ahead across epochs.
-* Augmentations with their probabilities: colour and blur dominate the CPU
-  cost (DESIGN.md: ~480 img/s without them, ~124 img/s applying them to every
-  view), so they run only on the samples drawn for them.
+  ``(seed, epoch)``, sharded by rank, equal batch counts on every rank, and
+  the epoch known before any batch of it is prefetched, so ``set_epoch``
+  always takes effect.  The loader drives ``Pipeline.run`` itself until the
+  source's ``StopIteration`` (no ``DALIGenericIterator``), so nothing is
+  prefetched across epochs; an epoch abandoned mid-way is drained first.
+* ROI decoding: decoding the union of the two windows instead of the whole
+  image cuts decode cost with the region (full 640x480: 3.0 ms; half the
+  width and height: 2.0 ms; 0.3: 1.25 ms), which is why the object modes,
+  whose windows are smaller, cost less than scene-scene.
+* A float augmentation chain: DALI's CPU ``color_twist`` costs 1.9 ms per
+  224 px view on uint8 but 0.57 ms (+0.38 clamp) on float; ``gaussian_blur``
+  (7 taps) 2.6 ms on uint8, 1.7 ms on float, while two separable
+  ``fn.filter`` passes with per-sample kernels give the same pixels (to
+  1e-4) for 0.22 ms.  Hence the views leave the resize as float.
+* Probabilities shape the graph: a stage with p = 0 is not in it, one with
+  p = 1 runs without a batch split, others run under a DALI conditional on
+  the drawn samples only (DESIGN.md: colour + blur on every view cut
+  throughput ~4x).
+* Remaining cost (scene-scene, mocov2, ~9.5 ms per image): decode ~3,
+  two ROI resizes ~3, augmentations ~1.5-2, normalise ~0.3, the copy into
+  fresh torch tensors ~0.8 (buffers are never reused, so a batch stays valid
+  however long the caller keeps it).
 * The crop is one small function chosen by ``crop_backend`` in
-  :data:`CROP_BACKENDS`; a new backend (the fused CUDA kernel through CuPy)
+  :data:`CROP_BACKENDS`; another backend (the fused CUDA kernel through CuPy)
   registers itself with :func:`register_crop_backend`.
 
-Measured figures (``python benchmarks/throughput.py``) are in README.md.
+End-to-end figures (``benchmarks/throughput.py``) are in README.md.
 """
 from __future__ import annotations
 
