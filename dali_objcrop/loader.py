@@ -289,6 +289,7 @@ class CropBackend:
     fn: Callable
     inputs: tuple[str, ...]
     float_output: bool = True
+    pipeline_kwargs: tuple[tuple[str, object], ...] = ()   # e.g. (("exec_async", False),) for python_function
 
 
 CROP_BACKENDS: dict[str, CropBackend] = {
@@ -297,7 +298,7 @@ CROP_BACKENDS: dict[str, CropBackend] = {
 
 
 def register_crop_backend(name: str, fn: Callable, inputs: tuple[str, ...] = ("window", "flip"),
-                          float_output: bool = False) -> None:
+                          float_output: bool = False, pipeline_kwargs: dict | None = None) -> None:
     """Add a crop backend: ``fn(images, inputs, size) -> (view0, view1)`` HWC RGB DALI nodes in [0, 255].
 
     Args:
@@ -311,11 +312,13 @@ def register_crop_backend(name: str, fn: Callable, inputs: tuple[str, ...] = ("w
             flipped).
         float_output: True if the views are float32, False if uint8 (cast to float for the
             augmentations).
+        pipeline_kwargs: extra ``Pipeline`` arguments the backend needs (for example
+            ``{"exec_async": False, "exec_pipelined": False}`` for ``fn.python_function``).
     """
     bad = [f for f in inputs if f not in CROP_FIELDS]
     if bad:
         raise ValueError(f"unknown crop input fields {bad}; choose from {CROP_FIELDS}")
-    CROP_BACKENDS[name] = CropBackend(fn, tuple(inputs), float_output)
+    CROP_BACKENDS[name] = CropBackend(fn, tuple(inputs), float_output, tuple((pipeline_kwargs or {}).items()))
 
 
 def _cupy_crop(images, inp: dict, size: int):
@@ -442,7 +445,7 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
                    _augment.get_recipe(recipe),
                    batch_size=batch_size, num_threads=num_threads,
                    device_id=device_id if device == "gpu" else None, seed=seed,
-                   prefetch_queue_depth=prefetch_queue_depth)
+                   prefetch_queue_depth=prefetch_queue_depth, **dict(CROP_BACKENDS[crop_backend].pipeline_kwargs))
     pipe.build()
     return pipe
 

@@ -297,3 +297,29 @@ def test_augmentations_match_a_numpy_reference(synth_set, what):
         tol = 3.0 if what == "solarize" else 1.0   # solarise flips pixels within rounding of 128
         err = np.abs(got[r] - ref)
         assert np.median(err) < 0.5 and np.mean(err) < tol, f"{what} sample {r}: mean error {err.mean():.2f}"
+
+
+@pytest.mark.filterwarnings("ignore:The external source node")
+def test_a_registered_crop_backend_is_used(synth_set):
+    """A backend registered by name replaces the crop stage and gets the fields it asks for."""
+    from nvidia.dali import fn, types
+
+    from dali_objcrop import loader as L
+
+    seen = {}
+
+    def grey_crop(images, inp, size):      # a uint8 backend ignoring the windows: all views mid-grey
+        seen["fields"] = sorted(inp)
+        v = fn.resize(images, size=[size, size]) * 0 + 128
+        return fn.cast(v, dtype=types.UINT8), fn.cast(v, dtype=types.UINT8)
+
+    L.register_crop_backend("grey-test", grey_crop, inputs=("window", "flip"))
+    try:
+        b = next(iter(loader(synth_set, crop_backend="grey-test", recipe=NO_AUG)))
+        assert "window" in seen["fields"] and "roi_start0" not in seen["fields"]
+        px = to_uint8_range(b["view1"])
+        assert (px - 128).abs().max() < 0.01
+        with pytest.raises(ValueError, match="unknown crop input"):
+            L.register_crop_backend("bad", grey_crop, inputs=("windows",))
+    finally:
+        L.CROP_BACKENDS.pop("grey-test", None)
