@@ -323,3 +323,30 @@ def test_a_registered_crop_backend_is_used(synth_set):
             L.register_crop_backend("bad", grey_crop, inputs=("windows",))
     finally:
         L.CROP_BACKENDS.pop("grey-test", None)
+
+
+def _ddp_worker(rank: int, world: int, ann: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ld = ObjCropLoader(ann, boxes="gt", batch_size=3, size=32, device="cpu", num_threads=1, drop_last=False)
+        ld.set_epoch(2)
+        idx = [b["index"].tolist() for b in ld]
+        Path(out, f"{rank}.json").write_text(json.dumps({"rank": ld.rank, "world": ld.world_size, "idx": idx}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_come_from_torch_distributed(synth_set, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(synth_set), port, str(tmp_path)), nprocs=2, join=True)
+    res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"]) for r in res] == [(0, 2), (1, 2)]
+    assert len(res[0]["idx"]) == len(res[1]["idx"]) == 4            # 12 per rank: 3+3+3+3
+    a, b = (set(sum(r["idx"], [])) for r in res)
+    assert not a & b and a | b == set(range(24))
