@@ -422,12 +422,16 @@ def markdown_table(summary: dict) -> str:
     lines = ["| setting | linear-probe mAP (%) | kNN mAP (%) | paired diff linear (pp) | paired diff kNN (pp) |",
              "|---|---|---|---|---|"]
     for s, r in summary["per_setting"].items():
-        cells = [f"{pct(r[m]['mean'])} ± {pct(r[m]['std'])} (n={r[m]['n']})" for m in METRICS]
+        cells = [f"{pct(r[m]['mean'])} ± {pct(r[m]['std']) if r[m]['n'] > 1 else 'n/a'} (n={r[m]['n']})"
+                 for m in METRICS]
         dd = []
         for m in METRICS:
             d = diffs.get(s, {}).get(m)
-            dd.append("—" if d is None else
-                      f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({d['n_positive']}/{d['n']} seeds > 0)")
+            if d is None:
+                dd.append("—")
+                continue
+            sd = f"{100 * d['std']:.2f}" if d["n"] > 1 else "n/a"
+            dd.append(f"{100 * d['mean']:+.2f} ± {sd} ({d['n_positive']}/{d['n']} seeds > 0)")
         lines.append(f"| {s} | {cells[0]} | {cells[1]} | {dd[0]} | {dd[1]} |")
     return "\n".join(lines)
 
@@ -567,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(summary)
     cmd = " ".join([Path(sys.executable).name, "benchmarks/pretrain_quality.py"] + list(argv or sys.argv[1:]))
     result = {"label": args.label or ("quick smoke run (synthetic data, not a measurement)" if args.quick else ""),
-              "command": cmd, "config_fp": fp, **config, "summary": summary, "table_markdown": table,
+              "command": cmd, "config_fp": fp, **config,
+              # expected AP of random scores is the class's test prevalence: the chance level of both metrics
+              "chance_map": float(exp.y[exp.test][:, exp.cols].mean(0).mean()), "summary": summary, "table_markdown": table,
               "cells": cells,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "cpus": os.cpu_count(), "device": args.device,
