@@ -6,14 +6,14 @@ missing; a failing row records its error and the others still run):
 
 decode excluded (decoded images already in GPU memory):
   * ``cupy-fused`` float32 / bfloat16: :func:`crop_views`, windows derived in the kernel.
-  * ``cupy-u8+numpy-windows``: windows from ``windows.sample_windows`` on the CPU, then
-    the given-windows kernel to HWC uint8 (what ``crop_backend="cupy"`` runs inside DALI).
+  * ``cupy-apply+numpy-windows``: windows from ``windows.sample_windows`` on the CPU, then
+    the given-windows kernel to HWC float32 (what ``crop_backend="cupy"`` runs inside DALI).
   * ``dali-ops``: DALI ``fn.resize`` (ROI per view, antialias) + ``crop_mirror_normalize``
     on the same GPU images fed by ``external_source`` (DALI only).
   * ``numpy-windows``: ``sample_windows`` alone for the batch (CPU), for scale.
 decode included (JPEG bytes in host memory):
   * ``dali-ops``: DALI ``decoders.image(device="mixed")`` + ROI resize + normalise.
-  * ``cupy-u8-in-dali``: DALI decode + ``python_function`` (the loader's ``cupy`` backend) + normalise.
+  * ``cupy-in-dali``: DALI decode + ``python_function`` (the loader's ``cupy`` backend) + normalise.
   * ``cupy-fused-after-dali``: DALI decode as the pipeline output, the fused kernel on it.
   * ``cupy-fused+nvjpeg-torch``: ``torchvision.io.decode_jpeg(device="cuda")`` + fused kernel
     (no DALI needed).
@@ -238,13 +238,13 @@ def main(argv=None) -> int:
             return {**timed(step, sync, B, args.seconds, args.warmup), "first_call_s": round(compile_s, 3)}
         return run
 
-    def u8_numpy_windows():
-        from dali_objcrop.kernels.cupy_backend import apply_windows_u8
+    def apply_numpy_windows():
+        from dali_objcrop.kernels.cupy_backend import apply_windows
         cupy, dev = gpu_images()
 
         def step(it):
             cw = sample_windows(sizes, boxes, offsets, index, 0, it, cfg)
-            return apply_windows_u8(dev, cw.windows, cw.flip, S)
+            return apply_windows(dev, cw.windows, cw.flip, S)
         return timed(step, sync, B, args.seconds, args.warmup)
 
     def numpy_windows():
@@ -385,11 +385,11 @@ def main(argv=None) -> int:
     run_row(results, "cupy-windows-kernel", False, windows_kernel, note="windows only, incl. H2D of boxes")
     run_row(results, "cupy-fused", False, fused("float32"), dtype="float32")
     run_row(results, "cupy-fused", False, fused("bfloat16"), dtype="bfloat16")
-    run_row(results, "cupy-u8+numpy-windows", False, u8_numpy_windows, dtype="uint8 HWC")
+    run_row(results, "cupy-apply+numpy-windows", False, apply_numpy_windows, dtype="float32 HWC")
     dali_dev = {} if dali_gpu else {"device": "cpu"}
     run_row(results, "dali-ops", False, dali_ops_predecoded, dtype="float32", **dali_dev)
     run_row(results, "dali-ops", True, dali_decode_ops, dtype="float32", **dali_dev)
-    run_row(results, "cupy-u8-in-dali", True, dali_decode_cupy_stage, dtype="float32")
+    run_row(results, "cupy-in-dali", True, dali_decode_cupy_stage, dtype="float32")
     run_row(results, "cupy-fused-after-dali", True, dali_decode_then_fused, dtype="float32")
     run_row(results, "cupy-fused+nvjpeg-torch", True, nvjpeg_torch_fused, dtype="float32")
 
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
 
     ratios = {}
     for key, num, den in (("fused_vs_dali_ops_decode_excluded", rate("cupy-fused", False), rate("dali-ops", False)),
-                          ("cupy_stage_vs_dali_ops_decode_included", rate("cupy-u8-in-dali", True),
+                          ("cupy_stage_vs_dali_ops_decode_included", rate("cupy-in-dali", True),
                            rate("dali-ops", True)),
                           ("fused_after_dali_vs_dali_ops_decode_included", rate("cupy-fused-after-dali", True),
                            rate("dali-ops", True))):

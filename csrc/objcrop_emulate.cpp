@@ -66,10 +66,15 @@ void oc_emu_crop(int kind, int gx, int gy, int gz, int bx, const unsigned long l
   }
 }
 
-void oc_emu_apply_u8(int gx, int gy, int gz, int bx, const unsigned long long* ptrs, const int* sizes,
-                     const int* windows, const unsigned char* flips, int out_size, unsigned char* out0,
-                     unsigned char* out1) {
-  OC_EMU_GRID(objcrop_apply_u8(ptrs, sizes, windows, flips, out_size, out0, out1))
+// kind: 0 uint8, 1 float32
+void oc_emu_apply(int kind, int gx, int gy, int gz, int bx, const unsigned long long* ptrs, const int* sizes,
+                  const int* windows, const unsigned char* flips, int out_size, void* out0, void* out1) {
+  if (kind == 0) {
+    OC_EMU_GRID(objcrop_apply_u8(ptrs, sizes, windows, flips, out_size, (unsigned char*)out0,
+                                 (unsigned char*)out1))
+  } else {
+    OC_EMU_GRID(objcrop_apply_f32(ptrs, sizes, windows, flips, out_size, (float*)out0, (float*)out1))
+  }
 }
 
 }  // extern "C"

@@ -7,9 +7,9 @@
 //
 // objcrop_windows: one thread per sample, the windows alone (to compare with
 //   dali_objcrop/windows.py bit for bit).
-// objcrop_apply_u8: windows given (N, 2, 4) + flips (N, 2): both views as HWC
-//   uint8 (N, S, S, 3), for the DALI graph, which samples windows in NumPy and
-//   augments and normalises after the crop.
+// objcrop_apply_{u8,f32}: windows given (N, 2, 4) + flips (N, 2): both views as
+//   HWC (N, S, S, 3) uint8 or float32 in pixel units, for the DALI graph, which
+//   samples windows in NumPy and augments and normalises after the crop.
 // objcrop_crop_{f32,f16,bf16}: one launch for both views of a whole batch.
 //   grid = (ceil(S*S / (blockDim.x * OC_PIX_PER_THREAD)), 2 views, N samples);
 //   thread 0 of a block derives the sample's windows into shared memory (cheap:
@@ -142,11 +142,16 @@ extern "C" __global__ void __launch_bounds__(256)
   oc_crop_body<unsigned short>(OC_CROP_PASS, out0, out1, windows, flips, OcStoreBits<OcBF16>());
 }
 
-// Given windows: HWC uint8 views (rounded to nearest even, clamped).  grid as above.
-extern "C" __global__ void __launch_bounds__(256)
-    objcrop_apply_u8(const unsigned long long* __restrict__ ptrs, const int* __restrict__ sizes,
-                     const int* __restrict__ windows, const unsigned char* __restrict__ flips, int out_size,
-                     unsigned char* out0, unsigned char* out1) {
+// Given windows: HWC views in pixel units, uint8 (rounded to nearest even, clamped) or float32 (as
+// resampled, no rounding: the DALI graph augments in float).  grid as for the fused kernel.
+__device__ __forceinline__ void oc_store_px(unsigned char* p, float v) { *p = oc_to_u8(v); }
+__device__ __forceinline__ void oc_store_px(float* p, float v) { *p = v; }
+
+template <typename T>
+__device__ __forceinline__ void oc_apply_body(const unsigned long long* __restrict__ ptrs,
+                                              const int* __restrict__ sizes, const int* __restrict__ windows,
+                                              const unsigned char* __restrict__ flips, int out_size, T* out0,
+                                              T* out1) {
   const int n = blockIdx.z, v = blockIdx.y;
   const int plane = out_size * out_size;
   const int end = min(plane, (int)((blockIdx.x + 1) * blockDim.x * OC_PIX_PER_THREAD));
@@ -155,7 +160,21 @@ extern "C" __global__ void __launch_bounds__(256)
     float rgb[3];
     oc_resample_pixel((const unsigned char*)ptrs[n], sizes[2 * n], windows + (n * 2 + v) * 4, flips[n * 2 + v],
                       out_size, ox, oy, rgb);
-    unsigned char* out = (v == 0 ? out0 : out1) + ((long long)n * plane + pix) * 3;
-    for (int c = 0; c < 3; ++c) out[c] = oc_to_u8(rgb[c]);
+    T* out = (v == 0 ? out0 : out1) + ((long long)n * plane + pix) * 3;
+    for (int c = 0; c < 3; ++c) oc_store_px(out + c, rgb[c]);
   }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    objcrop_apply_u8(const unsigned long long* __restrict__ ptrs, const int* __restrict__ sizes,
+                     const int* __restrict__ windows, const unsigned char* __restrict__ flips, int out_size,
+                     unsigned char* out0, unsigned char* out1) {
+  oc_apply_body<unsigned char>(ptrs, sizes, windows, flips, out_size, out0, out1);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    objcrop_apply_f32(const unsigned long long* __restrict__ ptrs, const int* __restrict__ sizes,
+                      const int* __restrict__ windows, const unsigned char* __restrict__ flips, int out_size,
+                      float* out0, float* out1) {
+  oc_apply_body<float>(ptrs, sizes, windows, flips, out_size, out0, out1);
 }

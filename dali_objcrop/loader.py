@@ -327,7 +327,7 @@ def _cupy_crop(images, inp: dict, size: int):
     return dali_crop_stage(images, inp, size)
 
 
-register_crop_backend("cupy", _cupy_crop, ("window", "flip"))
+register_crop_backend("cupy", _cupy_crop, ("window", "flip"), float_output=True)
 
 
 def _colour(img, inp: dict, v: int):

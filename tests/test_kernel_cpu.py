@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dali_objcrop.kernels import common, reference
-from dali_objcrop.kernels.host import (compiler, emulate_apply_u8, emulate_crop_views, emulate_windows,
+from dali_objcrop.kernels.host import (compiler, emulate_apply, emulate_crop_views, emulate_windows,
                                        host_apply_u8, host_crop_views, host_to_bf16_bits, host_to_f16_bits,
                                        host_windows, load_emulator, load_host_library)
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
@@ -191,10 +191,14 @@ def test_cuda_kernels_emulated_match_reference(lib, emu, size, dtype):
             conv = host_to_f16_bits if dtype == "float16" else host_to_bf16_bits
             for v in ("view0", "view1"):
                 np.testing.assert_array_equal(got[v].view(np.uint16), conv(lib, f32[v]))
-    u0, u1 = emulate_apply_u8(emu, ims, cw.windows, cw.flip, size)
+    u0, u1 = emulate_apply(emu, ims, cw.windows, cw.flip, size, "uint8")
     h0, h1 = host_apply_u8(lib, ims, cw.windows, cw.flip, size)
     np.testing.assert_array_equal(u0, h0)
     np.testing.assert_array_equal(u1, h1)
+    f0, f1 = emulate_apply(emu, ims, cw.windows, cw.flip, size, "float32")   # the loader's stage
+    p0, p1, _ = reference.crop_views_reference(ims, boxes, offsets, index, 6, 1, cfg, size)
+    assert np.abs(f0.transpose(0, 3, 1, 2) - p0).max() <= 1e-2
+    assert np.abs(f1.transpose(0, 3, 1, 2) - p1).max() <= 1e-2
 
 
 def test_cuda_windows_kernel_emulated(emu):
@@ -307,7 +311,7 @@ def test_nvcc_compiles(tmp_path, arch, kind):
         if kind == "ptx":
             text = out.read_text()
             for name in ("objcrop_windows", "objcrop_crop_f32", "objcrop_crop_f16", "objcrop_crop_bf16",
-                         "objcrop_apply_u8"):
+                         "objcrop_apply_u8", "objcrop_apply_f32"):
                 assert f".entry {name}(" in text
 
 

@@ -74,9 +74,10 @@ def make_fake_cupy(emu) -> types.ModuleType:
                 kind = {"f32": 0, "f16": 1, "bf16": 2}[self.name.rsplit("_", 1)[1]]
                 emu.oc_emu_crop.argtypes = None
                 emu.oc_emu_crop(ctypes.c_int(kind), *(ctypes.c_int(v) for v in g), ctypes.c_int(block[0]), *a)
-            elif self.name == "objcrop_apply_u8":
-                emu.oc_emu_apply_u8.argtypes = None
-                emu.oc_emu_apply_u8(*(ctypes.c_int(v) for v in g), ctypes.c_int(block[0]), *a)
+            elif self.name in ("objcrop_apply_u8", "objcrop_apply_f32"):
+                emu.oc_emu_apply.argtypes = None
+                emu.oc_emu_apply(ctypes.c_int(self.name.endswith("f32")), *(ctypes.c_int(v) for v in g),
+                                 ctypes.c_int(block[0]), *a)
             else:
                 raise AssertionError(self.name)
 
@@ -194,7 +195,7 @@ def test_windows_gpu_wrapper(fake_cupy):
 
 
 def test_dali_stage_function(fake_cupy):
-    """The batch function python_function runs: lists of per-sample arrays in, per-sample HWC uint8 out."""
+    """The batch function python_function runs: lists of per-sample arrays in, per-sample HWC float32 out."""
     pytest.importorskip("nvidia.dali")
     from dali_objcrop.kernels.cupy_backend import _make_dali_fn
     ims, boxes, offsets = _batch(3, seed=4)
@@ -203,10 +204,26 @@ def test_dali_stage_function(fake_cupy):
     fn = _make_dali_fn(33)
     out0, out1 = fn([_fake(im) for im in ims], [_fake(w) for w in cw.windows],
                     [_fake(f) for f in cw.flip.astype(np.uint8)])
-    assert len(out0) == len(out1) == 3 and out0[0].shape == (33, 33, 3) and out0[0].dtype == np.uint8
+    assert len(out0) == len(out1) == 3 and out0[0].shape == (33, 33, 3) and out0[0].dtype == np.float32
     for outs, r in ((out0, r0), (out1, r1)):
         got = np.stack([np.asarray(o) for o in outs]).transpose(0, 3, 1, 2).astype(np.float64)
-        assert np.abs(got - r).max() <= 0.5 + 1e-3
+        assert np.abs(got - r).max() <= 1e-2
+
+
+def test_apply_windows_wrapper(fake_cupy):
+    from dali_objcrop.kernels.cupy_backend import apply_windows, apply_windows_u8
+    ims, boxes, offsets = _batch(4, seed=5)
+    cfg = CropConfig(mode="obj-obj-shift", box_scale=(0.3, 1.0))
+    r0, r1, cw = reference.crop_views_reference(ims, boxes, offsets, np.arange(4), 1, 1, cfg, 29)
+    f0, f1 = apply_windows([_fake(im) for im in ims], cw.windows, cw.flip, 29)
+    u0, u1 = apply_windows_u8([_fake(im) for im in ims], cw.windows, cw.flip, 29)
+    assert f0.dtype == np.float32 and u0.dtype == np.uint8 and fake_cupy.launches[-1][0] == "objcrop_apply_u8"
+    assert np.abs(f1.get().transpose(0, 3, 1, 2) - r1).max() <= 1e-2
+    assert np.abs(u0.get().transpose(0, 3, 1, 2) - r0).max() <= 0.5 + 1e-3
+    bad = cw.windows.copy()
+    bad[0, 0, 2] = 10**6
+    with pytest.raises(ValueError, match="windows must satisfy"):
+        apply_windows([_fake(im) for im in ims], bad, cw.flip, 29)
 
 
 def test_loader_cupy_backend_registered_and_guarded():

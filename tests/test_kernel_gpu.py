@@ -138,17 +138,21 @@ def test_gpu_torch_and_dense_inputs():
         crop_views(cupy.asarray(dense), [[300, 400]] * 5, boxes, offsets, np.arange(5), 1, 1, cfg, 56)
 
 
-def test_gpu_apply_u8_matches_reference():
-    """The DALI stage's kernel (given windows, HWC uint8) == reference rounded, half a level at most."""
+def test_gpu_apply_matches_reference():
+    """The given-windows kernels (HWC uint8 / float32, the DALI stage's) == reference within 1/255."""
     import cupy
-    from dali_objcrop.kernels.cupy_backend import apply_windows_u8
+    from dali_objcrop.kernels.cupy_backend import apply_windows, apply_windows_u8
     ims = host_images(3)
     boxes, offsets = boxes_for(len(ims), 5)
     cfg = CropConfig(mode="obj-obj-dilate", box_scale=(0.3, 1.0))
     r0, r1, cw = reference.crop_views_reference(ims, boxes, offsets, np.arange(len(ims)), 3, 0, cfg, 100)
-    u0, u1 = apply_windows_u8([cupy.asarray(im) for im in ims], cw.windows, cw.flip, 100)
+    dev = [cupy.asarray(im) for im in ims]
+    u0, u1 = apply_windows_u8(dev, cw.windows, cw.flip, 100)
     for u, r in ((u0.get(), r0), (u1.get(), r1)):
         assert np.abs(u.transpose(0, 3, 1, 2).astype(np.float64) - r).max() <= 0.5 + 1e-3
+    f0, f1 = apply_windows(dev, cw.windows, cw.flip, 100)      # what crop_backend="cupy" runs
+    for f, r in ((f0.get(), r0), (f1.get(), r1)):
+        assert np.abs(f.transpose(0, 3, 1, 2).astype(np.float64) - r).max() <= 1.0
 
 
 def test_gpu_matches_host_build():

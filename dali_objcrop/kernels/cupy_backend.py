@@ -10,8 +10,8 @@ pointers):
   (N, 3, S, S) float32 / float16 / bfloat16 batches.
 * :func:`windows_gpu`: the window maths alone, one thread per sample (to
   compare with ``windows.py`` bit for bit).
-* :func:`apply_windows_u8`: given windows and flips (the DALI graph samples
-  them in NumPy), two (N, S, S, 3) uint8 batches; :func:`dali_crop_stage` wraps
+* :func:`apply_windows`: given windows and flips (the DALI graph samples
+  them in NumPy), two (N, S, S, 3) float32 (or uint8) batches; :func:`dali_crop_stage` wraps
   it as ``fn.python_function(device="gpu", batch_processing=True)`` for the
   loader's ``crop_backend="cupy"``.
 
@@ -243,8 +243,8 @@ def crop_views(images, sizes, boxes, offsets, index, seed: int, epoch: int, conf
     return views + (win, flip) if return_windows else views
 
 
-def apply_windows_u8(images, windows, flip, size: int):
-    """Both views from given windows as HWC uint8 (the DALI stage's kernel).
+def apply_windows(images, windows, flip, size: int, dtype: str = "float32"):
+    """Both views from given windows, HWC in pixel units (the DALI stage's kernel).
 
     Args:
         images: N HWC uint8 RGB device images (list of CuPy arrays / torch tensors; with torch, the
@@ -252,11 +252,14 @@ def apply_windows_u8(images, windows, flip, size: int):
         windows: (N, 2, 4) int32 ``[x1, y1, x2, y2)`` per view (host or device), inside the images.
         flip: (N, 2) horizontal flips (host or device).
         size: output side S.
+        dtype: ``float32`` (values as resampled, in [0, 255]) or ``uint8`` (rounded, clamped).
 
     Returns:
-        ``(view0, view1)``: CuPy (N, S, S, 3) uint8.
+        ``(view0, view1)``: CuPy (N, S, S, 3) of ``dtype``.
     """
     cupy = cupy_or_raise()
+    if dtype not in ("float32", "uint8"):
+        raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
     ims = _image_list(images)
     ptrs, shapes = _image_table(ims)
     n = len(ims)
@@ -268,13 +271,18 @@ def apply_windows_u8(images, windows, flip, size: int):
     with _torch_stream_ctx(ims):
         win = cupy.ascontiguousarray(cupy.asarray(windows, dtype=cupy.int32).reshape(n, 2, 4))
         fl = cupy.ascontiguousarray(cupy.asarray(flip).astype(cupy.uint8).reshape(n, 2))
-        out0 = cupy.empty((n, size, size, 3), cupy.uint8)
+        out0 = cupy.empty((n, size, size, 3), cupy.float32 if dtype == "float32" else cupy.uint8)
         out1 = cupy.empty_like(out0)
         if n:
-            kernel("objcrop_apply_u8")(_grid(size, n), (_BLOCK,),
-                                       (cupy.asarray(ptrs), cupy.asarray(shapes), win, fl, np.int32(size), out0,
-                                        out1))
+            name = "objcrop_apply_f32" if dtype == "float32" else "objcrop_apply_u8"
+            kernel(name)(_grid(size, n), (_BLOCK,),
+                         (cupy.asarray(ptrs), cupy.asarray(shapes), win, fl, np.int32(size), out0, out1))
     return out0, out1
+
+
+def apply_windows_u8(images, windows, flip, size: int):
+    """:func:`apply_windows` with uint8 output."""
+    return apply_windows(images, windows, flip, size, dtype="uint8")
 
 
 # ---- DALI --------------------------------------------------------------------------------------
@@ -287,14 +295,14 @@ def _make_dali_fn(size: int):
         import cupy
         win = cupy.concatenate([w.reshape(1, 8) for w in windows]).astype(cupy.int32, copy=False)
         fl = cupy.concatenate([f.reshape(1, 2) for f in flips])
-        v0, v1 = apply_windows_u8(images, win, fl, size)
+        v0, v1 = apply_windows(images, win, fl, size, "float32")
         return [v0[i] for i in range(len(images))], [v1[i] for i in range(len(images))]
 
     return crop
 
 
 def dali_crop_stage(images, inp: dict, size: int):
-    """Crop backend ``cupy`` for the loader: ``(view0, view1)`` HWC uint8 GPU DALI nodes.
+    """Crop backend ``cupy`` for the loader: ``(view0, view1)`` HWC float32 GPU DALI nodes in [0, 255].
 
     The windows come from the loader's NumPy sampler (``inp["window"]``, ``inp["flip"]``), the
     same ``windows.sample_windows`` the fused kernel ports: the loader needs them on the host

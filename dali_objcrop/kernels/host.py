@@ -37,7 +37,7 @@ _I, _U64 = ctypes.c_int, ctypes.c_uint64
 _EMU_SIGNATURES = {
     "oc_emu_windows": [_I, _I, _P, _P, _P, _P, _I, _U64, _U64, _P, _P, _P, _P, _P, _P, _P],
     "oc_emu_crop": [_I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _U64, _U64, _P, _P, _I, _P, _P, _P, _P],
-    "oc_emu_apply_u8": [_I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P],
+    "oc_emu_apply": [_I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P],
 }
 
 
@@ -90,7 +90,7 @@ def load_host_library(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL
 def load_emulator(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
     """Compile ``csrc/objcrop_emulate.cpp``: the CUDA kernels themselves, run serially on the CPU.
 
-    Use with :func:`emulate_crop_views` / :func:`emulate_windows` / :func:`emulate_apply_u8`,
+    Use with :func:`emulate_crop_views` / :func:`emulate_windows` / :func:`emulate_apply`,
     which launch them with the grid of :mod:`.cupy_backend`.
     """
     return _build(EMULATE_FILE, build_dir, _EMU_SIGNATURES)
@@ -228,19 +228,21 @@ def emulate_crop_views(lib: ctypes.CDLL, images: list[np.ndarray], boxes, offset
     return {"view0": out0, "view1": out1, "windows": win, "flip": flip.astype(bool)}
 
 
-def emulate_apply_u8(lib: ctypes.CDLL, images: list[np.ndarray], windows, flip, size: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``objcrop_apply_u8`` kernel run on the CPU with cupy_backend's grid and block."""
+def emulate_apply(lib: ctypes.CDLL, images: list[np.ndarray], windows, flip, size: int, dtype: str = "uint8"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``objcrop_apply_{u8,f32}`` kernels run on the CPU with cupy_backend's grid and block:
+    two (N, size, size, 3) uint8 or float32 batches."""
     from .cupy_backend import _BLOCK, _grid
+    kind = {"uint8": 0, "float32": 1}[dtype]
     ptrs, sizes, keep = _image_pointers(images)
     n = len(ptrs)
     windows = np.ascontiguousarray(windows, dtype=np.int32).reshape(n, 2, 4)
     flip = np.ascontiguousarray(flip, dtype=np.uint8).reshape(n, 2)
-    out0 = np.full((n, size, size, 3), 7, np.uint8)
+    out0 = np.full((n, size, size, 3), 7, (np.uint8, np.float32)[kind])
     out1 = np.full_like(out0, 7)
     if n:
         gx, gy, gz = _grid(size, n)
-        lib.oc_emu_apply_u8(gx, gy, gz, _BLOCK, _ptr(ptrs), _ptr(sizes), _ptr(windows), _ptr(flip), size,
-                            _ptr(out0), _ptr(out1))
+        lib.oc_emu_apply(kind, gx, gy, gz, _BLOCK, _ptr(ptrs), _ptr(sizes), _ptr(windows), _ptr(flip), size,
+                         _ptr(out0), _ptr(out1))
     del keep
     return out0, out1
