@@ -207,11 +207,20 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[flo
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  multilabel: bool, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 5e-4,
-                 batch_size: int = 256, seed: int = 0) -> dict:
+                 batch_size: int = 256, seed: int = 0, solver: str = "adamw", max_iter: int = 500) -> dict:
     """Train a linear classifier on frozen features and score it on the test split.
 
-    Features are standardised with the training split's mean and std.  AdamW,
-    cosine schedule, seeded mini-batches (deterministic on the CPU).
+    Features are standardised with the training split's mean and std.  Two solvers:
+
+    * ``adamw``: seeded mini-batches, AdamW, cosine schedule over ``epochs``
+      (``weight_decay`` is AdamW's decoupled decay).  Few samples mean few
+      steps: on small sets it can stop well short of the optimum.
+    * ``lbfgs``: full-batch L-BFGS (strong Wolfe line search, up to ``max_iter``
+      iterations) on the loss plus ``weight_decay / 2 * ||W||^2``: the
+      regularised optimum itself, independent of learning rate and epochs
+      (the logistic-regression probe of CLIP and scikit-learn).
+
+    Both are deterministic on the CPU.
 
     Args:
         train_x, test_x: (N, C) features.
@@ -221,6 +230,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     Returns:
         ``{"map", "per_class_ap"}`` or ``{"top1"}``, plus ``"train_loss"``.
     """
+    if solver not in ("adamw", "lbfgs"):
+        raise ValueError(f"solver must be 'adamw' or 'lbfgs', got {solver!r}")
     g = torch.Generator().manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     xtr, xte = (train_x - mean) / std, (test_x - mean) / std
@@ -229,21 +240,37 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=g)
         head.bias.zero_()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, -(-len(xtr) // batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    loss = torch.tensor(float("nan"))
-    for _ in range(epochs):
-        perm = torch.randperm(len(xtr), generator=g)
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            logits = head(xtr[idx])
-            loss = F.binary_cross_entropy_with_logits(logits, train_y[idx].float()) if multilabel \
-                else F.cross_entropy(logits, train_y[idx].long())
+
+    def data_loss(idx=None):
+        x, y = (xtr, train_y) if idx is None else (xtr[idx], train_y[idx])
+        logits = head(x)
+        return F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel \
+            else F.cross_entropy(logits, y.long())
+
+    if solver == "lbfgs":
+        opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                                tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def closure():
             opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            total = data_loss() + 0.5 * weight_decay * head.weight.pow(2).sum()
+            total.backward()
+            return total
+        opt.step(closure)
+        loss = data_loss()
+    else:
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        steps_per_epoch = max(1, -(-len(xtr) // batch_size))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+        loss = torch.tensor(float("nan"))
+        for _ in range(epochs):
+            perm = torch.randperm(len(xtr), generator=g)
+            for s in range(steps_per_epoch):
+                loss = data_loss(perm[s * batch_size:(s + 1) * batch_size])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
     with torch.no_grad():
         scores = head(xte)
     if multilabel:
@@ -296,13 +323,15 @@ def features_from_args(a: argparse.Namespace) -> tuple[ImageLabels, dict[str, to
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--solver", choices=("lbfgs", "adamw"), default="lbfgs",
+                   help="lbfgs: full-batch, the regularised optimum; adamw: mini-batch epochs")
+    p.add_argument("--epochs", type=int, default=100, help="adamw only")
+    p.add_argument("--lr", type=float, default=1e-3, help="adamw only")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 strength (lbfgs) / decoupled decay (adamw)")
     a = p.parse_args(argv)
     labels, f = features_from_args(a)
     res = linear_probe(f["train_x"], f["train_y"], f["test_x"], f["test_y"], labels.multilabel, a.epochs, a.lr,
-                       a.weight_decay, seed=a.seed)
+                       a.weight_decay, seed=a.seed, solver=a.solver)
     res.update({"classes": labels.classes, "dropped_classes": labels.dropped, "n_train": len(f["train_x"]),
                 "n_test": len(f["test_x"]), "args": vars(a)})
     metric = "map" if labels.multilabel else "top1"
