@@ -12,7 +12,7 @@ CVPR 2014) scores every window of a set of quantised sizes (w, h) in {16, 32, ..
    binary components ``w ~ c0 * b0 + c1 * b1`` (b in {-1, 1}) and the gradient by its top
    four bits, so its score is exactly ``c0 * S0 + c1 * S1`` with integer
    ``Si = sum(bi * (mag >> 4))``: we compute S0 and S1
-   (two exact float32 ``filter2D`` correlations with the sign patterns) and combine them
+   (one exact float32 ``filter2D`` with the kernel ``b0 + 2048 * b1``) and combine them
    in float32 the way OpenCV does, so the scores are bit-identical;
 4. per size, greedy non-maximum suppression on the score map (5 x 5 neighbourhoods, best
    250 kept): done as parallel rounds of 5 x 5 max filters over the top candidates (a point
@@ -290,10 +290,13 @@ class _MapNMS:
             cand = np.arange(n)
         else:
             cand = np.flatnonzero(flat >= np.partition(flat, n - k)[n - k])  # closed upwards
-        self.order = np.lexsort((-cand, -flat[cand]))  # best first; ties: larger index first
+        # unique ranks ordered as OpenCV's sort (score, then larger flat index): one int64 key
+        v = (flat[cand] + np.float32(0)).view(np.int32).astype(np.int64)   # + 0: -0.0 -> 0.0
+        order = np.argsort((np.where(v >= 0, v, v ^ 0x7FFFFFFF) << 20) | cand)  # worst first
+        self.order = order[::-1]                                         # best first
         self.cand, self.m = cand, len(cand)
         rank = np.zeros(n, np.float32)
-        rank[cand[self.order]] = np.arange(self.m, 0, -1, dtype=np.float32)
+        rank[cand[order]] = np.arange(1, self.m + 1, dtype=np.float32)
         self.und = rank.reshape(h, w)
         self.kept: list[np.ndarray] = []
         self.n_kept = 0
@@ -391,7 +394,8 @@ class Bing:
         self.per_size = per_size
         coeffs, signs = binarize_filter(model.filter)
         self._coeffs = coeffs
-        self._signs = signs  # integer sums Si = sum(bi * (mag >> 4)) are exact in float32
+        # S0 + 2048 * S1 in one float32 correlation: every partial sum is an integer below 2^24, so exact
+        self._kernel = (signs[0] + np.float32(2048) * signs[1]).astype(np.float32)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, color: str = "MAXBGR", per_size: int = 250,
@@ -404,10 +408,11 @@ class Bing:
         # float32 input: for uint8 input with a 64-tap kernel OpenCV switches to a DFT (inexact)
         q = (mag >> 4).astype(np.float32)
         hh, ww = mag.shape[0] - W + 1, mag.shape[1] - W + 1
-        s0 = cv2.filter2D(q, cv2.CV_32F, self._signs[0], anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
-        s1 = cv2.filter2D(q, cv2.CV_32F, self._signs[1], anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
+        k = cv2.filter2D(q, cv2.CV_32F, self._kernel, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)[:hh, :ww]
+        s1 = np.rint(k * np.float32(1 / 2048))     # k = S0 + 2048 * S1 with |S0| <= 960: exact split
+        s0 = k - np.float32(2048) * s1
         c0, c1 = self._coeffs
-        return c0 * s0[:hh, :ww] + c1 * s1[:hh, :ww]  # float32 products and sum, as the C code
+        return c0 * s0 + c1 * s1  # float32 products and sum, as the C code
 
     def raw(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every window kept by the per-size NMS, before sorting.
