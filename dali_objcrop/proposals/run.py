@@ -236,11 +236,27 @@ def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, w
                 bar.update(k)
         else:
             import multiprocessing as mp
+            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+            from concurrent.futures.process import BrokenProcessPool
             ctx = mp.get_context("spawn")  # no forked OpenCV/thread state in the workers
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(job, 1)) as pool:
-                for _, k, f in pool.imap_unordered(process_chunk, (task(c) for c in todo)):
-                    report.computed += k
-                    bar.update(k)
+            # a bounded window of submitted chunks; a worker that dies (e.g. a crash inside a
+            # decoder) breaks the pool: finished chunks stay on disk and a rerun resumes
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job, 1)) as ex:
+                pending, it = set(), iter(todo)
+                try:
+                    while True:
+                        while len(pending) < 4 * workers and (c := next(it, None)) is not None:
+                            pending.add(ex.submit(process_chunk, task(c)))
+                        if not pending:
+                            break
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            _, k, _ = fut.result()
+                            report.computed += k
+                            bar.update(k)
+                except BrokenProcessPool as e:
+                    raise RuntimeError(f"a worker process died ({e}); {report.computed} images of this run are "
+                                       f"saved in {parts}: rerun the same command to resume") from e
     finally:
         bar.close()
     report.seconds = time.perf_counter() - t0
