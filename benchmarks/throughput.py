@@ -248,8 +248,26 @@ def run(args) -> dict:
                         "recipe": args.recipe, "size": args.size})
     machine["load_average_end"] = os.getloadavg()
     out = {"results": results, "machine": machine, "ratios": ratios(results),
+           "ratios_paired": paired_ratios([row for row, _ in configs], rounds),
            "settings": {"data": data, "images": images_dir, "seconds": args.seconds, "reps": args.reps,
                         "warmup": args.warmup, "max_images": args.max_images, "command": " ".join(sys.argv)}}
+    return out
+
+
+def paired_ratios(rows: list[dict], rounds: list[list[float]]) -> dict:
+    """Median over rounds of each DALI row's images/s over its scene-scene's in the same round (and CPU
+    rows over torchvision's): pairs measured seconds apart, so slow drifts of machine load cancel."""
+    out = {}
+    tv = next((k for k, r in enumerate(rows) if r["loader"] == "torchvision"), None)
+    for k, r in enumerate(rows):
+        if r["loader"] != "dali":
+            continue
+        base = next((j for j, s in enumerate(rows) if s["loader"] == "dali" and s["mode"] == "scene-scene"
+                     and s["device"] == r["device"] and s["backend"] == r["backend"]), None)
+        for name, j in (("scene-scene", base), ("torchvision", tv if r["device"] == "cpu" else None)):
+            if j is not None and all(rounds[j]):
+                out[f"{r['device']}/{r['backend']}/{r['mode']} / {name}"] = round(
+                    statistics.median(a / b for a, b in zip(rounds[k], rounds[j])), 3)
     return out
 
 
@@ -276,24 +294,28 @@ def ratios(results: list[dict]) -> dict:
 
 
 def plot(results: list[dict], png: str, title: str = "") -> None:
-    """Bar chart of images/s (median, whiskers min..max), one bar per row."""
+    """Two bar charts, one bar per row: images/s (median, whiskers min..max) and CPU ms per image."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = [f"{r['loader']}\n{r['device']}/{r['backend']}\n{r['mode']}" for r in results]
-    med = np.array([r["images_per_s"] for r in results])
-    lo = med - np.array([r["images_per_s_min"] for r in results])
-    hi = np.array([r["images_per_s_max"] for r in results]) - med
     colours = ["#888888" if r["loader"] == "torchvision" else ("#2a7ab9" if r["mode"] == "scene-scene"
                                                                   else "#e07b39") for r in results]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results)), 4.2))
-    ax.bar(range(len(results)), med, yerr=[lo, hi], color=colours, capsize=4)
-    for i, v in enumerate(med):
-        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(results)))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("images/s (two views each)")
-    ax.set_title(title or "loader throughput (median of rounds, whiskers min..max)", fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 2.0 * len(results)), 4.4))
+    panels = ((axes[0], "images_per_s", "rounds", "images/s (two views each), higher is better", "{:.0f}"),
+              (axes[1], "cpu_ms_per_image", "cpu_ms_per_image_rounds", "CPU ms per image, lower is better",
+               "{:.1f}"))
+    for ax, key, per_round, ylabel, fmt in panels:
+        med = np.array([r[key] for r in results], dtype=float)
+        lo = med - np.array([min(r[per_round]) for r in results])
+        hi = np.array([max(r[per_round]) for r in results]) - med
+        ax.bar(range(len(results)), med, yerr=[lo, hi], color=colours, capsize=4)
+        for i, v in enumerate(med):
+            ax.text(i, v, fmt.format(v), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(results)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(title or "loader throughput (median of rounds, whiskers min..max)", fontsize=9)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -347,12 +369,17 @@ def main(argv=None) -> int:
               f"  {r['cpu_ms_per_image']:6.2f} CPU ms/img")
     for k, v in out["ratios"].items():
         print(f"  {k}: {v:.3f}")
+    for k, v in out["ratios_paired"].items():
+        print(f"  paired: {k}: {v:.3f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     if args.png:
-        plot(out["results"], args.png)
+        la = out["machine"]["load_average_start"][0], out["machine"]["load_average_end"][0]
+        plot(out["results"], args.png, f"{Path(out['settings']['data']).name}: batch {args.batch_size}, "
+             f"{args.threads} threads, {args.recipe}; median of {args.reps} rounds (whiskers min..max); "
+             f"machine load {la[0]:.1f} -> {la[1]:.1f} on {os.cpu_count()} cores")
         print(f"wrote {args.png}")
     return 0
 

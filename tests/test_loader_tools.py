@@ -42,7 +42,10 @@ def test_throughput_writes_rows_and_chart(tmp_path, synth_set):
         assert r["device"] == "cpu" and r["batch_size"] == 4 and r["threads"] == 1
         assert r["images_per_s"] > 0 and len(r["rounds"]) == 2
         assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
+        assert r["cpu_ms_per_image"] > 0 and len(r["cpu_ms_per_image_rounds"]) == 2
     assert "cpu/dali/obj-obj-dilate / scene-scene" in out["ratios"]
+    assert "cpu: cpu/dali/obj-obj-dilate / torchvision" in out["ratios"]
+    assert "cpu/dali/obj-obj-dilate / torchvision" in out["ratios_paired"]
     assert out["machine"]["cpu_count"] >= 1
     assert cv2.imread(str(png)) is not None
 
