@@ -267,3 +267,20 @@ def test_single_process_epochs_run_scene_scene_and_resume_checks(synth_set, tmp_
         load_checkpoint(tmp_path / "run" / "ckpt.pt", other.resolved())
     with pytest.raises(ValueError, match="world_size 1"):
         load_checkpoint(tmp_path / "run" / "ckpt.pt", cfg.resolved(), world_size=2)
+
+
+def test_pretrain_speed_benchmark_smoke(synth_set, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pretrain_speed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "speed.json"
+    pretrain_speed.main(["--data", str(synth_set), "--arch=resnet18", "--size=32", "--batch-size=4", "--steps=4",
+                         "--queue-size=64", "--num-threads=1", "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert [r["feed"] for r in d["runs"]] == ["loader", "resident"]
+    s = d["summary"]
+    assert s["loader_images_per_s"] > 0 and s["resident_images_per_s"] > 0
+    assert 0 <= s["loader_data_wait_frac"] < 1 and 0 <= s["resident_data_wait_frac"] < 0.01
+    assert d["config"]["arch"] == "resnet18" and d["config"]["queue_size"] == 64
