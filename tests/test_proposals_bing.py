@@ -195,3 +195,29 @@ def test_model_validation():
         B.BingModel.load("/nonexistent")
     with pytest.raises(ValueError, match="nms_rounds"):
         B.Bing.load(SHIPPED, nms_rounds=0)
+
+
+@pytest.mark.parametrize("top_k,nms_iou,first_c", [(10, 0.5, 64), (10, 0.5, 2), (1, 0.5, 64), (50, 0.7, 8),
+                                                   (30, 1.0, 16), (5, 0.3, 64)])
+def test_lazy_top_k_equals_nms_of_the_full_list(synth_set, top_k, nms_iou, first_c):
+    """Bing.top (what the driver runs) == greedy NMS over the complete list, boxes and
+    scores, including tiny candidate budgets that force the lazy extension and no NMS."""
+    coco = load_coco(synth_set)
+    det = B.Bing.load(SHIPPED)
+    for im in coco.images[:8]:
+        img = load_for_proposals(synth_set.parent / "images" / im["file_name"])
+        boxes, scores = det(img)
+        keep = nms_top_k(boxes, nms_iou, top_k)
+        tb, ts = det.top(img, top_k, nms_iou, first_c=first_c)
+        np.testing.assert_array_equal(tb, boxes[keep])
+        np.testing.assert_array_equal(ts, scores[keep])
+
+
+def test_lazy_top_k_equals_opencv_on_real_photos():
+    if not OPENCV_MODEL.exists():
+        pytest.skip(f"{OPENCV_MODEL} not present")
+    imgs = _coco_images(15, start=900)
+    cvb, det = OpenCVBing(OPENCV_MODEL), B.Bing.load(OPENCV_MODEL)
+    for img in imgs:
+        a = cvb(img)
+        np.testing.assert_array_equal(det.top(img, 10, 0.5)[0], a[nms_top_k(a, 0.5, 10)])

@@ -157,6 +157,7 @@ def _dist_sum3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 _K13 = np.ones((1, 3), np.uint8)
+_Q4 = (np.arange(256) >> 4).astype(np.float32).reshape(1, 256)
 
 
 def _chan_max(d: np.ndarray) -> np.ndarray:
@@ -372,6 +373,48 @@ def _finish_compact(states: list[_MapNMS]) -> None:
         st.settled = True
 
 
+def _candidates(score: np.ndarray, c: int) -> np.ndarray:
+    """Flat indices of the points scoring at least the ``c``-th best score (closed upwards,
+    ties included), best-first in OpenCV's order (score, then the larger flat index)."""
+    flat = score.reshape(-1)
+    n = flat.size
+    cand = np.arange(n) if c >= n else np.flatnonzero(flat >= np.partition(flat, n - c)[n - c])
+    v = (flat[cand] + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 -> 0.0
+    key = (np.where(v >= 0, v, v ^ 0x7FFFFFFF) << 20) | cand           # order-preserving, unique
+    return cand[np.argsort(key)[::-1]]
+
+
+def _greedy_prefixes(cands: list[np.ndarray], widths: list[int]) -> np.ndarray:
+    """OpenCV's greedy NMS restricted to each map's best-first candidates, for many maps at
+    once: (S, L, L) conflict tensors (two points conflict when both offsets are <= 2) and
+    parallel rounds (a point is kept once no earlier conflicting point is still undecided).
+    Because candidates are closed upwards, the result is an exact prefix of the full greedy.
+
+    Returns:
+        (S, L) bool, kept candidates (row s: ``cands[s]`` padded to L).
+    """
+    n_maps, length = len(cands), max(len(c) for c in cands)
+    yy = np.zeros((n_maps, length), np.int32)
+    xx = np.zeros((n_maps, length), np.int32)
+    valid = np.zeros((n_maps, length), bool)
+    for i, (c, w) in enumerate(zip(cands, widths)):
+        yy[i, :len(c)], xx[i, :len(c)] = np.divmod(c, w)
+        valid[i, :len(c)] = True
+    # |d| <= 2  <=>  (d + 2) as unsigned <= 4
+    conf = (((yy[:, :, None] - yy[:, None, :]) + NSS).view(np.uint32) <= 2 * NSS)
+    conf &= (((xx[:, :, None] - xx[:, None, :]) + NSS).view(np.uint32) <= 2 * NSS)
+    conf &= valid[:, :, None] & valid[:, None, :]
+    conf_f = conf.astype(np.float32)
+    better_f = conf_f * np.tri(length, length, -1, dtype=np.float32)  # [i, j]: j earlier than i, conflicting
+    alive, kept = valid.copy(), np.zeros_like(valid)
+    while alive.any():
+        a = alive.astype(np.float32)[:, :, None]
+        new = alive & ((better_f @ a)[:, :, 0] == 0)   # batched matrix products: counts of blockers
+        kept |= new
+        alive &= ~new & ((conf_f @ new.astype(np.float32)[:, :, None])[:, :, 0] == 0)
+    return kept
+
+
 class Bing:
     """BING proposals for uint8 BGR images (one instance can be shared: it holds no state).
 
@@ -405,14 +448,28 @@ class Bing:
     def stage1(self, mag: np.ndarray) -> np.ndarray:
         """Stage-I score map (h - 7, w - 7) float32 of a normed-gradient map, as OpenCV's
         binarised filter computes it (bit-identical)."""
-        # float32 input: for uint8 input with a 64-tap kernel OpenCV switches to a DFT (inexact)
-        q = (mag >> 4).astype(np.float32)
+        # float32 input (mag >> 4 by a lookup table): for uint8 input with a 64-tap kernel
+        # OpenCV switches to a DFT (inexact)
+        q = cv2.LUT(mag, _Q4)
         hh, ww = mag.shape[0] - W + 1, mag.shape[1] - W + 1
         k = cv2.filter2D(q, cv2.CV_32F, self._kernel, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)[:hh, :ww]
         s1 = np.rint(k * np.float32(1 / 2048))     # k = S0 + 2048 * S1 with |S0| <= 960: exact split
         s0 = k - np.float32(2048) * s1
         c0, c1 = self._coeffs
         return c0 * s0 + c1 * s1  # float32 products and sum, as the C code
+
+    def score_maps(self, img: np.ndarray):
+        """Yield ``(size row, window width, window height, stage-I score map)`` for every
+        size OpenCV scores on this image, in OpenCV's order (last active size first)."""
+        ih, iw = img.shape[:2]
+        for ir in range(len(self.model.size_idx) - 1, -1, -1):
+            width, height = size_of(int(self.model.size_idx[ir]))
+            if height > ih * BASE or width > iw * BASE:
+                continue
+            height, width = min(height, ih), min(width, iw)
+            size = (int(round(W * iw / width)), int(round(W * ih / height)))
+            im = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR_EXACT)
+            yield ir, width, height, self.stage1(normed_gradient(im, self.model.color))
 
     def raw(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every window kept by the per-size NMS, before sorting.
@@ -424,14 +481,8 @@ class Bing:
         img = check_bgr_u8(img)
         ih, iw = img.shape[:2]
         maps, geo = [], []
-        for ir in range(len(self.model.size_idx) - 1, -1, -1):
-            width, height = size_of(int(self.model.size_idx[ir]))
-            if height > ih * BASE or width > iw * BASE:
-                continue
-            height, width = min(height, ih), min(width, iw)
-            size = (int(round(W * iw / width)), int(round(W * ih / height)))
-            im = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR_EXACT)
-            st = _MapNMS(self.stage1(normed_gradient(im, self.model.color)), self.per_size, 2048)
+        for ir, width, height, score in self.score_maps(img):
+            st = _MapNMS(score, self.per_size, 2048)
             # exact: a few rounds on the whole map, the rest on the few undecided points of all maps
             st.full_rounds(self.nms_rounds if self.nms_rounds is not None else self.FULL_ROUNDS)
             maps.append(st)
@@ -450,6 +501,83 @@ class Bing:
         if not boxes:
             return np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32)
         return np.concatenate(boxes), np.concatenate(scores), np.concatenate(rows)
+
+    def top(self, img: np.ndarray, top_k: int = 10, nms_iou: float = 0.5, first_c: int = 64
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``top_k`` boxes that greedy NMS (IoU > ``nms_iou`` suppressed) keeps from
+        the full best-first list, computed lazily: exactly ``nms_top_k(*self(img))`` without
+        running the per-size NMS to its end.
+
+        Each size starts from its ``first_c`` best points, whose greedy NMS is an exact prefix
+        of the size's list; every box whose calibrated score beats what any size's unexplored
+        rest could reach (a bound from the calibration and the candidate threshold) is final.
+        When those final boxes do not yet give ``top_k`` after NMS, the sizes that hold the
+        bound get four times more candidates, and so on.
+
+        Returns:
+            ``(boxes (k, 4) int32 pixel [x1, y1, x2, y2), scores (k,) float32)``, best-first.
+        """
+        from .common import nms_top_k
+        img = check_bgr_u8(img)
+        ih, iw = img.shape[:2]
+        maps = list(self.score_maps(img))
+        if not maps:
+            return np.zeros((0, 4), np.int32), np.zeros(0, np.float32)
+        n_maps = len(maps)
+        cal = self.model.calib[[m[0] for m in maps]]
+        c = [first_c] * n_maps
+        pref: list[np.ndarray] = [np.zeros(0, np.int64)] * n_maps
+        thr = [np.float32(0)] * n_maps
+        complete = [False] * n_maps
+        todo = list(range(n_maps))
+        while True:
+            batch, cands = [], []
+            for i in todo:
+                score = maps[i][3]
+                if c[i] > 1024:  # deep: the map-based exact NMS, complete list
+                    pref[i], complete[i] = nms_rounds(score, self.per_size, first_k=c[i]), True
+                    continue
+                cand = _candidates(score, c[i])
+                if len(cand) > 4 * c[i]:  # massive ties: same fallback
+                    pref[i], complete[i] = nms_rounds(score, self.per_size, first_k=len(cand)), True
+                    continue
+                batch.append(i)
+                cands.append(cand)
+                thr[i] = score.reshape(-1)[cand[-1]]
+                complete[i] = len(cand) >= score.size
+            if batch:
+                kept = _greedy_prefixes(cands, [maps[i][3].shape[1] for i in batch])
+                for row, (i, cand) in enumerate(zip(batch, cands)):
+                    pref[i] = cand[kept[row, :len(cand)]]
+                    if len(pref[i]) >= self.per_size:
+                        pref[i], complete[i] = pref[i][:self.per_size], True
+            # what the unexplored rest of each incomplete size could score at best
+            bound = np.full(n_maps, -np.inf, np.float32)
+            for i in range(n_maps):
+                if not complete[i]:
+                    a, b = cal[i]
+                    s_rest = thr[i] if a >= 0 else maps[i][3].min()
+                    bound[i] = np.float32(np.float32(s_rest) * a + b)
+            ub = bound.max()
+            s1 = [maps[i][3].reshape(-1)[pref[i]] for i in range(n_maps)]
+            s2 = np.concatenate([(s1[i] * cal[i, 0] + cal[i, 1]).astype(np.float32) for i in range(n_maps)])
+            size_pos = np.concatenate([np.full(len(pref[i]), i) for i in range(n_maps)])
+            pos = np.concatenate([np.arange(len(pref[i])) for i in range(n_maps)])
+            order = np.lexsort((-pos, -size_pos, -s2))  # score, then the later insertion first
+            order = order[s2[order] > ub]               # final: nothing unexplored can come before
+            boxes = []
+            for i in range(n_maps):
+                ir, width, height, score = maps[i]
+                y, x = np.divmod(pref[i], score.shape[1])
+                x0, y0 = x * (width // W), y * (height // W)
+                boxes.append(np.stack([x0, y0, np.minimum(x0 + width, iw), np.minimum(y0 + height, ih)], 1))
+            boxes = np.concatenate(boxes).astype(np.int32)[order]
+            keep = nms_top_k(boxes, nms_iou, top_k) if len(boxes) else np.zeros(0, np.int64)
+            if len(keep) >= top_k or ub == -np.inf:
+                return boxes[keep], s2[order][keep]
+            todo = [i for i in range(n_maps) if not complete[i] and bound[i] >= ub]
+            for i in todo:
+                c[i] *= 4
 
     def __call__(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All windows, best-first, with their stage-II scores.

@@ -32,9 +32,9 @@ def add_proposals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=64, help="images per resumable chunk (default 64)")
     p.add_argument("--model-dir", help="BING model folder (default: the model shipped with the package)")
     p.add_argument("--color", default="MAXBGR", choices=["MAXBGR", "HSV", "I"], help="BING colour model")
-    p.add_argument("--bing-nms-rounds", type=int, default=5,
-                   help="our BING's per-size NMS rounds (default 5: ~2x faster, top 10 as OpenCV's on COCO); "
-                        "0: exact greedy NMS, OpenCV's complete box list")
+    p.add_argument("--bing-nms-rounds", type=int, default=0,
+                   help="0 (default): exact, OpenCV's boxes (lazy top k); N: cap our BING's per-size NMS at N "
+                        "parallel rounds (an approximation)")
     p.add_argument("--max-side", type=int, default=512, help="long side the method sees (default 512)")
     p.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
     p.add_argument("--no-check", action="store_true", help="skip the per-file header scan of the image index")

@@ -39,7 +39,8 @@ def model_digest(model_dir: str | os.PathLike, color: str = "MAXBGR") -> str:
 
 
 def make_detector(method: str, model_dir: str | os.PathLike | None = None, color: str = "MAXBGR",
-                  ss_mode: str = "fast", bing_nms_rounds: int | None = None) -> Detector:
+                  ss_mode: str = "fast", bing_nms_rounds: int | None = None, top_k: int | None = None,
+                  nms_iou: float = 0.5) -> Detector:
     """Build a detector for ``method`` (one per process: OpenCV's BING is not thread-safe).
 
     Args:
@@ -49,10 +50,14 @@ def make_detector(method: str, model_dir: str | os.PathLike | None = None, color
         color: BING colour model.
         ss_mode: selective search strategy, ``fast`` or ``quality``.
         bing_nms_rounds: cap on our BING's per-size NMS rounds (None: exact).
+        top_k, nms_iou: when given, our exact BING computes only what the final top k after
+            NMS needs (:meth:`Bing.top`, the same boxes as the full list would give, faster).
     """
     if method == "bing":
         from .bing import Bing
         det = Bing.load(resolve_model_dir(model_dir), color, nms_rounds=bing_nms_rounds)
+        if top_k is not None and bing_nms_rounds is None:
+            return lambda img: det.top(img, top_k, nms_iou)
         return lambda img: det(img)
     if method == "bing-opencv":
         from .bing_cv import OpenCVBing

@@ -46,9 +46,9 @@ class ProposalJob:
         model_dir: BING model folder (None: the packaged model).
         color: BING colour model.
         ss_mode: selective-search strategy.
-        bing_nms_rounds: our BING's per-size NMS round cap: 5 (default) is ~2x faster than
-            exact and kept the stored top 10 identical to OpenCV's on 200 of 200 COCO photos
-            (top 100: 99.97%); None runs the exact greedy NMS (OpenCV's complete list).
+        bing_nms_rounds: None (default): our BING, exact (OpenCV's boxes), computing lazily only
+            what the top k after NMS needs; a number caps the per-size NMS rounds instead
+            (an approximation, kept for comparison).
     """
 
     method: str = "bing"
@@ -58,7 +58,7 @@ class ProposalJob:
     model_dir: str | None = None
     color: str = "MAXBGR"
     ss_mode: str = "fast"
-    bing_nms_rounds: int | None = 5
+    bing_nms_rounds: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS or self.method == "gt":
@@ -115,7 +115,8 @@ def _init_worker(job: ProposalJob, threads: int) -> None:
     if threads > 0:
         cv2.setNumThreads(threads)
     _JOB = job
-    _DETECTOR = make_detector(job.method, job.model_dir, job.color, job.ss_mode, job.bing_nms_rounds)
+    _DETECTOR = make_detector(job.method, job.model_dir, job.color, job.ss_mode, job.bing_nms_rounds,
+                              top_k=job.top_k, nms_iou=job.nms_iou)
 
 
 def _chunk_path(parts: Path, chunk: int) -> Path:
