@@ -23,6 +23,11 @@ CVPR 2014) scores every window of a set of quantised sizes (w, h) in {16, 32, ..
 
 The result is OpenCV's list (same boxes, same order) with real scores; see
 tests/test_proposals_bing.py for the measured agreement.
+
+A box store keeps only the top k (10) after NMS across sizes, which needs only the head of
+that list: :meth:`Bing.top` computes it lazily and exactly (each size's greedy NMS on its 64
+best points, extended only where a calibration bound says the rest could still matter), so
+step 4 shrinks from whole score maps to a few thousand points per image.
 """
 from __future__ import annotations
 
