@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..heads import Backbone, HeadSpec, build_heads
-from .common import all_gather_cat, enqueue, info_nce, pool, shuffled_forward, target_copy, update_momentum
+from .common import all_gather_cat, enqueue, pool, shuffled_forward, target_copy, update_momentum
 from .mocov2 import mocov2_loss
 
 DEFAULTS = dict(queue_size=65536, momentum=0.999, temperature=0.2, base_lr=0.03, weight_decay=1e-4,
