@@ -220,3 +220,14 @@ def test_lazy_top_k_equals_opencv_on_real_photos():
     for img in imgs:
         a = cvb(img)
         np.testing.assert_array_equal(det.top(img, 10, 0.5)[0], a[nms_top_k(a, 0.5, 10)])
+
+
+@pytest.mark.parametrize("color", ["HSV", "I"])
+def test_other_colour_models_match_opencv(color):
+    """OpenCV's HSV and intensity models (their own gradient definitions) on 3 photos."""
+    if not (OPENCV_MODEL / f"ObjNessB2W8{color}.wS1.yml.gz").exists():
+        pytest.skip("OpenCV's model files not present")
+    imgs = _coco_images(3, start=50)
+    cvb, ours = OpenCVBing(OPENCV_MODEL, color), B.Bing.load(OPENCV_MODEL, color)
+    a = agreement([cvb(i) for i in imgs], [ours(i)[0] for i in imgs])
+    assert a["exact"] == 1.0, a
