@@ -226,13 +226,14 @@ class _Source:
             boxes, offsets = self.store.gather(self.rows[index], self.config.top_k)
         return sample_windows(self.sizes[index], boxes, offsets, index, self.seed, epoch, self.config)
 
-    def inputs(self, index: np.ndarray, epoch: int, roi_decode: bool = True
-               ) -> tuple[dict[str, object], CropWindows]:
+    def inputs(self, index: np.ndarray, epoch: int, roi_decode: bool = True,
+               fields: tuple[str, ...] | None = None) -> tuple[dict[str, object], CropWindows]:
         """Everything the pipeline's external source emits for one batch (see :data:`INPUT_FIELDS`).
 
         With ``roi_decode`` only the union of the two windows is decoded (``anchor``
         (x, y) and ``shape`` (w, h), float32 pixels) and the crop fields are in the
-        coordinates of that region.
+        coordinates of that region.  ``fields`` (default: all) spares the blur kernels
+        of views whose recipe never blurs.
         """
         cw = self.windows(index, epoch)
         win = cw.windows
@@ -251,12 +252,14 @@ class _Source:
         one = np.ones((1, 1), np.float32)
         for v in (0, 1):
             p = _augment.sample_aug_params(cw.keys, v, self.recipe.views[v])
-            kern, ksize = _augment.gaussian_kernels(p["sigma"])
-            # per-sample separable kernels for fn.filter: (1, k) along x, (k, 1) along y; 1x1 where not blurred
-            p["blur_h"] = [kern[i, None, :ksize[i]] if p["blur"][i] else one for i in range(len(kern))]
-            p["blur_v"] = [kern[i, :ksize[i], None] if p["blur"][i] else one for i in range(len(kern))]
+            if fields is None or f"blur_h{v}" in fields:
+                kern, ksize = _augment.gaussian_kernels(p["sigma"])
+                # per-sample separable kernels for fn.filter: (1, k) along x, (k, 1) along y; 1x1 if not blurred
+                p["blur_h"] = [kern[i, None, :ksize[i]] if p["blur"][i] else one for i in range(len(kern))]
+                p["blur_v"] = [kern[i, :ksize[i], None] if p["blur"][i] else one for i in range(len(kern))]
             for f in _AUG_FIELDS:
-                d[f"{f}{v}"] = p[f]
+                if f in p:
+                    d[f"{f}{v}"] = p[f]
         return d, cw
 
 
@@ -719,7 +722,7 @@ class ObjCropLoader:
         """External-source callback: the next batch of this epoch (``StopIteration`` at its end)."""
         idx = self._substitute(next(self._feed))
         self._inflight.append(idx)  # before reading, so a missing file is found by _recover
-        d, cw = self._src.inputs(idx, self._epoch, self.roi_decode)
+        d, cw = self._src.inputs(idx, self._epoch, self.roi_decode, self._fields)
         self.stats["fallback"] += cw.num_fallback
         return tuple(d[f] for f in self._fields)
 
