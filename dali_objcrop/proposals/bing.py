@@ -174,16 +174,16 @@ def _chan_max(d: np.ndarray) -> np.ndarray:
 
 def _gradient_maxbgr(img: np.ndarray) -> np.ndarray:
     h, w = img.shape[:2]
-    gx = np.empty((h, w), np.uint8)
-    gy = np.empty((h, w), np.uint8)
-    gx[:, 1:-1] = _chan_max(cv2.absdiff(img[:, 2:], img[:, :-2]))
-    gy[1:-1, :] = _chan_max(cv2.absdiff(img[2:], img[:-2]))
-    # one-sided differences, doubled, saturated (min(2d + g, 255) == sat(sat(2d) + g))
-    ex = _chan_max(cv2.absdiff(img[:, [1, w - 1]], img[:, [0, w - 2]]))
-    ey = _chan_max(cv2.absdiff(img[[1, h - 1]], img[[0, h - 2]]))
-    gx[:, [0, w - 1]] = cv2.add(ex, ex)
-    gy[[0, h - 1], :] = cv2.add(ey, ey)
-    return cv2.add(gx, gy)
+    if h < 2 or w < 2:
+        return normed_gradient(img, "MAXBGR", reference=True)
+    # a replicated border makes the central difference at the edge the one-sided one ...
+    p = cv2.copyMakeBorder(img, 1, 1, 1, 1, cv2.BORDER_REPLICATE)
+    gx = _chan_max(cv2.absdiff(p[1:-1, 2:], p[1:-1, :-2]))
+    gy = _chan_max(cv2.absdiff(p[2:, 1:-1], p[:-2, 1:-1]))
+    # ... which OpenCV doubles (saturated: min(2d + g, 255) == sat(sat(2d) + g))
+    gx[:, ::w - 1] = np.minimum(gx[:, ::w - 1].astype(np.uint16) * 2, 255)
+    gy[::h - 1] = np.minimum(gy[::h - 1].astype(np.uint16) * 2, 255)
+    return cv2.add(np.ascontiguousarray(gx), np.ascontiguousarray(gy))
 
 
 def normed_gradient(img: np.ndarray, color: str = "MAXBGR", reference: bool = False) -> np.ndarray:
@@ -458,10 +458,15 @@ class Bing:
         q = cv2.LUT(mag, _Q4)
         hh, ww = mag.shape[0] - W + 1, mag.shape[1] - W + 1
         k = cv2.filter2D(q, cv2.CV_32F, self._kernel, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)[:hh, :ww]
-        s1 = np.rint(k * np.float32(1 / 2048))     # k = S0 + 2048 * S1 with |S0| <= 960: exact split
-        s0 = k - np.float32(2048) * s1
         c0, c1 = self._coeffs
-        return c0 * s0 + c1 * s1  # float32 products and sum, as the C code
+        s1 = np.multiply(k, np.float32(1 / 2048))
+        np.rint(s1, out=s1)                        # k = S0 + 2048 * S1 with |S0| <= 960: exact split
+        s0 = np.multiply(s1, np.float32(-2048))
+        s0 += k                                    # S0, exact
+        s0 *= c0
+        s1 *= c1
+        s0 += s1                                   # float32 products and sum, as the C code
+        return s0
 
     def score_maps(self, img: np.ndarray):
         """Yield ``(size row, window width, window height, stage-I score map)`` for every
