@@ -368,3 +368,15 @@ def test_gpu_matches_cpu(synth_set, dtype):
     for k in ("view1", "view2"):
         diff = (to_uint8_range(gpu[k].float().cpu()) - to_uint8_range(cpu[k])).abs()
         assert diff.mean() < 4.0, f"{k}: mean pixel difference {diff.mean():.2f}"
+
+
+@pytest.mark.parametrize("recipe", ["mocov2", "byol"])
+def test_gpu_graph_traces_without_a_gpu(recipe):
+    """The GPU graph (mixed decode, GPU resize / colour / filters, CPU per-sample arguments) passes DALI's
+    Python-side checks (e.g. named arguments must be CPU nodes); only building it needs CUDA."""
+    from nvidia.dali import pipeline_def, types
+
+    from dali_objcrop.loader import _objcrop_graph
+    pipe_fn = pipeline_def(_objcrop_graph, enable_conditionals=True)
+    pipe_fn(lambda: None, 64, "mixed", "dali", types.FLOAT16, {"hw_decoder_load": 0.5}, True,
+            augment.get_recipe(recipe), batch_size=2, num_threads=1, device_id=None)
