@@ -476,7 +476,7 @@ def _index_of(data, images_dir) -> tuple[ImageIndex, str | None]:
             images_dir = next((c for c in (p.parent / "images", p.parent.parent / "images") if c.is_dir()),
                               p.parent / "images")
         return ImageIndex.from_coco(p, images_dir), str(p)
-    raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {data!r}")
+    raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
 
 
 def _file_decodes(path: str) -> str | None:
@@ -592,7 +592,7 @@ class ObjCropLoader:
             names = ", ".join(f"{k} ({v})" for k, v in list(index.bad.items())[:10])
             raise ValueError(f"{len(index.bad)} unusable image files under {index.root}: {names}")
         if len(index) == 0:
-            raise ValueError(f"no usable images in {data!r}")
+            raise ValueError(f"no usable images in {str(data)[:200]!r} ({len(index.bad)} unusable files)")
         self.index = index
 
         store, rows = self._resolve_boxes(boxes, coco_json, index, mode)

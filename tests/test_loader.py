@@ -27,7 +27,7 @@ def to_uint8_range(x: torch.Tensor) -> torch.Tensor:
 def loader(ann, **kw) -> ObjCropLoader:
     args = dict(boxes="gt", batch_size=4, size=64, device="cpu", num_threads=1, seed=3)
     args.update(kw)
-    return ObjCropLoader(str(ann), **args)
+    return ObjCropLoader(str(ann) if isinstance(ann, Path) else ann, **args)
 
 
 def write_coco(root: Path, images: list[tuple[str, np.ndarray | None, list]], write: bool = True) -> Path:
@@ -380,3 +380,18 @@ def test_gpu_graph_traces_without_a_gpu(recipe):
     pipe_fn = pipeline_def(_objcrop_graph, enable_conditionals=True)
     pipe_fn(lambda: None, 64, "mixed", "dali", types.FLOAT16, {"hw_decoder_load": 0.5}, True,
             augment.get_recipe(recipe), batch_size=2, num_threads=1, device_id=None)
+
+
+def test_folder_index_and_store_inputs(synth_set, tmp_path):
+    """data as a folder or an ImageIndex, boxes as a BoxStore or a saved .boxes path: same batches."""
+    from dali_objcrop.dataset import ImageIndex
+    store = BoxStore.from_coco(synth_set)
+    path = store.save(tmp_path / "gt.boxes")
+    images = Path(synth_set).parent / "images"
+    ref = next(iter(loader(synth_set)))
+    for data, boxes in ((str(images), path), (ImageIndex.from_folder(images), store)):
+        b = next(iter(loader(data, boxes=boxes)))
+        assert torch.equal(b["index"], ref["index"]) and torch.equal(b["view1"], ref["view1"])
+    (images.parent / "empty_dir").mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match="no images"):
+        loader(images.parent / "empty_dir", boxes=None, mode="scene-scene")
