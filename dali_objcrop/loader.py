@@ -640,13 +640,13 @@ class ObjCropLoader:
         return store, store.rows_for(index.keys, index.sizes)
 
     def _build(self):
+        """The pipeline, built on first use (and again after a DALI failure)."""
+        import torch
         if self._pipe is None:
             device_id = self._device_id
             if self.device == "gpu" and device_id is None:
-                import torch
                 device_id = torch.cuda.current_device()
             self._device_id = device_id
-            import torch
             # DALI writes float16 itself only on the GPU (its CPU half conversion is slow); bfloat16,
             # which DALI lacks, is converted from float32 by torch on the loader's device
             out = "float16" if (self.device == "gpu" and self.dtype == torch.float16) else "float32"
