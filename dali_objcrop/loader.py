@@ -21,12 +21,15 @@ other engineers, COCO photos ~640x480, batch 64, 2 DALI threads; CPU
 milliseconds per image over all threads, which other load distorts less than
 images/s):
 
-* Windows in NumPy, not in the DALI graph: ``sample_windows`` is the single
-  source of truth (the CUDA kernel and this graph are tested against it); a
-  batch's inputs cost 7-12 ms per 64 images in the main thread (0.1-0.2 ms
-  per image, windows 0.5-1.4 ms of it), the same maths as ~100 DALI
-  arithmetic ops ~15 ms per 256 (DESIGN.md) and float32 rather than float64.
-  No per-sample Python anywhere.
+* Windows in NumPy, not in the DALI graph (the alternative: a DALI reader
+  plus in-graph window maths): ``sample_windows`` is the single source of
+  truth (the CUDA kernel and this graph are tested against it); a batch's
+  inputs (file reads, windows, augmentation draws) cost 7-12 ms per 64 images
+  in the main thread, 0.1-0.2 ms per image, while ``readers.file`` alone
+  costs 0.1 ms per image and the window maths as ~100 DALI arithmetic ops
+  ~0.06 ms (DESIGN.md), in float32 rather than float64.  The alternative
+  could save at most ~1% of the 8-12 ms an image costs, and would lose exact
+  windows and ``set_epoch``.  No per-sample Python anywhere.
 * Our own sampler instead of a DALI reader: a global reshuffle from
   ``(seed, epoch)``, sharded by rank, equal batch counts on every rank, and
   the epoch known before any batch of it is prefetched, so ``set_epoch``
