@@ -399,11 +399,13 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
                                    adjust_orientation=False, **decoder_kwargs)
     backend = CROP_BACKENDS[crop_backend]
     views = backend.fn(images, inp, size)
-    if not backend.float_output:
-        views = tuple(fn.cast(x, dtype=types.FLOAT) for x in views)
     outs = []
     for v in (0, 1):
-        img = _augment_view(views[v], inp, v, aug_stages(recipe.views[v]), gpu=decode_device == "mixed")
+        stages = aug_stages(recipe.views[v])
+        img = views[v]
+        if not backend.float_output and any(k != "off" for k in stages.values()):
+            img = fn.cast(img, dtype=types.FLOAT)  # the augmentations run on float; normalise takes either
+        img = _augment_view(img, inp, v, stages, gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
                                              mean=[m * 255 for m in IMAGENET_MEAN],
                                              std=[s * 255 for s in IMAGENET_STD]))
