@@ -377,7 +377,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.json}")
     if args.png:
         la = out["machine"]["load_average_start"][0], out["machine"]["load_average_end"][0]
-        plot(out["results"], args.png, f"{Path(out['settings']['data']).name}: batch {args.batch_size}, "
+        plot(out["results"], args.png, f"{'/'.join(Path(out['settings']['data']).parts[-3:])}: batch {args.batch_size}, "
              f"{args.threads} threads, {args.recipe}; median of {args.reps} rounds (whiskers min..max); "
              f"machine load {la[0]:.1f} -> {la[1]:.1f} on {os.cpu_count()} cores")
         print(f"wrote {args.png}")

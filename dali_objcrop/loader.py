@@ -51,7 +51,7 @@ images/s):
   p = 1 runs without a batch split, others run under a DALI conditional on
   the drawn samples only (DESIGN.md: colour + blur on every view cut
   throughput ~4x).
-* Remaining cost (scene-scene, mocov2, ~9.5 ms per image): decode ~3,
+* Remaining cost (scene-scene, mocov2, ~9 ms per image): decode ~3,
   two ROI resizes ~3, augmentations ~1.5-2, normalise ~0.3, the copy into
   fresh torch tensors ~0.8 (buffers are never reused, so a batch stays valid
   however long the caller keeps it).
