@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     p.add_argument("--modes", default="all", help="comma-separated crop modes or 'all'")
     p.add_argument("--rows", type=int, default=2, help="grid rows per mode (default 2)")
-    p.add_argument("--out", default="demo_grid.png", help="PNG grid path (default ./demo_grid.png)")
+    p.add_argument("--out", default="out/demo_grid.png", help="PNG grid path (default out/demo_grid.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set-size", type=int, default=512, help="images in the synthetic set (default 512)")
     p.set_defaults(func=run)
