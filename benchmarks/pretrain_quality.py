@@ -49,6 +49,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ class Budget:
         dilate: delta of obj-obj-dilate (0.1 for COCO, as the paper).
         top_k: proposals per image the crops draw from.
         recipe: augmentation recipe of the loader.
+        share_heads: one projection head for both views even with an object view (the paper: separate).
         knn_k, knn_t: kNN neighbours and temperature.
         probe_epochs, probe_lr, probe_wd: linear probe (``train.linear_eval``: AdamW on standardised features).
     """
@@ -114,6 +116,7 @@ class Budget:
     dilate: float = 0.1
     top_k: int = 10
     recipe: str = "mocov2"
+    share_heads: bool = False
     knn_k: int = 20
     knn_t: float = 0.07
     probe_epochs: int = 100
@@ -202,7 +205,7 @@ def build_mocov2(budget: Budget, mode: str):
     from train.heads import head_keys, preset
     from train.methods.mocov2 import MoCoV2
     return MoCoV2(build_backbone(budget.arch), preset("mocov2", budget.head_hidden, budget.head_out),
-                  head_keys(mode), budget.queue_size, budget.temperature)
+                  head_keys(mode, budget.share_heads), budget.queue_size, budget.temperature)
 
 
 # ---- pretraining ---------------------------------------------------------------------------------------------
@@ -436,8 +439,8 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(cells: list[dict], summary: dict, path: Path, title: str) -> None:
-    """Per-seed points and mean +- std bars per setting, one panel per metric."""
+def plot(cells: list[dict], summary: dict, path: Path, title: str, chance: float | None = None) -> None:
+    """Per-seed points and mean +- std bars per setting, one panel per metric (dashed: chance level)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -450,8 +453,12 @@ def plot(cells: list[dict], summary: dict, path: Path, title: str) -> None:
                    alpha=0.6, capsize=4)
             ax.scatter([i] * len(r["values"]), [100 * v for v in r["values"]], color="k", s=14, zorder=3)
         ax.set_xticks(range(len(settings)), settings, rotation=20, ha="right", fontsize=8)
+        if chance is not None:
+            ax.axhline(100 * chance, color="k", ls="--", lw=0.8, label="chance (test prevalence)")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_ylabel(f"{m.replace('_', ' ')} (%)")
-        lo = min(100 * min(summary["per_setting"][s][m]["values"]) for s in settings)
+        lo = min([100 * min(summary["per_setting"][s][m]["values"]) for s in settings] +
+                 ([100 * chance] if chance is not None else []))
         ax.set_ylim(max(0.0, lo - 3), None)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -500,7 +507,8 @@ def build_argparser() -> argparse.ArgumentParser:
     p.add_argument("--bing-fallback-gt", action="store_true",
                    help="if BING fails, let GT boxes stand in (recorded in the JSON; default with --quick)")
     for f in dataclasses.fields(Budget):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=None,
+        typ = type(getattr(d, f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), type=_parse_bool if typ is bool else typ, default=None,
                        help=f"budget (default {getattr(d, f.name)}; --quick {QUICK.get(f.name, '=')})")
     return p
 
@@ -569,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
                          "run without --summarise-only, or with the flags of the run that made the cells")
     summary = summarise(cells, list(SETTINGS))
     table = markdown_table(summary)
-    cmd = " ".join([Path(sys.executable).name, "benchmarks/pretrain_quality.py"] + list(argv or sys.argv[1:]))
+    # the command that computes these cells (a --summarise-only rebuild records the run's command)
+    cmd = shlex.join(["python", "benchmarks/pretrain_quality.py"] +
+                     [a for a in (sys.argv[1:] if argv is None else argv) if a != "--summarise-only"])
     result = {"label": args.label or ("quick smoke run (synthetic data, not a measurement)" if args.quick else ""),
               "command": cmd, "config_fp": fp, **config,
               # expected AP of random scores is the class's test prevalence: the chance level of both metrics
@@ -582,13 +592,21 @@ def main(argv: list[str] | None = None) -> int:
     (out / "pretrain_quality.md").write_text(table + "\n")
     plot(cells, summary, out / "pretrain_quality.png",
          f"MoCo-v2 {budget.arch} {budget.size}px {budget.epochs} ep, {len(exp.train)} train imgs, "
-         f"{len(exp.cols)} classes {args.label}")
+         f"{len(exp.cols)} classes" + (f"\n{args.label}" if args.label else ""), result["chance_map"])
     print(table)
     print(f"[pq] wrote {out / 'pretrain_quality.json'}, {out / 'pretrain_quality.png'}")
     return 0
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
 def _images_beside(coco_json: Path) -> Path:
     for c in (coco_json.parent / "images", coco_json.parent.parent / "images"):
         if c.is_dir():
