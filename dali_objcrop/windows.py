@@ -199,18 +199,21 @@ def random_resized_crop(keys: np.ndarray, view: int, region: np.ndarray,
     n = len(keys)
     rw = (region[:, 2] - region[:, 0]).astype(np.float64)
     rh = (region[:, 3] - region[:, 1]).astype(np.float64)
-    area = rw * rh
     log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
     cw = np.zeros(n)
     ch = np.zeros(n)
     # Shrinking working set: try t only touches the rows no earlier try accepted.
     todo = np.arange(n)
-    k, a, w_, h_, lo, span = keys, area, rw, rh, scale_lo, scale_hi - scale_lo
+    lo, span = np.asarray(scale_lo, np.float64), np.asarray(scale_hi, np.float64) - scale_lo
+    uniform_scale = n > 0 and lo.min() == lo.max() and span.min() == span.max()
+    if uniform_scale:  # one scale range for the whole batch: scalars, fewer arrays to shrink
+        lo, span = float(lo[0]), float(span[0])
+    k, w_, h_ = keys, rw, rh
     for t in range(num_tries):
         if todo.size == 0:
             break
         u_s, u_r = rng.uniforms(k, rng.view_slot(view, rng.VIEW_TRY + t))
-        target = a * (lo + u_s * span)
+        target = (w_ * h_) * (lo + u_s * span)
         ar = np.exp(log_r0 + u_r * (log_r1 - log_r0))
         tw = np.rint(np.sqrt(target * ar))
         th = np.rint(np.sqrt(target / ar))
@@ -220,7 +223,9 @@ def random_resized_crop(keys: np.ndarray, view: int, region: np.ndarray,
         else:
             cw[todo[ok]], ch[todo[ok]] = tw[ok], th[ok]
         rest = ~ok
-        todo, k, a, w_, h_, lo, span = (x[rest] for x in (todo, k, a, w_, h_, lo, span))
+        todo, k, w_, h_ = todo[rest], k[rest], w_[rest], h_[rest]
+        if not uniform_scale:
+            lo, span = lo[rest], span[rest]
     u_i, u_j = rng.uniforms(keys, rng.view_slot(view, rng.VIEW_POS))
     top = np.floor(u_i * (rh - ch + 1))
     left = np.floor(u_j * (rw - cw + 1))
