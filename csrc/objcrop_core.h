@@ -294,6 +294,22 @@ OC_HD OcSample oc_sample_windows(int n, const int* sizes, const float* boxes, co
   return s;
 }
 
+// Store sample n's windows in the windows kernel's output layout (shared by the
+// CUDA windows kernel and the host build, so both write the same arrays).
+OC_HD void oc_store_sample(int n, const OcSample& s, int* windows, int* regions, unsigned char* flips,
+                           int* box_index, unsigned char* fallback, int* shift) {
+  for (int v = 0; v < 2; ++v) {
+    for (int k = 0; k < 4; ++k) {
+      windows[(n * 2 + v) * 4 + k] = s.win[v][k];
+      regions[(n * 2 + v) * 4 + k] = s.region[v][k];
+    }
+    flips[n * 2 + v] = (unsigned char)s.flip[v];
+    shift[n * 2 + v] = s.shift[v];
+  }
+  box_index[n] = s.box_index;
+  fallback[n] = (unsigned char)s.fallback;
+}
+
 // ---- resampling ---------------------------------------------------------------
 // One axis of the filter for output coordinate o (0..out-1) of window [lo, hi):
 // source centre c = lo + (o + 0.5) * scale - 0.5 with scale = (hi - lo) / out,

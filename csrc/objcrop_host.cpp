@@ -14,16 +14,7 @@ void oc_host_windows(const int* sizes, const float* boxes, const long long* offs
                      int* regions, unsigned char* flips, int* box_index, unsigned char* fallback, int* shift) {
   for (int i = 0; i < n; ++i) {
     OcSample s = oc_sample_windows(i, sizes, boxes, offsets, index, seed, epoch, params);
-    for (int v = 0; v < 2; ++v) {
-      for (int k = 0; k < 4; ++k) {
-        windows[(i * 2 + v) * 4 + k] = s.win[v][k];
-        regions[(i * 2 + v) * 4 + k] = s.region[v][k];
-      }
-      flips[i * 2 + v] = (unsigned char)s.flip[v];
-      shift[i * 2 + v] = s.shift[v];
-    }
-    box_index[i] = s.box_index;
-    fallback[i] = (unsigned char)s.fallback;
+    oc_store_sample(i, s, windows, regions, flips, box_index, fallback, shift);
   }
 }
 

@@ -44,16 +44,7 @@ extern "C" __global__ void objcrop_windows(const int* __restrict__ sizes, const 
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   OcSample s = oc_sample_windows(i, sizes, boxes, offsets, index, seed, epoch, params);
-  for (int v = 0; v < 2; ++v) {
-    for (int k = 0; k < 4; ++k) {
-      windows[(i * 2 + v) * 4 + k] = s.win[v][k];
-      regions[(i * 2 + v) * 4 + k] = s.region[v][k];
-    }
-    flips[i * 2 + v] = (unsigned char)s.flip[v];
-    shift[i * 2 + v] = s.shift[v];
-  }
-  box_index[i] = s.box_index;
-  fallback[i] = (unsigned char)s.fallback;
+  oc_store_sample(i, s, windows, regions, flips, box_index, fallback, shift);
 }
 
 

@@ -22,6 +22,7 @@ from dali_objcrop.kernels.host import (compiler, emulate_apply, emulate_crop_vie
                                        host_apply_u8, host_crop_views, host_to_bf16_bits, host_to_f16_bits,
                                        host_windows, load_emulator, load_host_library)
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
+from kernel_data import boxes_for
 
 COCO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_val2017_subset" / "images"
 
@@ -119,21 +120,12 @@ def _images(n_real: int = 4):
     return ims
 
 
-def _boxes_for(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    count = rng.integers(0, 4, n)
-    offsets = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-    c = rng.uniform(0.2, 0.8, (offsets[-1], 2))
-    wh = rng.uniform(0.02, 0.6, (offsets[-1], 2))
-    return np.clip(np.concatenate([c - wh / 2, c + wh / 2], 1), 0, 1).astype(np.float32), offsets
-
-
 @pytest.mark.parametrize("mode,size", [("scene-scene", 224), ("obj-scene", 40), ("obj-obj", 96),
                                        ("obj-obj-dilate", 224), ("obj-obj-shift", 64)])
 def test_crop_matches_reference(lib, mode, size):
     """Fused kernel (g++ build) == NumPy reference within 1/255 per pixel; windows equal; normalisation."""
     ims = _images()
-    boxes, offsets = _boxes_for(len(ims))
+    boxes, offsets = boxes_for(len(ims))
     cfg = CropConfig(mode=mode, box_scale=(0.3, 1.0), min_box_size=32)
     index = np.arange(100, 100 + len(ims))
     r0, r1, cw = reference.crop_views_reference(ims, boxes, offsets, index, 4, 2, cfg, size)
@@ -155,7 +147,7 @@ def test_crop_matches_reference(lib, mode, size):
 def test_apply_u8_matches_reference(lib):
     """Given-windows uint8 kernel (the DALI stage) == reference rounded: at most half a level apart."""
     ims = _images(2)
-    boxes, offsets = _boxes_for(len(ims), 1)
+    boxes, offsets = boxes_for(len(ims), 1)
     cfg = CropConfig(mode="obj-obj-dilate", box_scale=(0.3, 1.0))
     r0, r1, cw = reference.crop_views_reference(ims, boxes, offsets, np.arange(len(ims)), 0, 0, cfg, 80)
     u0, u1 = host_apply_u8(lib, ims, cw.windows, cw.flip, 80)
@@ -174,7 +166,7 @@ def test_cuda_kernels_emulated_match_reference(lib, emu, size, dtype):
     """The CUDA kernels of objcrop_kernel.cu themselves (serial CPU emulation of the grid cupy_backend
     launches): windows == windows.py, pixels == reference within 1/255, half outputs == the core's rounding."""
     ims = _images(3)
-    boxes, offsets = _boxes_for(len(ims), 7)
+    boxes, offsets = boxes_for(len(ims), 7)
     index = np.arange(len(ims)) + 40
     mean, std = IMAGENET_MEAN_PX, IMAGENET_STD_PX
     for mode in ("obj-obj-dilate", "obj-obj-shift", "scene-scene"):

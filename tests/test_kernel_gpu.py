@@ -13,6 +13,7 @@ import pytest
 from dali_objcrop.kernels import reference
 from dali_objcrop.kernels.cupy_backend import gpu_available
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
+from kernel_data import boxes_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU")]
 COCO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_val2017_subset" / "images"
@@ -40,15 +41,6 @@ def host_images(n_real: int = 6):
     ims += [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), rng.integers(0, 256, (45, 31, 3), dtype=np.uint8),
             rng.integers(0, 256, (1, 1, 3), dtype=np.uint8), rng.integers(0, 256, (7, 900, 3), dtype=np.uint8)]
     return ims
-
-
-def boxes_for(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    count = rng.integers(0, 4, n)
-    offsets = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-    c = rng.uniform(0.2, 0.8, (offsets[-1], 2))
-    wh = rng.uniform(0.02, 0.6, (offsets[-1], 2))
-    return np.clip(np.concatenate([c - wh / 2, c + wh / 2], 1), 0, 1).astype(np.float32), offsets
 
 
 @pytest.mark.parametrize("mode", MODES)
