@@ -98,7 +98,8 @@ class Budget:
         recipe: augmentation recipe of the loader.
         share_heads: one projection head for both views even with an object view (the paper: separate).
         knn_k, knn_t: kNN neighbours and temperature.
-        probe_epochs, probe_lr, probe_wd: linear probe (``train.linear_eval``: AdamW on standardised features).
+        probe_epochs, probe_lr, probe_wd, probe_solver: linear probe (``train.linear_eval.linear_probe`` on
+            standardised features: ``adamw`` mini-batch epochs, or ``lbfgs``, the regularised optimum).
     """
 
     arch: str = "resnet18-w0.25"
@@ -122,6 +123,7 @@ class Budget:
     probe_epochs: int = 100
     probe_lr: float = 1e-3
     probe_wd: float = 5e-4
+    probe_solver: str = "adamw"
 
 
 # ---- data: split, labels, eval images ----------------------------------------------------------------------
@@ -275,7 +277,7 @@ def evaluate(backbone, exp: "Experiment", budget: Budget, seed: int, args) -> di
     y = torch.from_numpy(exp.y[:, exp.cols].astype(np.float32))
     tr, te = torch.from_numpy(exp.train), torch.from_numpy(exp.test)
     lin = linear_probe_map(x[tr], y[tr], x[te], y[te], epochs=budget.probe_epochs, lr=budget.probe_lr,
-                           weight_decay=budget.probe_wd, seed=seed)
+                           weight_decay=budget.probe_wd, seed=seed, solver=budget.probe_solver)
     knn = knn_eval(x[tr], y[tr], x[te], y[te], k=budget.knn_k, temperature=budget.knn_t)
     return {"linear_map": float(lin["map"]), "knn_map": float(knn["map"]), "feature_dim": int(x.shape[1]),
             "per_class_ap": {"linear": lin["per_class_ap"], "knn": knn["per_class_ap"]},
@@ -379,6 +381,8 @@ def run_cell(exp: Experiment, setting: str, seed: int, budget: Budget, args) -> 
     loader = make_loader(exp, setting, budget, seed, args)
     backbone, log = pretrain(loader, budget, SETTINGS[setting][0], seed, args.device, args.log_every)
     del loader
+    if args.save_backbones:  # lets other probes re-evaluate a cell without pretraining it again
+        torch.save(backbone.state_dict(), Path(args.out) / "cells" / f"{setting}__seed{seed}.backbone.pt")
     metrics = evaluate(backbone, exp, budget, seed, args)
     return {"setting": setting, "seed": seed, "mode": SETTINGS[setting][0], "boxes": SETTINGS[setting][1],
             **metrics, "pretrain": log, "seconds": time.time() - t0, "torch_threads": torch.get_num_threads()}
@@ -489,6 +493,8 @@ def build_argparser() -> argparse.ArgumentParser:
     p.add_argument("--summarise-only", action="store_true",
                    help="run no cell: rebuild the JSON, table and plot from the cells present (same settings)")
     p.add_argument("--no-random-init", action="store_true", help="skip the untrained-backbone floor")
+    p.add_argument("--save-backbones", type=_parse_bool, default=True,
+                   help="write each cell's pretrained backbone (state_dict) beside its JSON (default true)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--test-frac", type=float, default=0.3)
     p.add_argument("--exclude", nargs="*", default=["person"], help="classes left out of the probe")
@@ -522,6 +528,8 @@ def budget_from_args(args) -> Budget:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(b, name)!r}")
     if b.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {b.lr!r}")
+    if b.probe_solver not in ("adamw", "lbfgs"):  # checked here, not after an hour of pretraining
+        raise ValueError(f"--probe-solver must be adamw or lbfgs, got {b.probe_solver!r}")
     return b
 
 
