@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -112,10 +113,16 @@ def _proc_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def _cpu_seconds(it) -> float:
-    """CPU seconds of this process (all its threads: DALI's too) plus the iterator's worker processes."""
-    workers = getattr(it, "_workers", None) or []
-    return time.process_time() + sum(_proc_cpu_seconds(w.pid) for w in workers if w.pid)
+def _cpu_seconds(it, pids: set[int]) -> float:
+    """CPU seconds of this process (all its threads: DALI's too) plus its worker processes.
+
+    Workers are remembered in ``pids`` across iterators: a live (or zombie) worker is read from /proc, and
+    once it has been joined its time moves into ``RUSAGE_CHILDREN``, so a worker that exits when an epoch
+    ends inside a round keeps counting (reading only the current iterator's workers lost it).
+    """
+    pids.update(w.pid for w in (getattr(it, "_workers", None) or []) if w.pid)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ru.ru_utime + ru.ru_stime + sum(_proc_cpu_seconds(p) for p in pids)
 
 
 def measure_once(loader, warmup: int, seconds: float) -> tuple[float, float]:
@@ -133,17 +140,16 @@ def measure_once(loader, warmup: int, seconds: float) -> tuple[float, float]:
         except StopIteration:
             it = iter(loader)
             next(it)
-    n, t0, c0 = 0, time.perf_counter(), _cpu_seconds(it)
+    pids: set[int] = set()
+    n, t0, c0 = 0, time.perf_counter(), _cpu_seconds(it, pids)
     while time.perf_counter() - t0 < seconds:
         try:
             b = next(it)
         except StopIteration:  # an epoch ended inside the round: the restart is part of the cost
-            c0 -= _cpu_seconds(it)  # keep the finished workers' time, then count the new ones'
             it = iter(loader)
-            c0 += _cpu_seconds(it)
             continue
         n += len(b["index"])
-    dt, cpu = time.perf_counter() - t0, _cpu_seconds(it) - c0
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds(it, pids) - c0
     del it
     return n / dt, (1000.0 * cpu / n if n else float("nan"))
 
