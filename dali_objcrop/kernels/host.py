@@ -100,6 +100,22 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+# Output arrays of the windows kernel, in the order its C signature takes them (flags as uint8 there).
+_WINDOW_FIELDS = ("windows", "regions", "flip", "box_index", "fallback", "shift")
+
+
+def _window_outputs(n: int) -> dict[str, np.ndarray]:
+    return {"windows": np.zeros((n, 2, 4), np.int32), "regions": np.zeros((n, 2, 4), np.int32),
+            "flip": np.zeros((n, 2), np.uint8), "box_index": np.zeros(n, np.int32),
+            "fallback": np.zeros(n, np.uint8), "shift": np.zeros((n, 2), np.int32)}
+
+
+def _as_bools(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out["flip"] = out["flip"].astype(bool)
+    out["fallback"] = out["fallback"].astype(bool)
+    return out
+
+
 def host_windows(lib: ctypes.CDLL, sizes, boxes, offsets, index, seed: int, epoch: int,
                  config: CropConfig) -> dict[str, np.ndarray]:
     """The windows kernel on the CPU.
@@ -110,15 +126,11 @@ def host_windows(lib: ctypes.CDLL, sizes, boxes, offsets, index, seed: int, epoc
     """
     sizes, boxes, offsets, index = check_batch_arrays(sizes, boxes, offsets, index)
     n = len(index)
-    out = {"windows": np.zeros((n, 2, 4), np.int32), "regions": np.zeros((n, 2, 4), np.int32),
-           "flip": np.zeros((n, 2), np.uint8), "box_index": np.zeros(n, np.int32),
-           "fallback": np.zeros(n, np.uint8), "shift": np.zeros((n, 2), np.int32)}
+    out = _window_outputs(n)
     params = kernel_params(config)
     lib.oc_host_windows(_ptr(sizes), _ptr(boxes), _ptr(offsets), _ptr(index), n, seed, epoch, _ptr(params),
-                        *(_ptr(out[k]) for k in ("windows", "regions", "flip", "box_index", "fallback", "shift")))
-    out["flip"] = out["flip"].astype(bool)
-    out["fallback"] = out["fallback"].astype(bool)
-    return out
+                        *(_ptr(out[k]) for k in _WINDOW_FIELDS))
+    return _as_bools(out)
 
 
 def _image_pointers(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -187,17 +199,13 @@ def emulate_windows(lib: ctypes.CDLL, sizes, boxes, offsets, index, seed: int, e
     """The ``objcrop_windows`` kernel run on the CPU (same outputs as :func:`host_windows`)."""
     sizes, boxes, offsets, index = check_batch_arrays(sizes, boxes, offsets, index)
     n = len(index)
-    out = {"windows": np.zeros((n, 2, 4), np.int32), "regions": np.zeros((n, 2, 4), np.int32),
-           "flip": np.zeros((n, 2), np.uint8), "box_index": np.zeros(n, np.int32),
-           "fallback": np.zeros(n, np.uint8), "shift": np.zeros((n, 2), np.int32)}
+    out = _window_outputs(n)
     params = kernel_params(config)
     block = 128  # as cupy_backend.windows_gpu
     lib.oc_emu_windows(-(-n // block), block, _ptr(sizes), _ptr(boxes), _ptr(offsets), _ptr(index), n, seed, epoch,
                        _ptr(params),
-                       *(_ptr(out[k]) for k in ("windows", "regions", "flip", "box_index", "fallback", "shift")))
-    out["flip"] = out["flip"].astype(bool)
-    out["fallback"] = out["fallback"].astype(bool)
-    return out
+                       *(_ptr(out[k]) for k in _WINDOW_FIELDS))
+    return _as_bools(out)
 
 
 def emulate_crop_views(lib: ctypes.CDLL, images: list[np.ndarray], boxes, offsets, index, seed: int, epoch: int,
