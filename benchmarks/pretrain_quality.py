@@ -97,6 +97,8 @@ class Budget:
         top_k: proposals per image the crops draw from.
         recipe: augmentation recipe of the loader.
         share_heads: one projection head for both views even with an object view (the paper: separate).
+        same_head_init: separate heads start from the same weights (independently initialised ones collapsed
+            to the chance loss here; see ``train.heads.build_heads``).
         knn_k, knn_t: kNN neighbours and temperature.
         probe_epochs, probe_lr, probe_wd, probe_solver: linear probe (``train.linear_eval.linear_probe`` on
             standardised features: ``adamw`` mini-batch epochs, or ``lbfgs``, the regularised optimum).
@@ -118,6 +120,7 @@ class Budget:
     top_k: int = 10
     recipe: str = "mocov2"
     share_heads: bool = False
+    same_head_init: bool = True
     knn_k: int = 20
     knn_t: float = 0.07
     probe_epochs: int = 100
@@ -207,7 +210,8 @@ def build_mocov2(budget: Budget, mode: str):
     from train.heads import head_keys, preset
     from train.methods.mocov2 import MoCoV2
     return MoCoV2(build_backbone(budget.arch), preset("mocov2", budget.head_hidden, budget.head_out),
-                  head_keys(mode, budget.share_heads), budget.queue_size, budget.temperature)
+                  head_keys(mode, budget.share_heads), budget.queue_size, budget.temperature,
+                  budget.same_head_init)
 
 
 # ---- pretraining ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ goes through, :func:`build_heads` builds them.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -91,9 +92,23 @@ def head_keys(mode: str, share: bool = False) -> tuple[str, str]:
     return ("obj", "scene")
 
 
-def build_heads(in_dim: int, spec: HeadSpec, keys: tuple[str, str]) -> nn.ModuleDict:
-    """One head per distinct key in ``keys`` (e.g. ``{"obj", "scene"}`` or ``{"scene"}``)."""
-    return nn.ModuleDict({k: mlp(in_dim, spec) for k in dict.fromkeys(keys)})
+def build_heads(in_dim: int, spec: HeadSpec, keys: tuple[str, str], same_init: bool = True) -> nn.ModuleDict:
+    """One head per distinct key in ``keys`` (e.g. ``{"obj", "scene"}`` or ``{"scene"}``).
+
+    With ``same_init`` the heads are separate parameters that start from the same weights.  Why: the
+    loss compares view 1 through the ``obj`` head with view 2 through the ``scene`` head; two
+    independently initialised heads map the same features to unrelated directions, so at step 0
+    the positive pair is no more similar than a negative one and there is no signal to learn from.
+    Measured (``benchmarks/pretrain_quality.py``, MoCo-v2, 40 epochs): independently initialised heads
+    collapsed to a constant embedding (InfoNCE at its chance value ln(K + 1)) on every seed, heads
+    started from the same weights train like one shared head and then specialise.
+    """
+    names = list(dict.fromkeys(keys))
+    first = mlp(in_dim, spec)
+    heads = {names[0]: first}
+    for k in names[1:]:
+        heads[k] = copy.deepcopy(first) if same_init else mlp(in_dim, spec)
+    return nn.ModuleDict(heads)
 
 
 class Backbone(nn.Module):

@@ -90,6 +90,7 @@ class Config:
     # model
     arch: str = "resnet50"            # any torchvision ResNet
     share_heads: bool = False         # one projection head for both views even with an object view
+    same_head_init: bool = True       # separate heads start from the same weights (independent ones collapse)
     head_hidden: int = 0              # projector hidden width (0 = preset)
     head_out: int = 0                 # projector output width (0 = preset)
     pred_hidden: int = 0              # BYOL predictor hidden width (0 = preset)
@@ -145,8 +146,8 @@ class Config:
 
 
 # settings a resumed run must share with its checkpoint (others, e.g. steps or out, may change)
-RESUME_MUST_MATCH = ("method", "crops", "arch", "share_heads", "head_hidden", "head_out", "pred_hidden",
-                     "queue_size", "batch_size", "size", "seed", "data", "boxes", "recipe", "dilate")
+RESUME_MUST_MATCH = ("method", "crops", "arch", "share_heads", "same_head_init", "head_hidden", "head_out",
+                     "pred_hidden", "queue_size", "batch_size", "size", "seed", "data", "boxes", "recipe", "dilate")
 
 
 def _convert(name: str, typ: type, value) -> object:
@@ -249,14 +250,14 @@ def build_model(cfg: Config) -> nn.Module:
     backbone = Backbone(cfg.arch, zero_init_residual=cfg.method == "byol")
     if cfg.method == "mocov2":
         return mocov2.MoCoV2(backbone, preset("mocov2", cfg.head_hidden, cfg.head_out), keys, cfg.queue_size,
-                             cfg.temperature)
+                             cfg.temperature, cfg.same_head_init)
     if cfg.method == "byol":
         proj = preset("byol_projector", cfg.head_hidden, cfg.head_out)
         pred = preset("byol_predictor", cfg.pred_hidden, proj.sizes[-1])
-        return byol.BYOL(backbone, proj, pred, keys)
+        return byol.BYOL(backbone, proj, pred, keys, cfg.same_head_init)
     return densecl.DenseCL(backbone, preset("densecl_global", cfg.head_hidden, cfg.head_out),
                            preset("densecl_dense", cfg.head_hidden, cfg.head_out), keys, cfg.queue_size,
-                           cfg.temperature, cfg.lam)
+                           cfg.temperature, cfg.lam, cfg.same_head_init)
 
 
 def build_optimizer(cfg: Config, model: nn.Module, world_size: int) -> torch.optim.Optimizer:

@@ -42,12 +42,14 @@ class BYOL(nn.Module):
         projector: projector widths (BYOL: 4096 -> 256).
         predictor: predictor widths (BYOL: 4096 -> 256).
         keys: ``(view1_key, view2_key)``.
+        same_head_init: separate heads start from the same weights (see :func:`train.heads.build_heads`).
     """
 
-    def __init__(self, backbone: Backbone, projector: HeadSpec, predictor: HeadSpec, keys: tuple[str, str]):
+    def __init__(self, backbone: Backbone, projector: HeadSpec, predictor: HeadSpec, keys: tuple[str, str],
+                 same_head_init: bool = True):
         super().__init__()
         self.keys = tuple(keys)
-        self.backbone, self.heads = backbone, build_heads(backbone.dim, projector, self.keys)
+        self.backbone, self.heads = backbone, build_heads(backbone.dim, projector, self.keys, same_head_init)
         self.predictor = mlp(projector.sizes[-1], predictor)
         self.backbone_k, self.heads_k = target_copy(self.backbone), target_copy(self.heads)
 

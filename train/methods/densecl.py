@@ -62,10 +62,11 @@ class DenseCL(nn.Module):
         keys: ``(view1_key, view2_key)``.
         queue_size, temperature: as MoCo v2.
         lam: weight of the dense loss.
+        same_head_init: separate heads start from the same weights (see :func:`train.heads.build_heads`).
     """
 
     def __init__(self, backbone: Backbone, global_head: HeadSpec, dense_head: HeadSpec, keys: tuple[str, str],
-                 queue_size: int = 65536, temperature: float = 0.2, lam: float = 0.5):
+                 queue_size: int = 65536, temperature: float = 0.2, lam: float = 0.5, same_head_init: bool = True):
         super().__init__()
         if queue_size < 1 or temperature <= 0 or not 0.0 <= lam <= 1.0:
             raise ValueError(f"bad DenseCL parameters: queue_size={queue_size}, temperature={temperature}, "
@@ -75,8 +76,8 @@ class DenseCL(nn.Module):
         self.shuffle_bn = True  # shuffle-BN of the key encoder across ranks; off with SyncBN
         self.keys, self.temperature, self.lam = tuple(keys), float(temperature), float(lam)
         self.backbone = backbone
-        self.heads = build_heads(backbone.dim, global_head, self.keys)
-        self.dense_heads = build_heads(backbone.dim, dense_head, self.keys)
+        self.heads = build_heads(backbone.dim, global_head, self.keys, same_head_init)
+        self.dense_heads = build_heads(backbone.dim, dense_head, self.keys, same_head_init)
         self.backbone_k, self.heads_k, self.dense_heads_k = (target_copy(m) for m in
                                                              (self.backbone, self.heads, self.dense_heads))
         self.register_buffer("queue", F.normalize(torch.randn(2, global_head.sizes[-1], queue_size), dim=1))

@@ -43,16 +43,17 @@ class MoCoV2(nn.Module):
         keys: ``(view1_key, view2_key)``, e.g. ``("obj", "scene")``.
         queue_size: negatives per view queue.
         temperature: InfoNCE temperature.
+        same_head_init: separate heads start from the same weights (see :func:`train.heads.build_heads`).
     """
 
     def __init__(self, backbone: Backbone, head: HeadSpec, keys: tuple[str, str], queue_size: int = 65536,
-                 temperature: float = 0.2):
+                 temperature: float = 0.2, same_head_init: bool = True):
         super().__init__()
         if queue_size < 1 or temperature <= 0:
             raise ValueError(f"queue_size must be >= 1 and temperature > 0, got {queue_size}, {temperature}")
         self.shuffle_bn = True  # shuffle-BN of the key encoder across ranks; off with SyncBN
         self.keys, self.temperature = tuple(keys), float(temperature)
-        self.backbone, self.heads = backbone, build_heads(backbone.dim, head, self.keys)
+        self.backbone, self.heads = backbone, build_heads(backbone.dim, head, self.keys, same_head_init)
         self.backbone_k, self.heads_k = target_copy(self.backbone), target_copy(self.heads)
         self.register_buffer("queue", F.normalize(torch.randn(2, head.sizes[-1], queue_size), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
