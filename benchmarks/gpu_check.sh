@@ -2,15 +2,20 @@
 # Every GPU test and GPU benchmark of the project in one go, under 8 minutes, one JSON out.
 #
 #   bash benchmarks/gpu_check.sh            # results in ${OUT:-./gpu_results}/gpu_check.json
+#   GPU_CHECK_COCO=path/instances.json bash benchmarks/gpu_check.sh    # real photos for the benchmarks
 #
 # Needs: a CUDA GPU, python with torch and CuPy (no internet needed).  Optional: DALI, found on
 # PYTHONPATH or in /tmp/dali_site (without it the DALI rows are recorded as skipped and only the
 # kernel numbers are measured).  The repository need not be installed: it is put on PYTHONPATH.
-# Steps (each under its own timeout, so one hang cannot eat the budget):
-#   1. environment (nvidia-smi, versions)                                     ~5 s
-#   2. pytest -m gpu over tests/ (the kernel's and every other part's GPU tests)  <= 170 s
-#   3. benchmarks/kernel_bench.py: fused kernel vs DALI ops, batch 256, 224 px    <= 180 s
-#   4. benchmarks/throughput.py on the GPU (loader, dali vs cupy backend), if DALI  <= 90 s
+# Images: GPU_CHECK_COCO (a COCO json with images/ beside annotations/), else ../shared's COCO subset when
+# present, else synthetic scenes.
+# Steps (each under its own timeout, so one hang cannot eat the budget; the kernel's part first):
+#   1. environment (nvidia-smi, versions)                                                   ~5 s
+#   2. pytest -m gpu: the kernel's and the loader's GPU tests                               <= 150 s
+#   3. benchmarks/kernel_bench.py: fused kernel vs DALI ops, batch 256, 224 px              <= 110 s
+#   4. benchmarks/throughput.py on the GPU (loader, dali vs cupy backend), if DALI          <= 80 s
+#   5. pytest -m gpu: the trainer (torchrun, NCCL, bf16, channels_last, GPU loader)         <= 100 s
+#   6. benchmarks/pretrain_speed.py: ResNet-50 224 px, real loader vs resident batch         <= 90 s
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -41,7 +46,16 @@ STUB
 fi
 export CV2_STUB
 T0=$(date +%s)
-KB_SECONDS="${KB_SECONDS:-3}"
+KB_SECONDS="${KB_SECONDS:-2}"
+COCO_JSON="${GPU_CHECK_COCO:-$REPO/../shared/data/coco_val2017_subset/annotations/instances.json}"
+if [ -f "$COCO_JSON" ]; then
+  COCO_JSON="$(cd "$(dirname "$COCO_JSON")" && pwd)/$(basename "$COCO_JSON")"
+  COCO_IMAGES="$(dirname "$(dirname "$COCO_JSON")")/images"
+  KB_IMAGES=(--images "$COCO_IMAGES"); DATA_ARGS=(--coco "$COCO_JSON"); SPEED_DATA=(--data "$COCO_JSON")
+else
+  COCO_JSON=""; KB_IMAGES=(); DATA_ARGS=(); SPEED_DATA=()
+fi
+export COCO_JSON
 echo "gpu_check: python=$PY out=$OUT_DIR"
 
 # 1. environment
@@ -71,36 +85,59 @@ print(json.dumps(info))
 EOF
 cat "$OUT_DIR/env.json"
 
-# 2. GPU tests (collection errors of modules needing absent packages must not stop the others)
+# 2. GPU tests of the kernel and the loader (collection errors of modules needing absent packages must not stop
+# the others)
 S=$(date +%s)
-timeout 170 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
-  --junitxml="$OUT_DIR/pytest_gpu.xml" -o junit_family=xunit1 > "$OUT_DIR/pytest_gpu.log" 2>&1
+timeout 150 "$PY" -m pytest tests/test_kernel_gpu.py tests/test_loader.py -m gpu -q -p no:cacheprovider \
+  --continue-on-collection-errors --junitxml="$OUT_DIR/pytest_gpu.xml" -o junit_family=xunit1 \
+  > "$OUT_DIR/pytest_gpu.log" 2>&1
 PYTEST_RC=$?
 PYTEST_S=$(( $(date +%s) - S ))
 tail -n 25 "$OUT_DIR/pytest_gpu.log"
 
 # 3. kernel benchmark
 S=$(date +%s)
-timeout 180 "$PY" benchmarks/kernel_bench.py --batch 256 --size 224 --seconds "$KB_SECONDS" \
+timeout 110 "$PY" benchmarks/kernel_bench.py --batch 256 --size 224 --seconds "$KB_SECONDS" "${KB_IMAGES[@]}" \
   --out "$OUT_DIR/kernel_bench.json" > "$OUT_DIR/kernel_bench.log" 2>&1
 KB_RC=$?
 KB_S=$(( $(date +%s) - S ))
 tail -n 15 "$OUT_DIR/kernel_bench.log"
 
-# 4. loader throughput on the GPU (DALI needed; its script belongs to the loader's part)
+# 4. loader throughput on the GPU (DALI needed)
 S=$(date +%s)
 TP_RC=skipped
-if [ -f benchmarks/throughput.py ] && "$PY" -c "import nvidia.dali" 2>/dev/null; then
-  timeout 90 "$PY" benchmarks/throughput.py --devices gpu --modes obj-obj-dilate --batch-size 256 --threads 8 \
-    --seconds 4 --reps 2 --warmup 2 --no-torchvision --json "$OUT_DIR/throughput_gpu.json" \
-    > "$OUT_DIR/throughput_gpu.log" 2>&1
+if "$PY" -c "import nvidia.dali" 2>/dev/null; then
+  timeout 80 "$PY" benchmarks/throughput.py "${DATA_ARGS[@]}" --devices gpu --modes scene-scene,obj-obj-dilate \
+    --backends dali,cupy --batch-size 256 --threads 8 --seconds 3 --reps 2 --warmup 2 --no-torchvision \
+    --json "$OUT_DIR/throughput_gpu.json" > "$OUT_DIR/throughput_gpu.log" 2>&1
   TP_RC=$?
   tail -n 10 "$OUT_DIR/throughput_gpu.log"
 fi
 TP_S=$(( $(date +%s) - S ))
 
+# 5. the trainer's GPU tests
+S=$(date +%s)
+timeout 100 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+  --ignore=tests/test_kernel_gpu.py --ignore=tests/test_loader.py --junitxml="$OUT_DIR/pytest_gpu2.xml" \
+  -o junit_family=xunit1 > "$OUT_DIR/pytest_gpu2.log" 2>&1
+PYTEST2_RC=$?
+PYTEST2_S=$(( $(date +%s) - S ))
+tail -n 10 "$OUT_DIR/pytest_gpu2.log"
+
+# 6. pretraining throughput: data wait of the real loader (goal < 3% of step time)
+S=$(date +%s)
+PS_RC=skipped
+if "$PY" -c "import nvidia.dali" 2>/dev/null; then
+  timeout 90 "$PY" benchmarks/pretrain_speed.py "${SPEED_DATA[@]}" --steps=30 --rounds=1 \
+    --json="$OUT_DIR/pretrain_speed.json" > "$OUT_DIR/pretrain_speed.log" 2>&1
+  PS_RC=$?
+  tail -n 6 "$OUT_DIR/pretrain_speed.log"
+fi
+PS_S=$(( $(date +%s) - S ))
+
 # one JSON with everything
 PYTEST_RC=$PYTEST_RC KB_RC=$KB_RC TP_RC=$TP_RC PYTEST_S=$PYTEST_S KB_S=$KB_S TP_S=$TP_S T0=$T0 OUT_DIR="$OUT_DIR" \
+PYTEST2_RC=$PYTEST2_RC PYTEST2_S=$PYTEST2_S PS_RC=$PS_RC PS_S=$PS_S \
 "$PY" - <<'EOF'
 import json, os, time
 import xml.etree.ElementTree as ET
@@ -121,8 +158,9 @@ def tail(name, n=40):
     return open(p, errors="replace").read().splitlines()[-n:] if os.path.exists(p) else None
 
 tests = []
-p = os.path.join(out, "pytest_gpu.xml")
-if os.path.exists(p):
+for p in (os.path.join(out, "pytest_gpu.xml"), os.path.join(out, "pytest_gpu2.xml")):
+    if not os.path.exists(p):
+        continue
     for case in ET.parse(p).getroot().iter("testcase"):
         outcome, msg = "passed", ""
         for tag in ("failure", "error", "skipped"):
@@ -137,12 +175,17 @@ gpu = open(os.path.join(out, "nvidia_smi.txt")).read().strip() if os.path.exists
 result = {
     "gpu": gpu,
     "env": load("env.json"),
-    "pytest_gpu": {"returncode": int(os.environ["PYTEST_RC"]), "seconds": int(os.environ["PYTEST_S"]),
-                   "counts": counts, "tests": tests, "log_tail": tail("pytest_gpu.log", 30)},
+    "pytest_gpu": {"returncode": [int(os.environ["PYTEST_RC"]), int(os.environ["PYTEST2_RC"])],
+                   "seconds": [int(os.environ["PYTEST_S"]), int(os.environ["PYTEST2_S"])],
+                   "counts": counts, "tests": tests,
+                   "log_tail": (tail("pytest_gpu.log", 30) or []) + (tail("pytest_gpu2.log", 15) or [])},
     "kernel_bench": {"returncode": int(os.environ["KB_RC"]), "seconds": int(os.environ["KB_S"]),
                      "result": load("kernel_bench.json"), "log_tail": tail("kernel_bench.log", 20)},
     "throughput_gpu": {"returncode": os.environ["TP_RC"], "seconds": int(os.environ["TP_S"]),
                        "result": load("throughput_gpu.json"), "log_tail": tail("throughput_gpu.log", 10)},
+    "pretrain_speed": {"returncode": os.environ["PS_RC"], "seconds": int(os.environ["PS_S"]),
+                       "result": load("pretrain_speed.json"), "log_tail": tail("pretrain_speed.log", 10)},
+    "images": os.environ.get("COCO_JSON") or "synthetic",
     "total_seconds": int(time.time()) - int(os.environ["T0"]),
 }
 with open(os.path.join(out, "gpu_check.json"), "w") as f:

@@ -367,7 +367,7 @@ def main(argv=None) -> int:
         _need_gpu()
         try:
             import torch
-            from torchvision.io import decode_jpeg
+            from torchvision.io import ImageReadMode, decode_jpeg
         except ImportError:
             raise RuntimeError("skip: torch/torchvision not importable") from None
         if not torch.cuda.is_available():
@@ -376,7 +376,8 @@ def main(argv=None) -> int:
         data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
 
         def step(it):
-            chw = decode_jpeg(data, device="cuda")                  # list of (3, H, W) uint8
+            # list of (3, H, W) uint8; RGB also for the grayscale JPEGs COCO holds
+            chw = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
             hwc = [x.permute(1, 2, 0).contiguous() for x in chw]    # the kernel reads HWC
             return crop_views(hwc, None, boxes, offsets, index, 0, it, cfg, S, MEAN_PX, STD_PX)
         return timed(step, torch.cuda.synchronize, B, args.seconds, args.warmup)

@@ -83,7 +83,9 @@ def test_gpu_crop_matches_reference(mode, size):
 
 
 def test_gpu_half_outputs_and_normalisation():
-    """float16 / bfloat16 outputs are the float32 result rounded to nearest even; ImageNet normalisation."""
+    """float16 / bfloat16 outputs are the float32 result rounded (within one unit in the last place of the
+    output type: the half kernels are separate compilations, whose FMA contractions can differ in the last bit
+    of float32, as seen on an H200); ImageNet normalisation."""
     import cupy
     from dali_objcrop.kernels.cupy_backend import crop_views
     ims = host_images(3)
@@ -98,7 +100,12 @@ def test_gpu_half_outputs_and_normalisation():
     f16 = [v.get() for v in crop_views(dev, None, boxes, offsets, np.arange(len(ims)), 0, 0, cfg, 64, mean, std,
                                        dtype="float16")]
     for a, b in zip(f16, f32):
-        np.testing.assert_array_equal(a, b.astype(np.float16))
+        # near 0 (a pixel at the channel mean) a float16 ulp is ~6e-8, below the float32 arithmetic's
+        # absolute differences between two compilations (~1e-7): allow 1e-5 (6e-4 grey levels) on top
+        ulp = np.spacing(np.abs(b).astype(np.float16)).astype(np.float32)
+        d = np.abs(a.astype(np.float32) - b)
+        assert a.dtype == np.float16 and (d <= ulp + 1e-5).all() and (d <= tol).all(), d.max()
+        assert (a == b.astype(np.float16)).mean() > 0.99
     bf = [v.get() for v in crop_views(dev, None, boxes, offsets, np.arange(len(ims)), 0, 0, cfg, 64, mean, std,
                                       dtype="bfloat16")]
     for a, b in zip(bf, f32):
@@ -131,7 +138,8 @@ def test_gpu_torch_and_dense_inputs():
 
 
 def test_gpu_apply_matches_reference():
-    """The given-windows kernels (HWC uint8 / float32, the DALI stage's) == reference within 1/255."""
+    """The given-windows kernels (HWC uint8 / float32, the DALI stage's) == reference within 1/255 (uint8:
+    the reference rounded, a value within float rounding of a half level may round the other way)."""
     import cupy
     from dali_objcrop.kernels.cupy_backend import apply_windows, apply_windows_u8
     ims = host_images(3)
@@ -141,7 +149,8 @@ def test_gpu_apply_matches_reference():
     dev = [cupy.asarray(im) for im in ims]
     u0, u1 = apply_windows_u8(dev, cw.windows, cw.flip, 100)
     for u, r in ((u0.get(), r0), (u1.get(), r1)):
-        assert np.abs(u.transpose(0, 3, 1, 2).astype(np.float64) - r).max() <= 0.5 + 1e-3
+        d = np.abs(u.transpose(0, 3, 1, 2).astype(np.float64) - r)
+        assert d.max() <= 1.0 and (d > 0.5 + 1e-3).mean() < 1e-3, (d.max(), (d > 0.5 + 1e-3).mean())
     f0, f1 = apply_windows(dev, cw.windows, cw.flip, 100)      # what crop_backend="cupy" runs
     for f, r in ((f0.get(), r0), (f1.get(), r1)):
         assert np.abs(f.transpose(0, 3, 1, 2).astype(np.float64) - r).max() <= 1.0

@@ -22,9 +22,10 @@ TINY = ["--arch=resnet18", "--size=32", "--batch-size=4", "--queue-size=32", "--
 STEPS = 5  # 24 images / (2 ranks x 4) = 3 steps per epoch: the run crosses an epoch boundary
 
 
-def torchrun(args: list[str], timeout: int = 240) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun(args: list[str], timeout: int = 240, nproc: int = 2, omp_threads: int = 1) -> None:
+    """``train/pretrain.py`` under torchrun (standalone, ``nproc`` processes); fails showing its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "train" / "pretrain.py"), *args]
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
