@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="", help="COCO json or image folder ('' = the embedded synthetic set)")
     p.add_argument("--boxes", default="gt")
     p.add_argument("--num-threads", type=int, default=8 if gpu else 2)
+    p.add_argument("--prepare-ahead", type=int, default=1,
+                   help="loader batches prepared on a background thread (0: in the training loop's thread)")
     p.add_argument("--queue-size", type=int, default=65536 if gpu else 4096)
     p.add_argument("--compile", action="store_true")
     # on a small CPU the loader's DALI threads need cores too; 2 OpenMP threads fighting them (and any other
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="write results here (printed either way)")
     a = p.parse_args(argv)
     cfg = Config(method=a.method, crops=a.crops, arch=a.arch, size=a.size, batch_size=a.batch_size, steps=a.steps,
-                 data=a.data, boxes=a.boxes, num_threads=a.num_threads, queue_size=a.queue_size, compile=a.compile,
+                 data=a.data, boxes=a.boxes, num_threads=a.num_threads, prepare_ahead=a.prepare_ahead,
+                 queue_size=a.queue_size, compile=a.compile,
                  torch_threads=a.torch_threads,
                  ckpt_every=0, log_every=max(1, a.steps), progress=False)
     runs = []

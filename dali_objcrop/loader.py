@@ -66,6 +66,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -545,6 +546,10 @@ class ObjCropLoader:
         images_dir: image folder of a COCO json (default: ``images`` beside it or beside its folder).
         device_id: CUDA device (default: ``torch.cuda.current_device()``).
         prefetch_queue_depth: DALI batches in flight.
+        prepare_ahead: batches whose inputs (file bytes, windows, augmentation draws) a background
+            thread prepares before DALI asks for them (0: in DALI's calling thread, i.e. the training
+            loop's).  On an H200 the main-thread preparation of a 128-image batch was ~18% of a
+            ResNet-50 step (``benchmarks/pretrain_speed.py``); the thread overlaps it with the step.
         decoder_kwargs: extra nvJPEG arguments (``hw_decoder_load``, preallocation hints).
         max_images: use only the first N images of ``data`` (quick runs, demos).
         roi_decode: decode only the union of the two crop windows of each image
@@ -560,7 +565,7 @@ class ObjCropLoader:
                  box_scale: tuple[float, float] | None = None, top_k: int = 10, min_box_size: int = 224,
                  images_dir: str | os.PathLike | None = None, device_id: int | None = None,
                  prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
-                 max_images: int | None = None, roi_decode: bool = True) -> None:
+                 max_images: int | None = None, roi_decode: bool = True, prepare_ahead: int = 1) -> None:
         import torch
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -572,6 +577,8 @@ class ObjCropLoader:
             raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed!r}")
+        if prepare_ahead < 0:
+            raise ValueError(f"prepare_ahead must be >= 0, got {prepare_ahead!r}")
         if on_bad_image not in ("skip", "raise"):
             raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
         if device not in ("cpu", "gpu", "auto"):
@@ -619,6 +626,10 @@ class ObjCropLoader:
         self._next_epoch = 0
         self._feed: Iterator[np.ndarray] = iter(())
         self._inflight: deque = deque()
+        # batches taken from _feed whose inputs are being prepared: (positions, Future of inputs)
+        self._ahead: deque[tuple[np.ndarray, Future]] = deque()
+        self._prepare_ahead = prepare_ahead
+        self._pool: ThreadPoolExecutor | None = None
         self._active = False
         self._pipe = None
         self._device_id = device_id
@@ -707,6 +718,7 @@ class ObjCropLoader:
         self._feed = iter(self.batches(epoch))
         self._epoch = epoch
         self._inflight.clear()
+        self._ahead.clear()
         self._active = True
         try:
             while True:
@@ -728,11 +740,42 @@ class ObjCropLoader:
     # ---- internals --------------------------------------------------------------------------
     def _pull(self):
         """External-source callback: the next batch of this epoch (``StopIteration`` at its end)."""
-        idx = self._substitute(next(self._feed))
-        self._inflight.append(idx)  # before reading, so a missing file is found by _recover
-        d, cw = self._src.inputs(idx, self._epoch, self.roi_decode, self._fields)
+        if self._prepare_ahead == 0:
+            idx = self._substitute(next(self._feed))
+            self._inflight.append(idx)  # before reading, so a missing file is found by _recover
+            d, cw = self._src.inputs(idx, self._epoch, self.roi_decode, self._fields)
+        else:
+            self._top_up()
+            if not self._ahead:
+                raise StopIteration
+            idx, fut = self._ahead.popleft()
+            self._inflight.append(idx)
+            self._top_up()  # the next batch is prepared while DALI and the training step run
+            d, cw = fut.result()  # re-raises a read error here, with idx in flight for _recover
         self.stats["fallback"] += cw.num_fallback
         return tuple(d[f] for f in self._fields)
+
+    def _top_up(self) -> None:
+        """Keep ``prepare_ahead`` batches of this epoch in preparation on the background thread.
+
+        The inputs are a pure function of (positions, epoch), so the thread changes no result."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="objcrop-inputs")
+        while len(self._ahead) < self._prepare_ahead:
+            try:
+                idx = self._substitute(next(self._feed))
+            except StopIteration:
+                return
+            self._ahead.append((idx, self._pool.submit(self._src.inputs, idx, self._epoch, self.roi_decode,
+                                                       self._fields)))
+
+    def _unprepare(self) -> list[np.ndarray]:
+        """Drop the batches in preparation; returns their positions (to be fed again, or not at all)."""
+        pending = [idx for idx, _ in self._ahead]
+        for _, fut in self._ahead:
+            fut.cancel()
+        self._ahead.clear()
+        return pending
 
     def _substitute(self, idx: np.ndarray) -> np.ndarray:
         """Replace positions found undecodable (``skip``) by the next usable position, keeping batch sizes."""
@@ -760,6 +803,7 @@ class ObjCropLoader:
             return
         if self._active:
             self._feed = iter(())
+            self._unprepare()
             try:
                 while True:
                     self._pipe.run()
@@ -778,6 +822,7 @@ class ObjCropLoader:
         self._pipe = None  # DALI: "Current pipeline object is no longer valid"
         pending = [self._substitute(idx) for idx in self._inflight]
         self._inflight.clear()
+        ahead = self._unprepare()  # not yet fed to DALI: fed again after the batches in flight
         culprits = {}
         for idx in pending:
             for i in np.unique(idx):
@@ -797,7 +842,7 @@ class ObjCropLoader:
             raise RuntimeError(f"DALI cannot decode {len(named)} file(s) under {self.index.root}: {names}") from err
         self._excluded.update(culprits)
         self.stats["skipped"] += len(culprits)
-        self._feed = itertools.chain(pending, self._feed)
+        self._feed = itertools.chain(pending, ahead, self._feed)
         return self._build()
 
     def _to_torch(self, outs) -> dict:

@@ -382,6 +382,29 @@ def test_gpu_graph_traces_without_a_gpu(recipe):
             augment.get_recipe(recipe), batch_size=2, num_threads=1, device_id=None)
 
 
+def test_prepare_ahead_changes_no_batch(synth_set):
+    """Inputs prepared on the background thread (1 or 3 batches ahead) == prepared in the calling thread,
+    over two epochs, an abandoned epoch and an explicit set_epoch."""
+    def run(ahead):
+        ld = loader(synth_set, mode="obj-obj-shift", prepare_ahead=ahead)
+        out = [b for _ in range(2) for b in ld]
+        it = iter(ld)
+        out.append(next(it))            # epoch 2 abandoned after one batch
+        ld.set_epoch(7)
+        out += list(ld)
+        return out, ld.stats
+    ref, ref_stats = run(0)
+    for ahead in (1, 3):
+        got, stats = run(ahead)
+        assert len(got) == len(ref) == 2 * 6 + 1 + 6
+        for a, b in zip(got, ref):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["view1"], b["view1"]) \
+                and torch.equal(a["view2"], b["view2"])
+        assert stats["fallback"] == ref_stats["fallback"] and stats["samples"] == ref_stats["samples"]
+    with pytest.raises(ValueError, match="prepare_ahead"):
+        loader(synth_set, prepare_ahead=-1)
+
+
 def test_folder_index_and_store_inputs(synth_set, tmp_path):
     """data as a folder or an ImageIndex, boxes as a BoxStore or a saved .boxes path: same batches."""
     from dali_objcrop.dataset import ImageIndex

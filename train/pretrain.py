@@ -87,6 +87,7 @@ class Config:
     recipe: str = ""                  # augmentation recipe ("" = the method's: mocov2 or byol)
     num_threads: int = 4              # DALI threads per process
     loader_device: str = "auto"       # cpu | gpu | auto
+    prepare_ahead: int = 1            # batches whose inputs a loader thread prepares ahead (0: in the loop)
     # model
     arch: str = "resnet50"            # any torchvision ResNet
     share_heads: bool = False         # one projection head for both views even with an object view
@@ -278,7 +279,7 @@ def make_loader(cfg: Config, rank: int, world_size: int):
     return ObjCropLoader(data, boxes=boxes, mode=cfg.crops, batch_size=cfg.batch_size, size=cfg.size,
                          recipe=cfg.recipe, seed=cfg.seed, num_threads=cfg.num_threads, device=cfg.loader_device,
                          rank=rank, world_size=world_size, drop_last=True, dilate=cfg.dilate,
-                         images_dir=cfg.images_dir or None)
+                         images_dir=cfg.images_dir or None, prepare_ahead=cfg.prepare_ahead)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
