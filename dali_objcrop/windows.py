@@ -158,26 +158,29 @@ class CropWindows:
         return (self.windows / np.concatenate([wh, wh], axis=-1)).astype(np.float32)
 
 
-def _to_pixels(box: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+Cols = tuple  # (x1, y1, x2, y2): four (N,) float64 arrays holding exact integers (pixel rectangles)
+
+
+def _to_pixels(box: np.ndarray, w: np.ndarray, h: np.ndarray) -> Cols:
     """Normalised float boxes (N, 4) -> integer pixel rectangles covering them, >= 1 px."""
     x1 = np.clip(np.floor(box[:, 0] * w), 0, w - 1)
     y1 = np.clip(np.floor(box[:, 1] * h), 0, h - 1)
     x2 = np.clip(np.ceil(box[:, 2] * w), x1 + 1, w)
     y2 = np.clip(np.ceil(box[:, 3] * h), y1 + 1, h)
-    return np.stack([x1, y1, x2, y2], axis=1).astype(np.int64)
+    return x1, y1, x2, y2
 
 
 def _widen(lo: np.ndarray, hi: np.ndarray, size: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Widen ``[lo, hi)`` to at least ``min(min_size, size)`` around its centre, inside ``[0, size)``."""
     target = np.minimum(np.maximum(hi - lo, min_size), size)
-    new_lo = np.clip((lo + hi - target) // 2, 0, size - target)
+    new_lo = np.clip(np.floor((lo + hi - target) / 2), 0, size - target)  # exact: integers below 2**52
     return new_lo, new_lo + target
 
 
-def _min_size_region(r: np.ndarray, w: np.ndarray, h: np.ndarray, min_size: int) -> np.ndarray:
-    x1, x2 = _widen(r[:, 0], r[:, 2], w, min_size)
-    y1, y2 = _widen(r[:, 1], r[:, 3], h, min_size)
-    return np.stack([x1, y1, x2, y2], axis=1)
+def _min_size_region(r: Cols, w: np.ndarray, h: np.ndarray, min_size: int) -> Cols:
+    x1, x2 = _widen(r[0], r[2], w, min_size)
+    y1, y2 = _widen(r[1], r[3], h, min_size)
+    return x1, y1, x2, y2
 
 
 def random_resized_crop(keys: np.ndarray, view: int, region: np.ndarray,
@@ -196,9 +199,19 @@ def random_resized_crop(keys: np.ndarray, view: int, region: np.ndarray,
     Returns:
         (N, 4) int64 windows ``[x1, y1, x2, y2)``.
     """
+    region = np.asarray(region, dtype=np.float64).reshape(-1, 4)
+    out = np.empty((len(keys), 4), dtype=np.int64)
+    _random_resized_crop_cols(keys, view, tuple(region.T), scale_lo, scale_hi, ratio, num_tries, out)
+    return out
+
+
+def _random_resized_crop_cols(keys: np.ndarray, view: int, region: Cols, scale_lo, scale_hi,
+                              ratio: tuple[float, float], num_tries: int, out: np.ndarray) -> None:
+    """:func:`random_resized_crop` on a region given as columns, writing the (N, 4) windows into ``out``."""
     n = len(keys)
-    rw = (region[:, 2] - region[:, 0]).astype(np.float64)
-    rh = (region[:, 3] - region[:, 1]).astype(np.float64)
+    rx, ry = region[0], region[1]
+    rw = region[2] - rx
+    rh = region[3] - ry
     log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
     cw = np.zeros(n)
     ch = np.zeros(n)
@@ -240,9 +253,9 @@ def random_resized_crop(keys: np.ndarray, view: int, region: np.ndarray,
         cw[todo], ch[todo] = fw, fh
         top[todo] = np.floor((frh - fh) / 2)
         left[todo] = np.floor((frw - fw) / 2)
-    x1 = region[:, 0] + left.astype(np.int64)
-    y1 = region[:, 1] + top.astype(np.int64)
-    return np.stack([x1, y1, x1 + cw.astype(np.int64), y1 + ch.astype(np.int64)], axis=1)
+    x1 = rx + left
+    y1 = ry + top
+    out[:, 0], out[:, 1], out[:, 2], out[:, 3] = x1, y1, x1 + cw, y1 + ch
 
 
 def sample_windows(sizes: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, index: np.ndarray,
@@ -273,58 +286,62 @@ def sample_windows(sizes: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, in
     w = sizes[:, 0].astype(np.int64)
     h = sizes[:, 1].astype(np.int64)
     keys = rng.sample_keys(seed, epoch, index)
-    whole = np.stack([np.zeros(n, np.int64), np.zeros(n, np.int64), w, h], axis=1)
 
     count = np.minimum(np.diff(offsets), config.top_k)
     has_box = count > 0
     box_index = np.full(n, -1, dtype=np.int64)
     box_px = np.full((n, 4), np.nan)
-    regions = np.repeat(whole[:, None, :], 2, axis=1)
     fallback = np.zeros(n, dtype=bool)
     kinds = config.view_kinds
+    wf, hf = w.astype(np.float64), h.astype(np.float64)
+    whole = (np.zeros(n), np.zeros(n), wf, hf)
+    regions = [whole, whole]  # per view: (x1, y1, x2, y2) float64 columns of exact integers
 
     if config.uses_boxes:
+        # Every row is computed, none gathered: an image without boxes gets the whole image as its "box",
+        # which every rule below maps back to the whole image (the scene fallback), so no row subsets.
         fallback = ~has_box
-        rows = np.flatnonzero(has_box)
-        u_box, _ = rng.uniforms(keys[rows], rng.SLOT_BOX)
-        pick = np.minimum(np.floor(u_box * count[rows]).astype(np.int64), count[rows] - 1)
-        box_index[rows] = pick
-        b = boxes[offsets[rows] + pick]                      # (R, 4) normalised
-        rw, rh = w[rows], h[rows]
-        box_px[rows] = b * np.stack([rw, rh, rw, rh], axis=1)
-        b_px = _to_pixels(b, rw, rh)
-        regions[rows, 0] = _min_size_region(b_px, rw, rh, config.min_box_size)
+        u_box, _ = rng.uniforms(keys, rng.SLOT_BOX)
+        pick = np.minimum(np.floor(u_box * count).astype(np.int64), np.maximum(count - 1, 0))
+        box_index = np.where(has_box, pick, -1)
+        b = boxes[np.minimum(offsets[:-1] + pick, max(len(boxes) - 1, 0))] if len(boxes) else np.zeros((n, 4))
+        b = np.where(has_box[:, None], b, np.array([0.0, 0.0, 1.0, 1.0]))   # (N, 4) normalised
+        box_px = np.where(has_box[:, None], b * np.stack([wf, hf, wf, hf], axis=1), np.nan)
+        b_px = _to_pixels(b, wf, hf)
+        regions[0] = _min_size_region(b_px, wf, hf, config.min_box_size)
         if kinds[1] == "box":
-            regions[rows, 1] = regions[rows, 0]
+            regions[1] = regions[0]
         elif kinds[1] == "dilated":
             d = config.effective_dilate
             grown = np.clip(b + np.array([-d, -d, d, d]), 0.0, 1.0)
-            regions[rows, 1] = _min_size_region(_to_pixels(grown, rw, rh), rw, rh, config.min_box_size)
+            regions[1] = _min_size_region(_to_pixels(grown, wf, hf), wf, hf, config.min_box_size)
         elif kinds[1] == "shifted":
-            u_dir, u_rad = rng.uniforms(keys[rows], rng.SLOT_SHIFT)
+            u_dir, u_rad = rng.uniforms(keys, rng.SLOT_SHIFT)
             r0, r1 = config.shift_range
             radius = r0 + u_rad * (r1 - r0)
             theta = 2.0 * math.pi * u_dir
-            dx = np.floor(radius * np.cos(theta) + 0.5).astype(np.int64)
-            dy = np.floor(radius * np.sin(theta) + 0.5).astype(np.int64)
-            # translate back inside the image where the move would leave it
-            dx = np.clip(dx, -b_px[:, 0], rw - b_px[:, 2])
-            dy = np.clip(dy, -b_px[:, 1], rh - b_px[:, 3])
-            moved = b_px + np.stack([dx, dy, dx, dy], axis=1)
-            regions[rows, 1] = _min_size_region(moved, rw, rh, config.min_box_size)
-            shift = np.zeros((n, 2), np.int64)
-            shift[rows] = np.stack([dx, dy], axis=1)
+            dx = np.floor(radius * np.cos(theta) + 0.5)
+            dy = np.floor(radius * np.sin(theta) + 0.5)
+            # translate back inside the image where the move would leave it (a whole-image box: no move)
+            x1, y1, x2, y2 = b_px
+            dx = np.clip(dx, -x1, wf - x2)
+            dy = np.clip(dy, -y1, hf - y2)
+            regions[1] = _min_size_region((x1 + dx, y1 + dy, x2 + dx, y2 + dy), wf, hf, config.min_box_size)
+            shift = np.stack([dx, dy], axis=1).astype(np.int64)
 
     box_lo, box_hi = config.box_scale if config.box_scale is not None else (1.0, 1.0)
-    windows = np.empty((n, 2, 4), dtype=np.int64)
+    windows = np.empty((n, 2, 4), dtype=np.int32)
+    regions_out = np.empty((n, 2, 4), dtype=np.int32)
     for v in (0, 1):
         object_view = (kinds[v] != "scene") & has_box if config.uses_boxes else np.zeros(n, bool)
         s_lo = np.where(object_view, box_lo, config.scale[0])
         s_hi = np.where(object_view, box_hi, config.scale[1])
-        windows[:, v] = random_resized_crop(keys, v, regions[:, v], s_lo, s_hi, config.ratio, config.num_tries)
+        for c in range(4):
+            regions_out[:, v, c] = regions[v][c]
+        _random_resized_crop_cols(keys, v, regions[v], s_lo, s_hi, config.ratio, config.num_tries, windows[:, v])
     flip = np.stack([rng.uniforms(keys, rng.view_slot(v, rng.VIEW_FLIP))[0] < config.flip_p for v in (0, 1)],
                     axis=1)
-    out = CropWindows(windows=windows.astype(np.int32), flip=flip, regions=regions.astype(np.int32),
+    out = CropWindows(windows=windows, flip=flip, regions=regions_out,
                       box=box_px, box_index=box_index, fallback=fallback, keys=keys)
     if kinds[1] == "shifted":
         out.extras["shift"] = shift
