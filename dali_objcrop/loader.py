@@ -630,6 +630,7 @@ class ObjCropLoader:
         self._ahead: deque[tuple[np.ndarray, Future]] = deque()
         self._prepare_ahead = prepare_ahead
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._active = False
         self._pipe = None
         self._device_id = device_id
@@ -759,8 +760,9 @@ class ObjCropLoader:
         """Keep ``prepare_ahead`` batches of this epoch in preparation on the background thread.
 
         The inputs are a pure function of (positions, epoch), so the thread changes no result."""
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has no worker thread
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="objcrop-inputs")
+            self._pool_pid = os.getpid()
         while len(self._ahead) < self._prepare_ahead:
             try:
                 idx = self._substitute(next(self._feed))
