@@ -283,8 +283,6 @@ def sample_windows(sizes: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, in
         raise ValueError(f"sizes must be ({n}, 2) and offsets ({n + 1},), got {sizes.shape} and {offsets.shape}")
     if n and (sizes.min() < 1):
         raise ValueError("image sizes must be >= 1 pixel")
-    w = sizes[:, 0].astype(np.int64)
-    h = sizes[:, 1].astype(np.int64)
     keys = rng.sample_keys(seed, epoch, index)
 
     count = np.minimum(np.diff(offsets), config.top_k)
@@ -293,7 +291,7 @@ def sample_windows(sizes: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, in
     box_px = np.full((n, 4), np.nan)
     fallback = np.zeros(n, dtype=bool)
     kinds = config.view_kinds
-    wf, hf = w.astype(np.float64), h.astype(np.float64)
+    wf, hf = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)  # integer-valued
     whole = (np.zeros(n), np.zeros(n), wf, hf)
     regions = [whole, whole]  # per view: (x1, y1, x2, y2) float64 columns of exact integers
 
