@@ -68,7 +68,7 @@ def test_quick_end_to_end(tmp_path):
     assert set(res["split"]["train_keys"]).isdisjoint(res["split"]["test_keys"])
     assert len(res["split"]["train_keys"]) + len(res["split"]["test_keys"]) == res["data"]["num_images"]
     cells = {(c["setting"], c["seed"]) for c in res["cells"]}
-    assert cells == {(s, k) for s in list(pq.SETTINGS) + ["random-init"] for k in (0, 1)}
+    assert cells == {(s, k) for s in list(pq.DEFAULT_SETTINGS) + ["random-init"] for k in (0, 1)}
     for c in res["cells"]:
         for m in pq.METRICS:
             assert 0.0 <= c[m] <= 1.0 and math.isfinite(c[m])
@@ -76,7 +76,7 @@ def test_quick_end_to_end(tmp_path):
         if c["setting"] != "random-init":
             assert c["pretrain"]["steps"] > 0 and all(math.isfinite(v) for v in c["pretrain"]["epoch_losses"])
     per = res["summary"]["per_setting"]
-    assert set(per) == set(pq.SETTINGS) | {"random-init"} and per["scene-scene"]["linear_map"]["n"] == 2
+    assert set(per) == set(pq.DEFAULT_SETTINGS) | {"random-init"} and per["scene-scene"]["linear_map"]["n"] == 2
     diff = res["summary"]["paired_diff_to_scene-scene"]["obj-obj-dilate+gt"]["linear_map"]
     assert set(diff["per_seed"]) == {"0", "1"}
     bing = res["boxes"]["bing"]
