@@ -525,10 +525,14 @@ def run(args) -> int:
                         with lock:
                             record("quality", cmd)
                         rc, secs = run_with_deadline(cmd, left, work / "logs" / f"lane{i}.log")
-                        ok = rc == 0 and (cells_dir / f"{s}__seed{seed}.json").exists()
+                        # the cell file is written atomically once the cell is evaluated: it counts even when the
+                        # process was stopped afterwards (pretrain_quality.py then rebuilds its summary and plot)
+                        ok = (cells_dir / f"{s}__seed{seed}.json").exists()
                         last = secs
+                        why = "" if rc == 0 else (" (stopped at the deadline while summarising)" if rc is None
+                                                  else f" (rc {rc} after writing it)")
                         rec.update(status="done" if ok else ("killed (deadline)" if rc is None else f"failed rc {rc}"),
-                                   seconds=round(secs, 1))
+                                   seconds=round(secs, 1), note=why.strip(" ()") if ok else "")
                     log(f"cell {s} seed {seed} (lane {i}): {rec['status']}, {rec['seconds']:.0f} s")
                 with lock:
                     timings["cells"].append(rec)

@@ -178,3 +178,27 @@ def test_dry_run_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no finished cell" in (r.stdout + r.stderr), r.stdout[-2000:] + r.stderr[-2000:]
 
+
+
+def test_markdown_reports_a_cut_run_and_missing_parts():
+    """A run cut by its deadline (one seed) or without any result still yields a readable report."""
+    prof = gq.asdict(gq.PROFILES["gpu"])
+    diff = {"per_seed": {"0": 0.012}, "mean": 0.012, "std": 0.0, "n": 1, "n_positive": 1}
+    result = {"label": "GPU run", "card": "NVIDIA H200", "command": "bash benchmarks/gpu_quality.sh run",
+              "environment": {"nvidia_smi": "NVIDIA H200, 143771 MiB, 580", "torch": "2.11", "dali": "2.4.0"},
+              "status": {"cells_done": 4, "cells_expected": 12, "random_init": False, "speed": "missing (rc None)"},
+              "timings": {"phases": {"total_s": 250.0}}, "budget": {"profile": prof, "min_box_size": 112},
+              "data": {"scale": 0.5, "min_box_size": 112}, "speed": None, "speed_command": "(not run)",
+              "quality_commands": ["python pq.py --a=1 --only=scene-scene --seed=0"],
+              "quality_common": "python pq.py --a=1",
+              "quality": {"split": {"train_keys": ["a"] * 840, "test_keys": ["b"] * 360, "seed": 0},
+                          "classes": {"num_probe_classes": 76}, "chance_map": 0.0342,
+                          "table_markdown": "| setting | linear-probe mAP (%) |",
+                          "summary": {"paired_diff_to_scene-scene": {"obj-scene+bing": {"linear_map": diff}}}}}
+    md = gq.markdown(result)
+    assert "NVIDIA H200" in md and "4/12 cells" in md and "840 train / 360 test" in md
+    assert "| obj-scene+bing | linear_map | +1.20 | — | — | +1.20 ± n/a |" in md
+    assert "Not measured" in md and "--only=scene-scene --seed=0" in md
+    result.update(quality=None, quality_commands=[])
+    md = gq.markdown(result)
+    assert "No summary" in md and "## Data wait" in md
