@@ -54,8 +54,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEFAULT_COCO = SHARED / "data" / "coco_val2017_subset" / "annotations" / "instances.json"
 DEFAULT_BING_MODELS = SHARED / "models" / "bing"
-if str(REPO) not in sys.path:  # run as a script: import dali_objcrop from this checkout
-    sys.path.insert(0, str(REPO))
 PQ = REPO / "benchmarks" / "pretrain_quality.py"
 SPEED = REPO / "benchmarks" / "pretrain_speed.py"
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmark_module import load
+from conftest import BING_MODELS, COCO_ANN
 
-import gpu_quality as gq  # noqa: E402
-from conftest import BING_MODELS, COCO_ANN  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+gq = load("gpu_quality")
 
 
 def _coco() -> Path:
