@@ -96,5 +96,5 @@ def test_help_lists_fields_with_defaults_and_comments(capsys):
         parse_configs([Run, Extra], ["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "--name=str (default 'a')  what to call it" in text and "--seeds=list[int] (default [0])" in text
+    assert "--name=a  (str)  what to call it" in text and "--seeds=0  (list[int])" in text
     assert "Extra: More settings." in text

@@ -225,7 +225,7 @@ def _comments(cls) -> dict[str, str]:
 
 
 def config_help(configs: Sequence[Any]) -> str:
-    """Every field of ``configs``: ``--name=type (default value)  comment``."""
+    """Every field of ``configs``: ``--name=default  (type)  comment``."""
     lines = ["usage: [--config=FILE.json] [--field=value ...]  ('-' or '_'; --field value; lists as a,b,c "
              "or several arguments)"]
     for b in (_as_instance(c) for c in configs):
@@ -234,9 +234,10 @@ def config_help(configs: Sequence[Any]) -> str:
         lines.append(f"{cls.__name__}: {doc[0] if doc else ''}")
         notes = _comments(cls)
         for name, typ in _field_types(cls).items():
+            default = getattr(b, name)
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             tname = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
-            lines.append(f"  --{name.replace('_', '-')}={tname} (default {getattr(b, name)!r})  "
-                         f"{notes.get(name, '')}".rstrip())
+            lines.append(f"  --{name.replace('_', '-')}={shown}  ({tname})  {notes.get(name, '')}".rstrip())
     return "\n".join(lines)
 
 
