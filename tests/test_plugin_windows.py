@@ -20,6 +20,7 @@ import pytest
 
 from dali_objcrop import augment, plugin
 from dali_objcrop.boxstore import BoxStore
+from dali_objcrop.loader import window_rois
 from dali_objcrop.plugin import build
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
 
@@ -70,21 +71,26 @@ def run_op(sizes, boxes, offsets, index, epoch, config, recipe, seed, store=None
         e = fn.external_source(source=lambda: epochs, batch=True)
         if store is None:
             b = fn.external_source(source=lambda: per_boxes, batch=True)
-            out = plugin.windows(s, i, b, epoch=e, config=config, recipe=recipe, seed=seed, details=True)
+            out = plugin.windows(s, i, b, epoch=e, config=config, recipe=recipe, seed=seed, details=True,
+                                 resize_rois=True, blur_kernels=True)
         else:
             r = fn.external_source(source=lambda: [np.array(x, np.int64) for x in rows], batch=True)
             out = plugin.windows(s, i, epoch=e, config=config, recipe=recipe, seed=seed, details=True,
-                                 boxes_store=store, store_row=r)
-        return out.roi, out.windows, out.flip, out.aug, out.details
+                                 boxes_store=store, store_row=r, resize_rois=True, blur_kernels=True)
+        return out.roi, out.windows, out.flip, out.aug, out.details, out.resize_rois, out.blur_kernels
 
     p = pipe()
     p.build()
-    return [np.stack([np.asarray(t) for t in o]) for o in p.run()]
+    outs = p.run()
+    return [np.stack([np.asarray(t) for t in o]) for o in outs[:6]] + [[np.asarray(t) for t in outs[6]]]
 
 
 def check_equal(outs, sizes, boxes, offsets, index, epoch, config, recipe, seed):
-    roi, win, flip, aug, det = outs
+    roi, win, flip, aug, det, rois, kernels = outs
     cw = sample_windows(sizes, boxes, offsets, index, seed, epoch, config)
+    # the inputs the loader's DALI-ops crop stage takes: fn.resize rois (as loader.window_rois) and blur kernels
+    for v, want in enumerate(np.split(np.concatenate(window_rois(win, flip.astype(bool)), 1), 2, axis=1)):
+        np.testing.assert_array_equal(rois[:, v], want)
     absolute = win + np.concatenate([roi[:, :2], roi[:, :2]], 1)[:, None, :]
     np.testing.assert_array_equal(absolute, cw.windows)
     lo, hi = cw.windows[:, :, :2].min(1), cw.windows[:, :, 2:].max(1)
@@ -105,6 +111,19 @@ def check_equal(outs, sizes, boxes, offsets, index, epoch, config, recipe, seed)
                 "blur_window": p["blur_window"], "solarize": p["solarize"]}
         for c, name in enumerate(plugin.AUG_COLUMNS):
             np.testing.assert_array_equal(aug[:, v, c], np.asarray(want[name], np.float32), err_msg=f"{name}{v}")
+        kern, size = augment.gaussian_kernels(_sigma64(cw.keys, v, rec))
+        for i in range(len(kernels)):
+            k = kernels[i][v]
+            pad = (len(k) - size[i]) // 2
+            assert (k[:pad] == 0).all() and (k[pad + size[i]:] == 0).all()
+            np.testing.assert_allclose(k[pad:pad + size[i]], kern[i, :size[i]], rtol=2e-7, atol=1e-9)
+
+
+def _sigma64(keys, v, rec):
+    """The float64 sigma that sample_aug_params draws (its float32 output rounds it)."""
+    from dali_objcrop import rng
+    lo, hi = rec.views[v].blur_sigma
+    return lo + rng.uniforms(keys, rng.aug_slot(v, augment.K_BLUR))[1] * (hi - lo)
 
 
 CONFIGS = [CropConfig(mode=m, box_scale=(0.45, 1.0)) for m in MODES] + [

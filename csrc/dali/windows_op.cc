@@ -14,8 +14,9 @@
 //   shape  image shape (H, W[, C]) of the ENCODED image, e.g. fn.peek_image_shape (any integer type).
 //   index  the sample's key (its dataset position or any non-negative integer id), one integer.
 // Outputs (CPU, per sample): roi (4,) int32 [x, y, w, h]; windows (2, 4) int32 [x1, y1, x2, y2)
-//   relative to the roi; flip (2,) uint8; aug (2, 9) float32; with details=True also
-//   details (12,) int32 = regions (2x4, absolute), box_index, fallback, shift dx, dy.
+//   relative to the roi; flip (2,) uint8; aug (2, 9) float32; then, in this order, where asked:
+//   details (12,) int32 = regions (2x4, absolute), box_index, fallback, shift dx, dy;
+//   resize_rois (2, 4) float32 (fn.resize's roi_start/roi_end); blur_kernels (2, W) float32.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -279,6 +280,10 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
                  "hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p)");
     std::copy(aug.begin(), aug.end(), aug_);
     details_ = spec.GetArgument<bool>("details");
+    resize_rois_ = spec.GetArgument<bool>("resize_rois");
+    blur_kernels_ = spec.GetArgument<bool>("blur_kernels");
+    DALI_ENFORCE(aug[7] > 0 && aug[7] <= aug[8] && aug[17] > 0 && aug[17] <= aug[18] && aug[8] <= 10.0 &&
+                 aug[18] <= 10.0, "objcrop.windows: blur sigma ranges must satisfy 0 < lo <= hi <= 10");
     const std::string store = spec.GetArgument<std::string>("boxes_store");
     if (!store.empty()) store_ = std::make_unique<BoxStoreMap>(store);
   }
@@ -288,12 +293,29 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
     const int n = ws.GetInputBatchSize(0);
     const int nin = ws.NumInput();
     DALI_ENFORCE(!(store_ && nin == 3), "objcrop.windows: give either a boxes input or boxes_store, not both");
-    out.resize(details_ ? 5 : 4);
+    out.resize(4 + details_ + resize_rois_ + blur_kernels_);
     out[0] = {dali::uniform_list_shape(n, {4}), DALI_INT32};
     out[1] = {dali::uniform_list_shape(n, {2, 4}), DALI_INT32};
     out[2] = {dali::uniform_list_shape(n, {2}), DALI_UINT8};
     out[3] = {dali::uniform_list_shape(n, {2, kAugCols}), DALI_FLOAT};
-    if (details_) out[4] = {dali::uniform_list_shape(n, {kDetails}), DALI_INT32};
+    int o = 4;
+    if (details_) out[o++] = {dali::uniform_list_shape(n, {kDetails}), DALI_INT32};
+    if (resize_rois_) out[o++] = {dali::uniform_list_shape(n, {2, 4}), DALI_FLOAT};
+    if (blur_kernels_) {  // (2, W): W = the larger of the two views' odd kernel sizes (per sample)
+      dali::TensorListShape<2> sh(n);
+      const auto &shape_in = ws.Input<CPUBackend>(ws.NumInput() - 2);
+      const auto &index_in = ws.Input<CPUBackend>(ws.NumInput() - 1);
+      for (int i = 0; i < n; ++i) {
+        const oc_u64 key = oc_sample_key(seed_, static_cast<oc_u64>(spec_.GetArgument<int64_t>("epoch", &ws, i)),
+                                         static_cast<oc_u64>(IntAt(index_in, i, 0, "index")));
+        float a0[kAugCols], a1[kAugCols];
+        AugParams(key, 0, aug_, a0);
+        AugParams(key, 1, aug_ + kViewAugParams, a1);
+        sh.set_tensor_shape(i, {2, static_cast<int64_t>(std::max(a0[7], a1[7]))});
+      }
+      (void)shape_in;
+      out[o++] = {sh, DALI_FLOAT};
+    }
     return true;
   }
 
@@ -359,14 +381,48 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
         flip[v] = static_cast<uint8_t>(s.flip[v]);
         AugParams(key, v, aug_ + v * kViewAugParams, aug + v * kAugCols);
       }
+      int o = 4;
       if (details_) {
-        int32_t *d = ws.Output<CPUBackend>(4).mutable_tensor<int32_t>(i);
+        int32_t *d = ws.Output<CPUBackend>(o++).mutable_tensor<int32_t>(i);
         for (int v = 0; v < 2; ++v)
           for (int k = 0; k < 4; ++k) d[4 * v + k] = s.region[v][k];
         d[8] = s.box_index;
         d[9] = s.fallback;
         d[10] = s.shift[0];
         d[11] = s.shift[1];
+      }
+      if (resize_rois_) {  // fn.resize's roi_start / roi_end, (y, x); a flipped view swaps x (DALI mirrors)
+        float *r = ws.Output<CPUBackend>(o++).mutable_tensor<float>(i);
+        for (int v = 0; v < 2; ++v) {
+          const int32_t *wv = win + 4 * v;
+          r[4 * v + 0] = static_cast<float>(wv[1]);
+          r[4 * v + 1] = static_cast<float>(flip[v] ? wv[2] : wv[0]);
+          r[4 * v + 2] = static_cast<float>(wv[3]);
+          r[4 * v + 3] = static_cast<float>(flip[v] ? wv[0] : wv[2]);
+        }
+      }
+      if (blur_kernels_) {  // augment.gaussian_kernels per view, centred in W taps (zeros outside)
+        auto &kout = ws.Output<CPUBackend>(o++);
+        const int64_t width = kout.tensor_shape(i)[1];
+        float *k = kout.mutable_tensor<float>(i);
+        for (int v = 0; v < 2; ++v) {
+          const double *a = aug_ + v * kViewAugParams;
+          double u_blur, u_sigma;
+          oc_uniforms(key, 40 + v * 8 + 3, &u_blur, &u_sigma);
+          const double sigma = a[7] + u_sigma * (a[8] - a[7]);
+          const int64_t size = static_cast<int64_t>(2.0 * std::ceil(3.0 * sigma) + 1.0);
+          const int64_t pad = (width - size) / 2;
+          double g[64], sum = 0.0;
+          for (int64_t j = 0; j < size && j < 64; ++j) {
+            const double x = static_cast<double>(j - size / 2) / sigma;
+            g[j] = std::exp(-0.5 * (x * x));
+            sum += g[j];
+          }
+          for (int64_t j = 0; j < width; ++j) {
+            const int64_t t = j - pad;
+            k[v * width + j] = (t >= 0 && t < size && t < 64) ? static_cast<float>(g[t] / sum) : 0.0f;
+          }
+        }
       }
     }
   }
@@ -375,7 +431,7 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
   double params_[OC_NUM_PARAMS];
   double aug_[2 * kViewAugParams];
   oc_u64 seed_ = 0;
-  bool details_ = false;
+  bool details_ = false, resize_rois_ = false, blur_kernels_ = false;
   std::unique_ptr<BoxStoreMap> store_;
 };
 
@@ -397,7 +453,10 @@ int32 [x1, y1, x2, y2) relative to the roi, flip (2,) uint8, aug (2, 9) float32 
 brightness, contrast, saturation, hue_degrees, blur_applied, sigma, blur_window,
 solarize_applied]; with ``details`` also (12,) int32 [regions (2x4), box_index, fallback, shift dx, dy].)")
     .NumInput(2, 3)
-    .OutputFn([](const OpSpec &spec) { return spec.GetArgument<bool>("details") ? 5 : 4; })
+    .OutputFn([](const OpSpec &spec) {
+      return 4 + spec.GetArgument<bool>("details") + spec.GetArgument<bool>("resize_rois") +
+             spec.GetArgument<bool>("blur_kernels");
+    })
     .AddOptionalArg("mode", "Crop mode: scene-scene, obj-scene, obj-obj, obj-obj-dilate, obj-obj-shift.",
                     std::string("obj-obj-dilate"))
     .AddOptionalArg("scale", "Scene-crop area range 'lo, hi' (fraction of the image; text, read as float64).",
@@ -422,6 +481,10 @@ solarize_applied]; with ``details`` also (12,) int32 [regions (2x4), box_index, 
     .AddOptionalArg("boxes_store", "Path of a .boxes store; boxes are looked up by row (the index, or store_row).",
                     std::string(""))
     .AddOptionalArg<int64_t>("store_row", "Row in boxes_store when it differs from the index.", nullptr, true)
-    .AddOptionalArg("details", "Add a fifth output: regions, box_index, fallback, shift.", false);
+    .AddOptionalArg("details", "Add an output (12,) int32: regions (2x4), box_index, fallback, shift dx, dy.", false)
+    .AddOptionalArg("resize_rois", "Add an output (2, 4) float32 per view [y1, x_start, y2, x_end] in roi "
+                    "coordinates, x swapped when flipped: fn.resize's roi_start / roi_end.", false)
+    .AddOptionalArg("blur_kernels", "Add an output (2, W) float32: each view's normalised 1-D Gaussian kernel "
+                    "(augment.gaussian_kernels), centred in W = the larger kernel size, zeros outside.", false);
 
 }  // namespace dali

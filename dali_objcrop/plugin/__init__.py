@@ -145,8 +145,10 @@ class WindowsOutputs:
 
     roi (4,) int32 ``[x, y, w, h]`` -- the union of both windows, what to decode;
     windows (2, 4) int32 ``[x1, y1, x2, y2)`` relative to the roi; flip (2,) uint8;
-    aug (2, 9) float32 in :data:`AUG_COLUMNS` order; details (12,) int32 (regions 2x4,
-    box_index, fallback, shift dx, dy) or None.
+    aug (2, 9) float32 in :data:`AUG_COLUMNS` order; where asked for: details (12,) int32
+    (regions 2x4, box_index, fallback, shift dx, dy), resize_rois (2, 4) float32 per view
+    ``[y1, x_start, y2, x_end]`` (``fn.resize``'s roi_start/roi_end, x swapped when flipped),
+    blur_kernels (2, W) float32 (each view's Gaussian kernel centred in W taps).
     """
 
     roi: object
@@ -154,13 +156,16 @@ class WindowsOutputs:
     flip: object
     aug: object
     details: object = None
+    resize_rois: object = None
+    blur_kernels: object = None
 
     def __iter__(self):
         return iter((self.roi, self.windows, self.flip, self.aug))
 
 
 def windows(shape, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", seed: int = 0,
-            boxes_store: str | os.PathLike | None = None, store_row=None, details: bool = False) -> WindowsOutputs:
+            boxes_store: str | os.PathLike | None = None, store_row=None, details: bool = False,
+            resize_rois: bool = False, blur_kernels: bool = False) -> WindowsOutputs:
     """``fn.objcrop.windows`` inside a ``@pipeline_def``, configured from a CropConfig and a recipe.
 
     Args:
@@ -175,6 +180,8 @@ def windows(shape, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", 
         boxes_store: a ``.boxes`` file; each sample's boxes are its row ``store_row`` (default: ``index``).
         store_row: int node, the store row when it differs from ``index``.
         details: also return regions, box_index, fallback and shift.
+        resize_rois, blur_kernels: also return what DALI's ``fn.resize`` / ``fn.filter`` take
+            (the loader's DALI-ops crop stage on the operator's windows).
 
     Raises:
         RuntimeError: the operators are not available (see :func:`load`, :func:`error`).
@@ -190,5 +197,8 @@ def windows(shape, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", 
         if store_row is not None:
             kw["store_row"] = store_row
     inputs = (shape, index) if boxes is None else (boxes, shape, index)
-    out = fn.objcrop.windows(*inputs, epoch=epoch, details=details, **kw)
-    return WindowsOutputs(*out)
+    out = list(fn.objcrop.windows(*inputs, epoch=epoch, details=details, resize_rois=resize_rois,
+                                  blur_kernels=blur_kernels, **kw))
+    extra = {name: out.pop(4) if flag else None
+             for name, flag in (("details", details), ("resize_rois", resize_rois), ("blur_kernels", blur_kernels))}
+    return WindowsOutputs(*out, **extra)

@@ -187,8 +187,10 @@ def library_path(cuda: bool | None = None, sources: Path | None = None, verbose:
                 _run(cmd, f"compiling {f.name}")
                 objs.append(str(obj))
             link = [compiler, "-shared", "-o", str(Path(tmp) / LIB_NAME), *objs, *lflags]
-            if cuda:
-                libdir = Path(nvcc()).resolve().parents[1] / "lib64"
+            if cuda:  # the kernels' launches need CUDA's runtime: its static library, beside the headers
+                root = inc.resolve().parent
+                libdir = next((d for d in (root / "lib64", root / "lib", root / "targets" / "x86_64-linux" / "lib")
+                               if (d / "libcudart_static.a").is_file()), root / "lib64")
                 link += [f"-L{libdir}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
             _run(link, "linking the operators")
             os.replace(Path(tmp) / LIB_NAME, lib)
