@@ -457,11 +457,19 @@ def _finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe,
     return outs[0], outs[1]
 
 
+def crop_op_registered(device: str) -> bool:
+    """Whether ``fn.objcrop.crop`` has a backend for decoded images on ``device`` (``cpu`` / ``gpu``)."""
+    from nvidia.dali import backend
+    ops = backend.RegisteredGPUOps() if device == "gpu" else backend.RegisteredCPUOps()
+    return "objcrop__Crop" in ops
+
+
 def _plugin_graph(source: Callable, size: int, decode_device: str, out_dtype, decoder_kwargs: dict,
-                  recipe: _augment.Recipe, windows_kwargs: dict, fields: tuple[str, ...]):
+                  recipe: _augment.Recipe, windows_kwargs: dict, fields: tuple[str, ...], crop_op: bool):
     """The operators' pipeline: file names in; DALI reads, peeks the shape, our ``fn.objcrop.windows``
-    decides windows, flips and draws, the decoder decodes only their union, and the DALI-ops crop
-    stage (:func:`dali_crop` + :func:`_finish_views`) applies them, fed by the operator's outputs."""
+    decides windows, flips and draws, the decoder decodes only their union, and ``fn.objcrop.crop``
+    (``crop_op``) or the DALI-ops crop stage (:func:`dali_crop` + :func:`_finish_views`, fed by the
+    windows operator's outputs) makes the two views."""
     from nvidia.dali import fn, types
     inp = dict(zip(fields, fn.external_source(source=source, num_outputs=len(fields), batch=True)))
     index, epoch = inp["index"], inp["epoch"]
@@ -470,11 +478,18 @@ def _plugin_graph(source: Callable, size: int, decode_device: str, out_dtype, de
     kw = dict(windows_kwargs)
     if "boxes_store" in kw:
         kw["store_row"] = inp["rows"]
-    roi, _, _, aug, rr, kern = fn.objcrop.windows(shape, index, epoch=epoch, resize_rois=True, blur_kernels=True,
-                                                  **kw)
+    roi, win, flip, aug, *extra = fn.objcrop.windows(shape, index, epoch=epoch, resize_rois=not crop_op,
+                                                     blur_kernels=not crop_op, **kw)
     images = fn.decoders.image_slice(jpegs, roi[0:2], roi[2:4], axis_names="WH", normalized_anchor=False,
                                      normalized_shape=False, device=decode_device, output_type=types.RGB,
                                      adjust_orientation=False, **decoder_kwargs)
+    if crop_op:
+        # contrast_center=0.5: what fn.color_twist does on the DALI-ops graph's float views (same pixels)
+        v1, v2 = fn.objcrop.crop(images, win, flip, aug, size=size, mean=[m * 255 for m in IMAGENET_MEAN],
+                                 std=[s * 255 for s in IMAGENET_STD], contrast_center=0.5,
+                                 dtype="float16" if out_dtype == types.FLOAT16 else "float32")
+        return v1, v2, index
+    rr, kern = extra
     inp: dict = {}
     for v in (0, 1):
         inp[f"roi_start{v}"], inp[f"roi_end{v}"] = rr[v, 0:2], rr[v, 2:4]
@@ -491,12 +506,14 @@ def _plugin_graph(source: Callable, size: int, decode_device: str, out_dtype, de
 def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, windows_kwargs: dict,
                           size: int = 224, out_dtype: str = "float32", device_id: int | None = None,
                           seed: int = 0, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
-                          recipe="mocov2"):
-    """The operators' pipeline (built), fed per batch with :data:`PLUGIN_FIELDS` by ``source``.
+                          recipe="mocov2", crop_op: bool | None = None):
+    """The operators' pipeline (built), fed per batch with :func:`plugin_fields` by ``source``.
 
     Args:
         windows_kwargs: ``fn.objcrop.windows`` arguments (:func:`dali_objcrop.plugin.windows_arguments`,
             plus ``boxes_store`` where boxes are used).
+        crop_op: make the views with ``fn.objcrop.crop``; None: where it is registered for ``device``;
+            False: the DALI-ops crop stage on the windows operator's outputs.
         others: as :func:`build_pipeline`.
 
     Returns:
@@ -509,9 +526,13 @@ def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, d
     if dt is None:
         raise ValueError(f"out_dtype must be 'float32' or 'float16', got {out_dtype!r}")
     kwargs = dict(decoder_kwargs or {}) if device == "gpu" else {}
-    pipe = pipeline_def(_plugin_graph, enable_conditionals=True)(
+    if crop_op is None:
+        crop_op = crop_op_registered(device)
+    elif crop_op and not crop_op_registered(device):
+        raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
+    pipe = pipeline_def(_plugin_graph, enable_conditionals=not crop_op)(
         source, size, "mixed" if device == "gpu" else "cpu", dt, kwargs, _augment.get_recipe(recipe),
-        windows_kwargs, plugin_fields(windows_kwargs), batch_size=batch_size, num_threads=num_threads,
+        windows_kwargs, plugin_fields(windows_kwargs), crop_op, batch_size=batch_size, num_threads=num_threads,
         device_id=device_id if device == "gpu" else None, seed=seed, prefetch_queue_depth=prefetch_queue_depth)
     pipe.build()
     return pipe
@@ -665,6 +686,9 @@ class ObjCropLoader:
             build and the configuration allows it (``crop_backend="dali"``, ``roi_decode``), else
             the DALI-ops graph fed by the NumPy callback (``plugin.load`` says once why);
             True: require them; False: the DALI-ops graph.  ``uses_plugin`` tells which runs.
+        plugin_crop: on the operators' path, make the views with the fused ``fn.objcrop.crop``
+            (None: where it is built for the device; False: DALI's resize / color_twist / filter /
+            crop_mirror_normalize fed by ``fn.objcrop.windows``).  ``stats["pipeline"]`` says which.
     """
 
     def __init__(self, data, boxes="gt", mode: str = "obj-obj-dilate", batch_size: int = 64, size: int = 224,
@@ -676,7 +700,7 @@ class ObjCropLoader:
                  images_dir: str | os.PathLike | None = None, device_id: int | None = None,
                  prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
                  max_images: int | None = None, roi_decode: bool = True, prepare_ahead: int = 1,
-                 use_plugin: bool | None = None) -> None:
+                 use_plugin: bool | None = None, plugin_crop: bool | None = None) -> None:
         import torch
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -755,7 +779,13 @@ class ObjCropLoader:
         if self.uses_plugin:
             self._windows_kwargs = self._plugin_windows_kwargs(boxes)
             self._prepare, self._fields = self._src.handover, plugin_fields(self._windows_kwargs)
-        self.stats["pipeline"] = "plugin" if self.uses_plugin else "dali-ops"
+        self._plugin_crop = None
+        if self.uses_plugin:
+            self._plugin_crop = crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
+            if self._plugin_crop and not crop_op_registered(device):
+                raise RuntimeError(f"plugin_crop=True but fn.objcrop.crop has no {device} backend")
+        self.stats["pipeline"] = (("plugin:crop-op" if self._plugin_crop else "plugin:dali-ops-crop")
+                                  if self.uses_plugin else "dali-ops")
 
     # ---- setup helpers -------------------------------------------------------------------
     @staticmethod
@@ -828,7 +858,8 @@ class ObjCropLoader:
             if self.uses_plugin:
                 self._pipe = build_plugin_pipeline(self._pull, self.batch_size, self.num_threads, self.device,
                                                    self._windows_kwargs, self.size, out, device_id, self.seed,
-                                                   self._prefetch, self._decoder_kwargs, self.recipe)
+                                                   self._prefetch, self._decoder_kwargs, self.recipe,
+                                                   self._plugin_crop)
             else:
                 self._pipe = build_pipeline(self._pull, self.batch_size, self.num_threads, self.device, self.size,
                                             self.crop_backend, out, device_id, self.seed, self._prefetch,
