@@ -302,9 +302,9 @@ class _Count:
 PLUGIN_FIELDS = ("paths", "index", "rows", "epoch")   # "rows" only where boxes come from a store
 
 
-def plugin_fields(windows_kwargs: dict) -> tuple[str, ...]:
+def plugin_fields(with_store: bool) -> tuple[str, ...]:
     """The hand-over fields the operators' pipeline reads (DALI warns about unused ones)."""
-    return PLUGIN_FIELDS if "boxes_store" in windows_kwargs else tuple(f for f in PLUGIN_FIELDS if f != "rows")
+    return PLUGIN_FIELDS if with_store else tuple(f for f in PLUGIN_FIELDS if f != "rows")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,8 +441,10 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
     return (*_finish_views(views, backend.float_output, inp, recipe, decode_device, out_dtype), inp["index"])
 
 
-def _finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe, decode_device: str, out_dtype):
-    """Augment both views (float chain, stages per :func:`aug_stages`) and normalise them to NCHW."""
+def _finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe, decode_device: str, out_dtype,
+                  mean=None, std=None):
+    """Augment both views (float chain, stages per :func:`aug_stages`) and normalise them to NCHW
+    (``mean``/``std`` in pixel units, default ImageNet's)."""
     from nvidia.dali import fn, types
     outs = []
     for v in (0, 1):
@@ -452,8 +454,8 @@ def _finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe,
             img = fn.cast(img, dtype=types.FLOAT)  # the augmentations run on float; normalise takes either
         img = _augment_view(img, inp, v, stages, gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
-                                             mean=[m * 255 for m in IMAGENET_MEAN],
-                                             std=[s * 255 for s in IMAGENET_STD]))
+                                             mean=mean or [m * 255 for m in IMAGENET_MEAN],
+                                             std=std or [s * 255 for s in IMAGENET_STD]))
     return outs[0], outs[1]
 
 
@@ -464,54 +466,31 @@ def crop_op_registered(device: str) -> bool:
     return "objcrop__Crop" in ops
 
 
-def _plugin_graph(source: Callable, size: int, decode_device: str, out_dtype, decoder_kwargs: dict,
-                  recipe: _augment.Recipe, windows_kwargs: dict, fields: tuple[str, ...], crop_op: bool):
-    """The operators' pipeline: file names in; DALI reads, peeks the shape, our ``fn.objcrop.windows``
-    decides windows, flips and draws, the decoder decodes only their union, and ``fn.objcrop.crop``
-    (``crop_op``) or the DALI-ops crop stage (:func:`dali_crop` + :func:`_finish_views`, fed by the
-    windows operator's outputs) makes the two views."""
-    from nvidia.dali import fn, types
+def _plugin_graph(source: Callable, size: int, device: str, out_dtype: str, decoder_kwargs: dict,
+                  recipe: _augment.Recipe, config: CropConfig, key_seed: int, boxes_store: str | None,
+                  fields: tuple[str, ...], crop_op: bool):
+    """The operators' pipeline: file names in, DALI reads the files, then
+    :func:`dali_objcrop.plugin.object_views` (windows operator, ROI decode, crop)."""
+    from nvidia.dali import fn
+    from . import plugin
     inp = dict(zip(fields, fn.external_source(source=source, num_outputs=len(fields), batch=True)))
-    index, epoch = inp["index"], inp["epoch"]
     jpegs = fn.io.file.read(inp["paths"])
-    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)   # the header's grid, as the window maths
-    kw = dict(windows_kwargs)
-    if "boxes_store" in kw:
-        kw["store_row"] = inp["rows"]
-    roi, win, flip, aug, *extra = fn.objcrop.windows(shape, index, epoch=epoch, resize_rois=not crop_op,
-                                                     blur_kernels=not crop_op, **kw)
-    images = fn.decoders.image_slice(jpegs, roi[0:2], roi[2:4], axis_names="WH", normalized_anchor=False,
-                                     normalized_shape=False, device=decode_device, output_type=types.RGB,
-                                     adjust_orientation=False, **decoder_kwargs)
-    if crop_op:
-        # contrast_center=0.5: what fn.color_twist does on the DALI-ops graph's float views (same pixels)
-        v1, v2 = fn.objcrop.crop(images, win, flip, aug, size=size, mean=[m * 255 for m in IMAGENET_MEAN],
-                                 std=[s * 255 for s in IMAGENET_STD], contrast_center=0.5,
-                                 dtype="float16" if out_dtype == types.FLOAT16 else "float32")
-        return v1, v2, index
-    rr, kern = extra
-    inp: dict = {}
-    for v in (0, 1):
-        inp[f"roi_start{v}"], inp[f"roi_end{v}"] = rr[v, 0:2], rr[v, 2:4]
-        for c, name in enumerate(("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma",
-                                  "blur_window", "solarize")):
-            inp[f"{name}{v}"] = fn.cast(aug[v, c], dtype=types.BOOL) if name in ("colour", "blur", "solarize") \
-                else aug[v, c]
-        inp[f"blur_h{v}"] = fn.expand_dims(kern[v], axes=[0])          # (1, W): along x
-        inp[f"blur_v{v}"] = fn.expand_dims(kern[v], axes=[1])          # (W, 1): along y
-    views = dali_crop(images, inp, size)
-    return (*_finish_views(views, False, inp, recipe, decode_device, out_dtype), index)
+    v1, v2 = plugin.object_views(jpegs, inp["index"], epoch=inp["epoch"], config=config, recipe=recipe, seed=key_seed,
+                                 size=size, device=device, dtype=out_dtype, boxes_store=boxes_store,
+                                 store_row=inp.get("rows"), decoder_kwargs=decoder_kwargs, crop_op=crop_op)
+    return v1, v2, inp["index"]
 
 
-def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, windows_kwargs: dict,
-                          size: int = 224, out_dtype: str = "float32", device_id: int | None = None,
-                          seed: int = 0, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
-                          recipe="mocov2", crop_op: bool | None = None):
+def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, config: CropConfig,
+                          boxes_store: str | None = None, size: int = 224, out_dtype: str = "float32",
+                          device_id: int | None = None, seed: int = 0, prefetch_queue_depth: int = 2,
+                          decoder_kwargs: dict | None = None, recipe="mocov2", crop_op: bool | None = None):
     """The operators' pipeline (built), fed per batch with :func:`plugin_fields` by ``source``.
 
     Args:
-        windows_kwargs: ``fn.objcrop.windows`` arguments (:func:`dali_objcrop.plugin.windows_arguments`,
-            plus ``boxes_store`` where boxes are used).
+        config: the crop windows' parameters.
+        boxes_store: the ``.boxes`` file the windows operator reads rows of (None: no boxes).
+        seed: the random key's seed (the windows operator's; DALI's own seed too).
         crop_op: make the views with ``fn.objcrop.crop``; None: where it is registered for ``device``;
             False: the DALI-ops crop stage on the windows operator's outputs.
         others: as :func:`build_pipeline`.
@@ -519,11 +498,10 @@ def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, d
     Returns:
         a built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, index)``.
     """
-    from nvidia.dali import pipeline_def, types
+    from nvidia.dali import pipeline_def
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    dt = {"float32": types.FLOAT, "float16": types.FLOAT16}.get(out_dtype)
-    if dt is None:
+    if out_dtype not in ("float32", "float16"):
         raise ValueError(f"out_dtype must be 'float32' or 'float16', got {out_dtype!r}")
     kwargs = dict(decoder_kwargs or {}) if device == "gpu" else {}
     if crop_op is None:
@@ -531,8 +509,8 @@ def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, d
     elif crop_op and not crop_op_registered(device):
         raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
     pipe = pipeline_def(_plugin_graph, enable_conditionals=not crop_op)(
-        source, size, "mixed" if device == "gpu" else "cpu", dt, kwargs, _augment.get_recipe(recipe),
-        windows_kwargs, plugin_fields(windows_kwargs), crop_op, batch_size=batch_size, num_threads=num_threads,
+        source, size, device, out_dtype, kwargs, _augment.get_recipe(recipe), config, seed, boxes_store,
+        plugin_fields(boxes_store is not None), crop_op, batch_size=batch_size, num_threads=num_threads,
         device_id=device_id if device == "gpu" else None, seed=seed, prefetch_queue_depth=prefetch_queue_depth)
     pipe.build()
     return pipe
@@ -777,8 +755,8 @@ class ObjCropLoader:
         self._prepare = self._src.inputs
         self.uses_plugin = self._want_plugin(use_plugin, crop_backend, roi_decode)
         if self.uses_plugin:
-            self._windows_kwargs = self._plugin_windows_kwargs(boxes)
-            self._prepare, self._fields = self._src.handover, plugin_fields(self._windows_kwargs)
+            self._boxes_store = self._plugin_boxes_store(boxes)
+            self._prepare, self._fields = self._src.handover, plugin_fields(self._boxes_store is not None)
         self._plugin_crop = None
         if self.uses_plugin:
             self._plugin_crop = crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
@@ -808,22 +786,19 @@ class ObjCropLoader:
             raise RuntimeError(f"use_plugin=True but the C++ operators are unavailable: {plugin.error()}")
         return False
 
-    def _plugin_windows_kwargs(self, boxes) -> dict:
-        """``fn.objcrop.windows`` arguments; the boxes come from a ``.boxes`` file by row (an in-memory
-        store, e.g. ``boxes="gt"``, is written once to a temporary file owned by this loader)."""
-        from . import plugin
-        kw = plugin.windows_arguments(self.config, self.recipe, self.seed)
-        if self.store is not None and self.config.uses_boxes:
-            if isinstance(boxes, (str, os.PathLike)) and not (isinstance(boxes, str) and boxes == "gt"):
-                kw["boxes_store"] = os.fspath(Path(boxes).resolve())
-            else:
-                import shutil
-                import tempfile
-                import weakref
-                tmp = tempfile.mkdtemp(prefix="dali_objcrop_store_")
-                weakref.finalize(self, shutil.rmtree, tmp, True)
-                kw["boxes_store"] = str(self.store.save(Path(tmp) / "boxes.boxes"))
-        return kw
+    def _plugin_boxes_store(self, boxes) -> str | None:
+        """The ``.boxes`` file the windows operator reads rows of (an in-memory store, e.g.
+        ``boxes="gt"``, is written once to a temporary file owned by this loader); None without boxes."""
+        if self.store is None or not self.config.uses_boxes:
+            return None
+        if isinstance(boxes, (str, os.PathLike)) and not (isinstance(boxes, str) and boxes == "gt"):
+            return os.fspath(Path(boxes).resolve())
+        import shutil
+        import tempfile
+        import weakref
+        tmp = tempfile.mkdtemp(prefix="dali_objcrop_store_")
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+        return str(self.store.save(Path(tmp) / "boxes.boxes"))
 
     @staticmethod
     def _resolve_boxes(boxes, coco_json, index: ImageIndex, mode: str):
@@ -857,8 +832,8 @@ class ObjCropLoader:
             self._out_dtype = out
             if self.uses_plugin:
                 self._pipe = build_plugin_pipeline(self._pull, self.batch_size, self.num_threads, self.device,
-                                                   self._windows_kwargs, self.size, out, device_id, self.seed,
-                                                   self._prefetch, self._decoder_kwargs, self.recipe,
+                                                   self.config, self._boxes_store, self.size, out, device_id,
+                                                   self.seed, self._prefetch, self._decoder_kwargs, self.recipe,
                                                    self._plugin_crop)
             else:
                 self._pipe = build_pipeline(self._pull, self.batch_size, self.num_threads, self.device, self.size,

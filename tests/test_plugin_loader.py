@@ -103,3 +103,28 @@ def test_loader_falls_back_without_compiler(synth_set, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[-4:] == ["False", "dali-ops", "6", "1"], res.stdout + res.stderr[-2000:]
+
+
+@needs_ops
+@pytest.mark.parametrize("crop_op", [True, False], ids=["crop-op", "dali-ops-crop"])
+def test_building_block_in_a_users_coco_pipeline(synth_set, crop_op):
+    """readers.coco (the user's reader, boxes and ids) + plugin.object_views in the user's @pipeline_def."""
+    from nvidia.dali import fn, pipeline_def
+    from dali_objcrop import CropConfig
+
+    @pipeline_def(batch_size=4, num_threads=2, device_id=None, enable_conditionals=True)
+    def user_pipe():
+        jpegs, boxes, labels, ids = fn.readers.coco(file_root=str(synth_set.parent / "images"),
+                                                    annotations_file=str(synth_set), ltrb=True, ratio=True,
+                                                    image_ids=True, random_shuffle=True, seed=1)
+        v1, v2 = plugin.object_views(jpegs, ids, boxes, epoch=4, seed=0, size=64, crop_op=crop_op,
+                                     config=CropConfig(mode="obj-obj-dilate", box_scale=(0.5, 1.0)))
+        return v1, v2, labels
+
+    p = user_pipe()
+    p.build()
+    for _ in range(3):
+        v1, v2, labels = p.run()
+        a, b = np.stack([np.asarray(t) for t in v1]), np.stack([np.asarray(t) for t in v2])
+        assert a.shape == b.shape == (4, 3, 64, 64) and np.isfinite(a).all() and a.std() > 0.1
+        assert not np.allclose(a, b)

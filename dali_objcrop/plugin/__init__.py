@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from .build import PluginBuildError, library_path
 
 __all__ = ["PluginBuildError", "library_path", "load", "available", "has_op", "windows", "windows_arguments",
-           "WindowsOutputs", "AUG_COLUMNS"]
+           "WindowsOutputs", "AUG_COLUMNS", "object_views", "error"]
 
 # Column order of the windows operator's ``aug`` output (PLUGIN_CONTRACT.md).
 AUG_COLUMNS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
@@ -202,3 +202,75 @@ def windows(shape, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", 
     extra = {name: out.pop(4) if flag else None
              for name, flag in (("details", details), ("resize_rois", resize_rois), ("blur_kernels", blur_kernels))}
     return WindowsOutputs(*out, **extra)
+
+
+def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", seed: int = 0,
+                 size: int = 224, device: str = "cpu", dtype: str = "float32", mean=None, std=None,
+                 boxes_store: str | os.PathLike | None = None, store_row=None, decoder_kwargs: dict | None = None,
+                 crop_op: bool | None = None):
+    """Two object-aware, augmented, normalised views per encoded image, inside your ``@pipeline_def``.
+
+    The building block of :class:`~dali_objcrop.ObjCropLoader`'s pipeline, for a pipeline of your
+    own (your reader, your other outputs): ``fn.peek_image_shape`` -> ``fn.objcrop.windows`` ->
+    ``fn.decoders.image_slice`` of the union of both windows (``mixed`` on a GPU) ->
+    ``fn.objcrop.crop`` (or, where it is not built for ``device`` or ``crop_op=False``, DALI's
+    resize / color_twist / filter / crop_mirror_normalize fed by the windows operator: then the
+    pipeline needs ``enable_conditionals=True``).
+
+    Args:
+        jpegs: node of encoded images (any reader's, or ``fn.io.file.read``'s).
+        index: node with one non-negative integer per sample, the random key (a dataset position, or
+            ``readers.coco(image_ids=True)``'s ids).
+        boxes: node of (K, 4) float32 normalised ltrb boxes, best-first (``readers.coco(ltrb=True,
+            ratio=True)``); None with ``boxes_store`` or for ``scene-scene``.
+        epoch: int or node (argument input): the key's epoch.
+        config, recipe, seed: as :func:`windows`.
+        size: output side in pixels.
+        device: ``cpu`` or ``gpu`` (decode ``mixed``; the views are GPU nodes).
+        dtype: ``float32``, ``float16`` (or ``bfloat16`` as uint16 bits, fused crop only).
+        mean, std: per channel in [0, 1] units (default ImageNet's).
+        boxes_store, store_row: see :func:`windows`.
+        decoder_kwargs: extra decoder arguments (``hw_decoder_load``, preallocation hints; GPU).
+        crop_op: use ``fn.objcrop.crop``; None: where it is built for ``device``.
+
+    Returns:
+        ``(view1, view2)`` nodes, (3, size, size) per sample (CHW).
+    """
+    from nvidia.dali import fn, types
+    from ..loader import IMAGENET_MEAN, IMAGENET_STD, _finish_views, crop_op_registered, dali_crop
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if not load():
+        raise RuntimeError(f"dali_objcrop's operators are not available: {error()}")
+    if crop_op is None:
+        crop_op = crop_op_registered(device)
+    elif crop_op and not crop_op_registered(device):
+        raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
+    mean = [m * 255 for m in (IMAGENET_MEAN if mean is None else mean)]
+    std = [s * 255 for s in (IMAGENET_STD if std is None else std)]
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)   # the header's pixel grid, as the window maths
+    w = windows(shape, index, boxes, epoch=epoch, config=config, recipe=recipe, seed=seed, boxes_store=boxes_store,
+                store_row=store_row, resize_rois=not crop_op, blur_kernels=not crop_op)
+    decode_device = "mixed" if device == "gpu" else "cpu"
+    images = fn.decoders.image_slice(jpegs, w.roi[0:2], w.roi[2:4], axis_names="WH", normalized_anchor=False,
+                                     normalized_shape=False, device=decode_device, output_type=types.RGB,
+                                     adjust_orientation=False, **(decoder_kwargs or {}))
+    if crop_op:
+        # contrast_center=0.5: what fn.color_twist does on the DALI-ops graph's float views (same pixels)
+        v1, v2 = fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=size, mean=mean, std=std,
+                                 contrast_center=0.5, dtype=dtype)
+        return v1, v2
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype {dtype!r} needs fn.objcrop.crop; the DALI-ops stage gives float32 / float16")
+    inp: dict = {}
+    for v in (0, 1):
+        inp[f"roi_start{v}"], inp[f"roi_end{v}"] = w.resize_rois[v, 0:2], w.resize_rois[v, 2:4]
+        for c, name in enumerate(AUG_COLUMNS):
+            inp[f"{name}{v}"] = (fn.cast(w.aug[v, c], dtype=types.BOOL) if name in ("colour", "blur", "solarize")
+                                 else w.aug[v, c])
+        inp[f"blur_h{v}"] = fn.expand_dims(w.blur_kernels[v], axes=[0])    # (1, W): along x
+        inp[f"blur_v{v}"] = fn.expand_dims(w.blur_kernels[v], axes=[1])    # (W, 1): along y
+    from ..augment import get_recipe
+    out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
+    return _finish_views(dali_crop(images, inp, size), False, inp, get_recipe(recipe), decode_device, out_dtype,
+                         mean, std)
