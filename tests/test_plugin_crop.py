@@ -26,7 +26,7 @@ pytest.importorskip("nvidia.dali")
 from dali_objcrop import augment  # noqa: E402
 from dali_objcrop.kernels import reference  # noqa: E402
 from dali_objcrop.windows import CropConfig, sample_windows  # noqa: E402
-from crop_op_build import DALI_SRC, cuda_include, dali_flags, load_crop_op  # noqa: E402
+from crop_op_build import DALI_SRC, cuda_include, dali_flags, emulate_gpu_crop, load_crop_op  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (CI, /work/main) or ../../shared (a worktree under <root>/wt/)
@@ -341,6 +341,31 @@ def test_bad_inputs_are_named(op):
 
 
 # ---- the CUDA backend -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_kernels_emulated_equal_cpu_op(op, dtype):
+    """The GPU backend's two kernels (objcrop_crop_kernels.cuh, run serially on the CPU with their grids:
+    rows, shared-memory row blur, scratch slots, flattened column blur) == the CPU operator and the NumPy
+    reference, odd block sizes included (threads striding over a row, partial column blocks)."""
+    from dali_objcrop.kernels.common import norm_params
+    ims = _images(1)
+    win, flip, keys = _windows(ims, seed=21)
+    aug = _aug(keys, "byol", seed=22)
+    kind = DTYPES.index(dtype)
+    size = 40
+    cpu = _run_op(ims, win, flip, aug, size, dtype)
+    ref = reference.crop_augment_reference(ims, win, flip, aug, size, MEAN_PX, STD_PX)
+    for rows, cols in ((128, 256), (32, 96)):
+        emu = emulate_gpu_crop(ims, win, flip, aug, size, norm_params(MEAN_PX, STD_PX), kind,
+                               row_threads=rows, col_threads=cols)
+        for v in (0, 1):
+            e = emu[v]
+            if kind:
+                e = (e.astype(np.uint32) << 16).view(np.float32) if kind == 2 else e.view(np.float16)
+            e = e.astype(np.float32)
+            np.testing.assert_allclose(e, cpu[v], rtol=0, atol=1e-5 if kind == 0 else 0.02)
+            _within_a_level(e, ref[v])
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_gpu_backend_compiles_with_nvcc(tmp_path):
     """csrc/dali/*.cu (the GPU operator and its kernels) compile for sm_80 and sm_90 against DALI's headers."""
