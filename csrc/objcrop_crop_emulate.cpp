@@ -1,4 +1,4 @@
-// objcrop_crop_emulate.cpp -- run the GPU kernels of fn.objcrop.crop (csrc/dali/objcrop_crop_kernels.cuh)
+// objcrop_crop_emulate.cpp -- run the GPU kernels of fn.objcrop.crop (csrc/dali/objcrop_crop_kernels.h)
 // on the CPU, serially, for tests without a GPU (not part of the plugin library).
 //
 // As csrc/objcrop_emulate.cpp: the CUDA keywords become plain C++, blockIdx / threadIdx / blockDim are
@@ -21,7 +21,7 @@ static OcDim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __launch_bounds__(n)
 #define __syncthreads() ((void)0)
 
-#include "dali/objcrop_crop_kernels.cuh"
+#include "dali/objcrop_crop_kernels.h"
 
 extern "C" {
 

@@ -94,7 +94,7 @@ def load_gpu_emulator():
     """ctypes handle of csrc/objcrop_crop_emulate.cpp (the GPU kernels run serially on the CPU), cached."""
     import ctypes
     src = REPO / "csrc" / "objcrop_crop_emulate.cpp"
-    deps = [src, DALI_SRC / "objcrop_crop_kernels.cuh", DALI_SRC / "objcrop_augment.h", REPO / "csrc" / "objcrop_core.h"]
+    deps = [src, DALI_SRC / "objcrop_crop_kernels.h", DALI_SRC / "objcrop_augment.h", REPO / "csrc" / "objcrop_core.h"]
     h = hashlib.sha256(b"".join(d.read_bytes() for d in deps)).hexdigest()[:16]
     home = Path(os.environ.get("DALI_OBJCROP_HOME", Path.home() / ".cache" / "dali_objcrop"))
     lib = home / "test-crop" / f"emu-{h}" / "liboc_crop_emu.so"

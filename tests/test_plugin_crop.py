@@ -343,7 +343,7 @@ def test_bad_inputs_are_named(op):
 # ---- the CUDA backend -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_kernels_emulated_equal_cpu_op(op, dtype):
-    """The GPU backend's two kernels (objcrop_crop_kernels.cuh, run serially on the CPU with their grids:
+    """The GPU backend's two kernels (objcrop_crop_kernels.h, run serially on the CPU with their grids:
     rows, shared-memory row blur, scratch slots, flattened column blur) == the CPU operator and the NumPy
     reference, odd block sizes included (threads striding over a row, partial column blocks)."""
     from dali_objcrop.kernels.common import norm_params

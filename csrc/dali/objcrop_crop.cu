@@ -4,13 +4,13 @@
 // windows / flip / aug), the Gaussian taps, the list of blurred views and the normalisation go to the
 // device in one copy through DALI's scratchpad; the blur's intermediate buffer (S x S x 3 float per
 // blurred view) comes from the same scratchpad (stream-ordered, freed after the launches); then the two
-// kernels of objcrop_crop_kernels.cuh run on ws.stream() for the whole batch.
+// kernels of objcrop_crop_kernels.h run on ws.stream() for the whole batch.
 #include <vector>
 
 #include "dali/core/cuda_error.h"
 #include "dali/kernels/dynamic_scratchpad.h"
 #include "objcrop_crop.h"
-#include "objcrop_crop_kernels.cuh"
+#include "objcrop_crop_kernels.h"
 
 namespace objcrop {
 

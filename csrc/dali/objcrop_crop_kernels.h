@@ -1,4 +1,5 @@
-// objcrop_crop_kernels.cuh -- the CUDA kernels of fn.objcrop.crop's GPU backend (no DALI dependency).
+// objcrop_crop_kernels.h -- the CUDA kernels of fn.objcrop.crop's GPU backend (no DALI dependency; a .h so that
+// the plugin build's source hash, which covers csrc/dali/*.h, sees its edits).
 //
 // The arithmetic is the OC_HD code of ../objcrop_core.h (oc_resample_pixel, the fused kernel's
 // resampler) and objcrop_augment.h (colour, reflect-101 Gaussian blur, solarise, normalise, stores), the
@@ -11,8 +12,8 @@
 //   row) into its slot of the float scratch buffer (HWC, S x S x 3 per blurred view).
 // oc_blur_cols_kernel  grid (number of blurred views * ceil(S*S / 256)) (flattened: gridDim.y/z are
 //   limited to 65535): the blur along y from the scratch buffer, then solarise, normalise, store.
-#ifndef OBJCROP_CROP_KERNELS_CUH
-#define OBJCROP_CROP_KERNELS_CUH
+#ifndef OBJCROP_CROP_KERNELS_H
+#define OBJCROP_CROP_KERNELS_H
 
 #include "objcrop_augment.h"
 
@@ -87,4 +88,4 @@ __global__ void __launch_bounds__(OC_COL_THREADS)
   oc_finish_pixel(p, norm, S, pix, rgb, out_kind);
 }
 
-#endif  // OBJCROP_CROP_KERNELS_CUH
+#endif  // OBJCROP_CROP_KERNELS_H
