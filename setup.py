@@ -6,15 +6,18 @@ from setuptools.command.build_py import build_py
 
 
 class BuildPyWithKernels(build_py):
-    """Also ship csrc/ (CUDA sources compiled at run time by cupy.RawModule) as dali_objcrop/kernels/csrc."""
+    """Also ship csrc/ (CUDA sources compiled at run time by cupy.RawModule) as dali_objcrop/kernels/csrc,
+    and csrc/dali/ (the DALI operators, compiled on first use by dali_objcrop.plugin.build) beside it."""
 
     def run(self):
         super().run()
-        dst = Path(self.build_lib) / "dali_objcrop" / "kernels" / "csrc"
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in sorted((Path(__file__).resolve().parent / "csrc").glob("*")):
-            if f.suffix in (".cu", ".h", ".cpp"):
-                shutil.copy2(f, dst / f.name)
+        src = Path(__file__).resolve().parent / "csrc"
+        for sub in ("", "dali"):
+            dst = Path(self.build_lib) / "dali_objcrop" / "kernels" / "csrc" / sub
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / sub).glob("*")):
+                if f.is_file() and f.suffix in (".cu", ".h", ".cpp", ".cc"):
+                    shutil.copy2(f, dst / f.name)
 
 
 setup(
@@ -29,7 +32,9 @@ setup(
     cmdclass={"build_py": BuildPyWithKernels},
     python_requires=">=3.10",
     install_requires=[
-        "nvidia-dali-cuda120>=2.0",
+        # the C++ operators (csrc/dali) are built against DALI's C++ API, which is not stable across
+        # releases: the range they are built and tested with (a new release needs a test run, then a bump)
+        "nvidia-dali-cuda120>=2.4,<2.5",
         "torch>=2.4",
         "torchvision>=0.19",
         "opencv-contrib-python-headless>=4.8",

@@ -1,5 +1,13 @@
 """The DALI pipeline and the drop-in PyTorch iterator (:class:`ObjCropLoader`).
 
+Two pipelines.  Where dali_objcrop's C++ operators build (:mod:`dali_objcrop.plugin`,
+docs/plugin.md), the loader hands DALI only file names, positions, box-store rows and the
+epoch per batch (:meth:`_Source.handover`); DALI reads the files, ``fn.objcrop.windows``
+draws windows, flips and augmentations (equal to ``sample_windows`` / ``sample_aug_params``),
+the ROI is decoded and ``fn.objcrop.crop`` makes both views (:func:`build_plugin_pipeline`,
+:func:`dali_objcrop.plugin.object_views`).  Otherwise -- and with ``use_plugin=False`` -- the
+DALI-ops graph below runs, fed by the NumPy callback; its description follows.
+
 Architecture (sample in NumPy per batch, apply in DALI)::
 
     our sampler (seed, epoch, rank) --> batch of dataset positions
@@ -268,6 +276,44 @@ class _Source:
         return d, cw
 
 
+    # ---- the operators' path (dali_objcrop.plugin): only positions and file names are handed over ----
+    def path_bytes(self) -> list[np.ndarray]:
+        """Every file path as utf-8 bytes (``fn.io.file.read``'s input), built once."""
+        if getattr(self, "_path_bytes", None) is None:
+            self._path_bytes = [np.frombuffer(p.encode("utf-8"), dtype=np.uint8) for p in self.paths]
+        return self._path_bytes
+
+    def handover(self, index: np.ndarray, epoch: int, roi_decode: bool = True,
+                 fields: tuple[str, ...] | None = None) -> tuple[dict[str, object], "_Count"]:
+        """The per-batch hand-over of the operators' pipeline (see :data:`PLUGIN_FIELDS`): file paths
+        (DALI's C++ threads read the files), positions (the random key), box-store rows, the epoch.
+        No window, draw or file byte is computed here."""
+        index = np.asarray(index, dtype=np.int64)
+        pb = self.path_bytes()
+        rows = self.rows[index] if self.rows is not None else index
+        without = 0
+        if self.store is not None and self.config.uses_boxes:
+            without = int((self.store.offsets[rows + 1] == self.store.offsets[rows]).sum())
+        d = {"paths": [pb[i] for i in index], "index": index, "rows": np.asarray(rows, dtype=np.int64),
+             "epoch": np.full(len(index), epoch, dtype=np.int64)}
+        return d, _Count(without)
+
+
+@dataclass
+class _Count:
+    """What ``_pull`` reads from a hand-over: how many samples fell back to scene crops."""
+
+    num_fallback: int
+
+
+PLUGIN_FIELDS = ("paths", "index", "rows", "epoch")   # "rows" only where boxes come from a store
+
+
+def plugin_fields(with_store: bool) -> tuple[str, ...]:
+    """The hand-over fields the operators' pipeline reads (DALI warns about unused ones)."""
+    return PLUGIN_FIELDS if with_store else tuple(f for f in PLUGIN_FIELDS if f != "rows")
+
+
 # ---------------------------------------------------------------------------------------------
 # the DALI graph
 # ---------------------------------------------------------------------------------------------
@@ -399,17 +445,82 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
                                    adjust_orientation=False, **decoder_kwargs)
     backend = CROP_BACKENDS[crop_backend]
     views = backend.fn(images, inp, size)
+    return (*_finish_views(views, backend.float_output, inp, recipe, decode_device, out_dtype), inp["index"])
+
+
+def _finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe, decode_device: str, out_dtype,
+                  mean=None, std=None):
+    """Augment both views (float chain, stages per :func:`aug_stages`) and normalise them to NCHW
+    (``mean``/``std`` in pixel units, default ImageNet's)."""
+    from nvidia.dali import fn, types
     outs = []
     for v in (0, 1):
         stages = aug_stages(recipe.views[v])
         img = views[v]
-        if not backend.float_output and any(k != "off" for k in stages.values()):
+        if not float_output and any(k != "off" for k in stages.values()):
             img = fn.cast(img, dtype=types.FLOAT)  # the augmentations run on float; normalise takes either
         img = _augment_view(img, inp, v, stages, gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
-                                             mean=list(IMAGENET_MEAN_PX),
-                                             std=list(IMAGENET_STD_PX)))
-    return outs[0], outs[1], inp["index"]
+                                             mean=mean or list(IMAGENET_MEAN_PX),
+                                             std=std or list(IMAGENET_STD_PX)))
+    return outs[0], outs[1]
+
+
+def crop_op_registered(device: str) -> bool:
+    """Whether ``fn.objcrop.crop`` has a backend for decoded images on ``device`` (``cpu`` / ``gpu``)."""
+    from nvidia.dali import backend
+    ops = backend.RegisteredGPUOps() if device == "gpu" else backend.RegisteredCPUOps()
+    return "objcrop__Crop" in ops
+
+
+def _plugin_graph(source: Callable, size: int, device: str, out_dtype: str, decoder_kwargs: dict,
+                  recipe: _augment.Recipe, config: CropConfig, key_seed: int, boxes_store: str | None,
+                  fields: tuple[str, ...], crop_op: bool):
+    """The operators' pipeline: file names in, DALI reads the files, then
+    :func:`dali_objcrop.plugin.object_views` (windows operator, ROI decode, crop)."""
+    from nvidia.dali import fn
+    from . import plugin
+    inp = dict(zip(fields, fn.external_source(source=source, num_outputs=len(fields), batch=True)))
+    jpegs = fn.io.file.read(inp["paths"])
+    v1, v2 = plugin.object_views(jpegs, inp["index"], epoch=inp["epoch"], config=config, recipe=recipe, seed=key_seed,
+                                 size=size, device=device, dtype=out_dtype, boxes_store=boxes_store,
+                                 store_row=inp.get("rows"), decoder_kwargs=decoder_kwargs, crop_op=crop_op)
+    return v1, v2, inp["index"]
+
+
+def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, config: CropConfig,
+                          boxes_store: str | None = None, size: int = 224, out_dtype: str = "float32",
+                          device_id: int | None = None, seed: int = 0, prefetch_queue_depth: int = 2,
+                          decoder_kwargs: dict | None = None, recipe="mocov2", crop_op: bool | None = None):
+    """The operators' pipeline (built), fed per batch with :func:`plugin_fields` by ``source``.
+
+    Args:
+        config: the crop windows' parameters.
+        boxes_store: the ``.boxes`` file the windows operator reads rows of (None: no boxes).
+        seed: the random key's seed (the windows operator's; DALI's own seed too).
+        crop_op: make the views with ``fn.objcrop.crop``; None: where it is registered for ``device``;
+            False: the DALI-ops crop stage on the windows operator's outputs.
+        others: as :func:`build_pipeline`.
+
+    Returns:
+        a built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, index)``.
+    """
+    from nvidia.dali import pipeline_def
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if out_dtype not in ("float32", "float16"):
+        raise ValueError(f"out_dtype must be 'float32' or 'float16', got {out_dtype!r}")
+    kwargs = dict(decoder_kwargs or {}) if device == "gpu" else {}
+    if crop_op is None:
+        crop_op = crop_op_registered(device)
+    elif crop_op and not crop_op_registered(device):
+        raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
+    pipe = pipeline_def(_plugin_graph, enable_conditionals=not crop_op)(
+        source, size, device, out_dtype, kwargs, _augment.get_recipe(recipe), config, seed, boxes_store,
+        plugin_fields(boxes_store is not None), crop_op, batch_size=batch_size, num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None, seed=seed, prefetch_queue_depth=prefetch_queue_depth)
+    pipe.build()
+    return pipe
 
 
 def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, size: int = 224,
@@ -554,6 +665,15 @@ class ObjCropLoader:
         roi_decode: decode only the union of the two crop windows of each image
             (saves decode time; pixels just outside a window then come from edge
             clamping instead of the image, a sub-pixel difference at the border).
+        use_plugin: build the pipeline on dali_objcrop's DALI operators (:mod:`dali_objcrop.plugin`:
+            DALI reads the files, ``fn.objcrop.windows`` decides windows and draws in C++; per batch
+            only positions and file names are handed over).  None (default): where the operators
+            build and the configuration allows it (``crop_backend="dali"``, ``roi_decode``), else
+            the DALI-ops graph fed by the NumPy callback (``plugin.load`` says once why);
+            True: require them; False: the DALI-ops graph.  ``uses_plugin`` tells which runs.
+        plugin_crop: on the operators' path, make the views with the fused ``fn.objcrop.crop``
+            (None: where it is built for the device; False: DALI's resize / color_twist / filter /
+            crop_mirror_normalize fed by ``fn.objcrop.windows``).  ``stats["pipeline"]`` says which.
     """
 
     def __init__(self, data, boxes="gt", mode: str = "obj-obj-dilate", batch_size: int = 64, size: int = 224,
@@ -564,7 +684,8 @@ class ObjCropLoader:
                  box_scale: tuple[float, float] | None = None, top_k: int = 10, min_box_size: int = 224,
                  images_dir: str | os.PathLike | None = None, device_id: int | None = None,
                  prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
-                 max_images: int | None = None, roi_decode: bool = True, prepare_ahead: int = 1) -> None:
+                 max_images: int | None = None, roi_decode: bool = True, prepare_ahead: int = 1,
+                 use_plugin: bool | None = None, plugin_crop: bool | None = None) -> None:
         import torch
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -638,8 +759,54 @@ class ObjCropLoader:
         self._fields = input_fields(crop_backend, roi_decode, self.recipe)
         self.roi_decode = roi_decode
         self._excluded: set[int] = set()
+        self._prepare = self._src.inputs
+        self.uses_plugin = self._want_plugin(use_plugin, crop_backend, roi_decode)
+        if self.uses_plugin:
+            self._boxes_store = self._plugin_boxes_store(boxes)
+            self._prepare, self._fields = self._src.handover, plugin_fields(self._boxes_store is not None)
+        self._plugin_crop = None
+        if self.uses_plugin:
+            self._plugin_crop = crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
+            if self._plugin_crop and not crop_op_registered(device):
+                raise RuntimeError(f"plugin_crop=True but fn.objcrop.crop has no {device} backend")
+        self.stats["pipeline"] = (("plugin:crop-op" if self._plugin_crop else "plugin:dali-ops-crop")
+                                  if self.uses_plugin else "dali-ops")
 
     # ---- setup helpers -------------------------------------------------------------------
+    @staticmethod
+    def _want_plugin(use_plugin: bool | None, crop_backend: str, roi_decode: bool) -> bool:
+        if use_plugin is False:
+            return False
+        why = None
+        if crop_backend != "dali":
+            why = f"crop_backend={crop_backend!r} (the operators' path uses the 'dali' crop stage)"
+        elif not roi_decode:
+            why = "roi_decode=False (the operators' path always decodes the windows' union)"
+        if why is not None:
+            if use_plugin:
+                raise ValueError(f"use_plugin=True does not combine with {why}")
+            return False
+        from . import plugin
+        if plugin.load():
+            return True
+        if use_plugin:
+            raise RuntimeError(f"use_plugin=True but the C++ operators are unavailable: {plugin.error()}")
+        return False
+
+    def _plugin_boxes_store(self, boxes) -> str | None:
+        """The ``.boxes`` file the windows operator reads rows of (an in-memory store, e.g.
+        ``boxes="gt"``, is written once to a temporary file owned by this loader); None without boxes."""
+        if self.store is None or not self.config.uses_boxes:
+            return None
+        if isinstance(boxes, (str, os.PathLike)) and not (isinstance(boxes, str) and boxes == "gt"):
+            return os.fspath(Path(boxes).resolve())
+        import shutil
+        import tempfile
+        import weakref
+        tmp = tempfile.mkdtemp(prefix="dali_objcrop_store_")
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+        return str(self.store.save(Path(tmp) / "boxes.boxes"))
+
     @staticmethod
     def _resolve_boxes(boxes, coco_json, index: ImageIndex, mode: str):
         if boxes is None:
@@ -670,9 +837,15 @@ class ObjCropLoader:
             # which DALI lacks, is converted from float32 by torch on the loader's device
             out = "float16" if (self.device == "gpu" and self.dtype == torch.float16) else "float32"
             self._out_dtype = out
-            self._pipe = build_pipeline(self._pull, self.batch_size, self.num_threads, self.device, self.size,
-                                        self.crop_backend, out, device_id, self.seed, self._prefetch,
-                                        self._decoder_kwargs, self.roi_decode, self.recipe)
+            if self.uses_plugin:
+                self._pipe = build_plugin_pipeline(self._pull, self.batch_size, self.num_threads, self.device,
+                                                   self.config, self._boxes_store, self.size, out, device_id,
+                                                   self.seed, self._prefetch, self._decoder_kwargs, self.recipe,
+                                                   self._plugin_crop)
+            else:
+                self._pipe = build_pipeline(self._pull, self.batch_size, self.num_threads, self.device, self.size,
+                                            self.crop_backend, out, device_id, self.seed, self._prefetch,
+                                            self._decoder_kwargs, self.roi_decode, self.recipe)
         return self._pipe
 
     # ---- public API -----------------------------------------------------------------------
@@ -743,7 +916,7 @@ class ObjCropLoader:
         if self._prepare_ahead == 0:
             idx = self._substitute(next(self._feed))
             self._inflight.append(idx)  # before reading, so a missing file is found by _recover
-            d, cw = self._src.inputs(idx, self._epoch, self.roi_decode, self._fields)
+            d, cw = self._prepare(idx, self._epoch, self.roi_decode, self._fields)
         else:
             self._top_up()
             if not self._ahead:
@@ -767,7 +940,7 @@ class ObjCropLoader:
                 idx = self._substitute(next(self._feed))
             except StopIteration:
                 return
-            self._ahead.append((idx, self._pool.submit(self._src.inputs, idx, self._epoch, self.roi_decode,
+            self._ahead.append((idx, self._pool.submit(self._prepare, idx, self._epoch, self.roi_decode,
                                                        self._fields)))
 
     def _unprepare(self) -> list[np.ndarray]:

@@ -99,3 +99,111 @@ def crop_views_reference(images: list[np.ndarray], boxes, offsets, index, seed: 
     cw = sample_windows(sizes, boxes, offsets, index, seed, epoch, config)
     v0, v1 = apply_windows(images, cw.windows, cw.flip, size, mean, std)
     return v0, v1, cw
+
+
+# ---- the fused crop-and-augment operator (csrc/dali/objcrop_crop.*, fn.objcrop.crop) ----------------
+#: Columns of the per-view draws the crop operator reads (``aug`` input, (2, 9) float32 per sample;
+#: PLUGIN_CONTRACT.md): the fields of :func:`dali_objcrop.augment.sample_aug_params`.
+AUG_COLUMNS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
+
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+
+
+def aug_table(keys: np.ndarray, recipe) -> np.ndarray:
+    """(N, 2, 9) float32 ``aug`` input of the crop operator: both views' draws in :data:`AUG_COLUMNS` order.
+
+    Args:
+        keys: (N,) uint64 sample keys (``CropWindows.keys``).
+        recipe: an augmentation recipe name or :class:`~dali_objcrop.augment.Recipe`.
+    """
+    from .. import augment
+    rec = augment.get_recipe(recipe)
+    out = np.zeros((len(keys), 2, len(AUG_COLUMNS)), np.float32)
+    for v in (0, 1):
+        p = augment.sample_aug_params(keys, v, rec.views[v])
+        for j, name in enumerate(AUG_COLUMNS):
+            out[:, v, j] = p[name]
+    return out
+
+
+def colour_matrix(brightness: float, contrast: float, saturation: float, hue_deg: float,
+                  center: float = 128.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, offset)`` of DALI's ``fn.color_twist``: ``rgb -> M @ rgb + offset``.
+
+    ``M = b c Yiq2Rgb Hue(h) Sat(s) Rgb2Yiq`` (hue a rotation of the I, Q plane, saturation a scaling of
+    it) and ``offset = (p - p c) b`` on every channel, where the contrast pivot ``p`` is DALI's "half
+    range": 128 for integer images, 0.5 for float ones.
+    """
+    h = np.deg2rad(hue_deg)
+    hs = np.array([[1.0, 0.0, 0.0],
+                   [0.0, np.cos(h) * saturation, np.sin(h) * saturation],
+                   [0.0, -np.sin(h) * saturation, np.cos(h) * saturation]])
+    m = brightness * contrast * (np.linalg.inv(_RGB2YIQ) @ hs @ _RGB2YIQ)
+    return m, np.full(3, (center - center * contrast) * brightness)
+
+
+def gaussian_taps(sigma: float, size: int) -> np.ndarray:
+    """The ``size``-tap normalised Gaussian of :func:`dali_objcrop.augment.gaussian_kernels` (float32)."""
+    x = np.arange(size) - size // 2
+    g = np.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (g / g.sum()).astype(np.float32)
+
+
+def augment_view_reference(view: np.ndarray, aug_row, contrast_center: float = 128.0) -> np.ndarray:
+    """Colour twist (+ clamp to [0, 255]), Gaussian blur, solarise of one (3, S, S) view in pixel units.
+
+    Args:
+        view: (3, S, S) float pixel values (a resampled view).
+        aug_row: the view's 9 draws (:data:`AUG_COLUMNS`).
+        contrast_center: colour-twist contrast pivot (128: ``fn.color_twist`` on uint8 images).
+
+    Returns:
+        (3, S, S) float64.  The blur is separable (x, then y) with ``fn.filter``'s default border
+        ``reflect_101`` (NumPy's ``reflect``); solarise maps ``x >= 128`` to ``255 - x``.
+    """
+    a = dict(zip(AUG_COLUMNS, (float(v) for v in aug_row)))
+    x = np.asarray(view, dtype=np.float64)
+    if a["colour"]:
+        m, off = colour_matrix(a["brightness"], a["contrast"], a["saturation"], a["hue"], contrast_center)
+        x = np.clip(np.einsum("ck,kyx->cyx", m, x) + off[:, None, None], 0.0, 255.0)
+    if a["blur"]:
+        k = int(a["blur_window"])
+        taps = gaussian_taps(a["sigma"], k).astype(np.float64)
+        r = k // 2
+        s = x.shape[-1]
+        pad = np.pad(x, ((0, 0), (0, 0), (r, r)), mode="reflect") if s > 1 else np.repeat(x, k, axis=2)
+        x = sum(taps[t] * pad[:, :, t:t + s] for t in range(k))
+        pad = np.pad(x, ((0, 0), (r, r), (0, 0)), mode="reflect") if s > 1 else np.repeat(x, k, axis=1)
+        x = sum(taps[t] * pad[:, t:t + s, :] for t in range(k))
+    if a["solarize"]:
+        x = np.where(x >= 128.0, 255.0 - x, x)
+    return x
+
+
+def crop_augment_reference(images: list[np.ndarray], windows: np.ndarray, flip: np.ndarray, aug: np.ndarray,
+                           size: int, mean=0.0, std=1.0, contrast_center: float = 128.0
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """What ``fn.objcrop.crop`` computes: resample, flip, colour, blur, solarise, normalise.
+
+    Args:
+        images: N HWC uint8 RGB images.
+        windows: (N, 2, 4) ``[x1, y1, x2, y2)`` per view, inside the images.
+        flip: (N, 2) horizontal flips.
+        aug: (N, 2, 9) draws (:func:`aug_table`).
+        size: output side.
+        mean, std: normalisation in pixel units (scalars broadcast).
+        contrast_center: see :func:`augment_view_reference`.
+
+    Returns:
+        two (N, 3, size, size) float64 batches, normalised.
+    """
+    norm = norm_params(mean, std).astype(np.float64)
+    mean_c, inv_c = norm[:3, None, None], norm[3:, None, None]
+    views = []
+    for v in (0, 1):
+        out = np.zeros((len(images), 3, size, size))
+        for i, im in enumerate(images):
+            px = resample_window(im, windows[i][v], bool(flip[i][v]), size)
+            out[i] = (augment_view_reference(px, aug[i][v], contrast_center) - mean_c) * inv_c
+        views.append(out)
+    return views[0], views[1]

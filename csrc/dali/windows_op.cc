@@ -1,0 +1,490 @@
+// windows_op.cc -- the objcrop__Windows DALI operator (fn.objcrop.windows), CPU backend.
+//
+// Per sample: the two views' crop windows, flips and augmentation draws of
+// dali_objcrop.windows.sample_windows + augment.sample_aug_params, computed from
+// the same counter-based key (seed, epoch, sample index), so a sample is still
+// recomputable alone and the outputs equal the NumPy specification exactly
+// (tests/test_plugin_windows.py).  The window arithmetic is csrc/objcrop_core.h
+// (oc_sample_windows), the very text the CUDA kernels run.
+//
+// Inputs:  [boxes,] shape, index
+//   boxes  (K, 4) float32 normalised [x1, y1, x2, y2], best-first (e.g. readers.coco(ltrb=True,
+//          ratio=True)); omitted with `boxes_store` (looked up by row in a .boxes file) or for
+//          scene crops only.
+//   shape  image shape (H, W[, C]) of the ENCODED image, e.g. fn.peek_image_shape (any integer type).
+//   index  the sample's key (its dataset position or any non-negative integer id), one integer.
+// Outputs (CPU, per sample): roi (4,) int32 [x, y, w, h]; windows (2, 4) int32 [x1, y1, x2, y2)
+//   relative to the roi; flip (2,) uint8; aug (2, 9) float32; then, in this order, where asked:
+//   details (12,) int32 = regions (2x4, absolute), box_index, fallback, shift dx, dy;
+//   resize_rois (2, 4) float32 (fn.resize's roi_start/roi_end); blur_kernels (2, W) float32.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dali/pipeline/operator/checkpointing/stateless_operator.h"
+#include "dali/pipeline/operator/operator.h"
+
+#include "../objcrop_core.h"
+
+namespace objcrop {
+
+using dali::CPUBackend;
+using dali::OpSpec;
+using dali::OutputDesc;
+using dali::TensorList;
+using dali::Workspace;
+
+constexpr int kAugCols = 9;       // colour, brightness, contrast, saturation, hue, blur, sigma, window, solarize
+constexpr int kViewAugParams = 10;  // jitter_p, b, c, s, hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p
+constexpr int kDetails = 12;
+
+// augment.RECIPES, flattened per view in the kViewAugParams order.
+static const double kMocoV2[2 * kViewAugParams] = {0.8, 0.4, 0.4, 0.4, 0.1, 0.2, 0.5, 0.1, 2.0, 0.0,
+                                                   0.8, 0.4, 0.4, 0.4, 0.1, 0.2, 0.5, 0.1, 2.0, 0.0};
+static const double kByol[2 * kViewAugParams] = {0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 1.0, 0.1, 2.0, 0.0,
+                                                 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 0.1, 0.1, 2.0, 0.2};
+
+// augment._factor: uniform in [max(0, 1 - s), 1 + s], float64 as NumPy evaluates it.
+static inline double Factor(double u, double s) {
+  double lo = 1.0 - s > 0.0 ? 1.0 - s : 0.0;
+  return lo + u * ((1.0 + s) - lo);
+}
+
+// augment.sample_aug_params for one sample and one view, in the contract's column order.
+static void AugParams(oc_u64 key, int view, const double *a, float *out) {
+  const int base = 40 + view * 8;  // rng.SLOT_AUG_BASE + view * rng.SLOTS_PER_AUG
+  double u_jit, u_gray, u_b, u_c, u_s, u_h, u_blur, u_sigma, u_sol, unused;
+  oc_uniforms(key, base + 0, &u_jit, &u_gray);
+  oc_uniforms(key, base + 1, &u_b, &u_c);
+  oc_uniforms(key, base + 2, &u_s, &u_h);
+  oc_uniforms(key, base + 3, &u_blur, &u_sigma);
+  oc_uniforms(key, base + 4, &u_sol, &unused);
+  const bool jitter = u_jit < a[0], gray = u_gray < a[5];
+  const double brightness = jitter ? Factor(u_b, a[1]) : 1.0;
+  const double contrast = jitter ? Factor(u_c, a[2]) : 1.0;
+  const double saturation = (jitter ? Factor(u_s, a[3]) : 1.0) * (gray ? 0.0 : 1.0);
+  const double hue = jitter ? ((2.0 * u_h - 1.0) * a[4]) * 360.0 : 0.0;
+  const double sigma = a[7] + u_sigma * (a[8] - a[7]);
+  out[0] = (jitter || gray) ? 1.0f : 0.0f;
+  out[1] = static_cast<float>(brightness);
+  out[2] = static_cast<float>(contrast);
+  out[3] = static_cast<float>(saturation);
+  out[4] = static_cast<float>(hue);
+  out[5] = u_blur < a[6] ? 1.0f : 0.0f;
+  out[6] = static_cast<float>(sigma);
+  out[7] = static_cast<float>(2.0 * std::ceil(3.0 * sigma) + 1.0);  // augment.blur_window (from float64)
+  out[8] = u_sol < a[9] ? 1.0f : 0.0f;
+}
+
+// A read-only memory map of a .boxes store (format: dali_objcrop/boxstore.py).
+class BoxStoreMap {
+ public:
+  explicit BoxStoreMap(const std::string &path) : path_(path) {
+    int fd = open(path.c_str(), O_RDONLY);
+    DALI_ENFORCE(fd >= 0, dali::make_string("objcrop: cannot open box store ", path));
+    struct stat st;
+    fstat(fd, &st);
+    size_ = static_cast<size_t>(st.st_size);
+    static const char kMagic[12] = {'O', 'B', 'J', 'C', 'R', 'O', 'P', 'B', 'O', 'X', 0, 1};
+    if (size_ < 20) {
+      close(fd);
+      DALI_FAIL(dali::make_string("objcrop: ", path, " is not a dali_objcrop box store (too short)"));
+    }
+    base_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    DALI_ENFORCE(base_ != MAP_FAILED, dali::make_string("objcrop: cannot map box store ", path));
+    const char *p = static_cast<const char *>(base_);
+    DALI_ENFORCE(std::memcmp(p, kMagic, 12) == 0,
+                 dali::make_string("objcrop: ", path, " is not a dali_objcrop box store (bad magic)"));
+    uint64_t hlen;
+    std::memcpy(&hlen, p + 12, 8);
+    DALI_ENFORCE(hlen < size_ - 20, dali::make_string("objcrop: box store ", path, ": bad header length"));
+    std::string header(p + 20, hlen);
+    size_t data_start = ((20 + hlen + 63) / 64) * 64;
+    // The arrays table is the header's last top-level key ({"meta": ..., "arrays": ...}).
+    size_t arrays = header.rfind("\"arrays\"");
+    DALI_ENFORCE(arrays != std::string::npos, dali::make_string("objcrop: box store ", path, ": no arrays table"));
+    int64_t n_off, n_box;
+    size_t off_off = Array(header, arrays, "offsets", "<i8", &n_off, nullptr);
+    int64_t cols = 0;
+    size_t box_off = Array(header, arrays, "boxes", "<f4", &n_box, &cols);
+    DALI_ENFORCE(n_off >= 1 && (n_box == 0 || cols == 4),
+                 dali::make_string("objcrop: box store ", path, ": bad offsets/boxes shapes"));
+    num_images_ = n_off - 1;
+    num_boxes_ = n_box;
+    DALI_ENFORCE(data_start + off_off + 8 * n_off <= size_ &&
+                 (n_box == 0 || data_start + box_off + 16 * n_box <= size_),
+                 dali::make_string("objcrop: box store ", path, " is truncated"));
+    offsets_ = reinterpret_cast<const int64_t *>(p + data_start + off_off);
+    boxes_ = n_box ? reinterpret_cast<const float *>(p + data_start + box_off) : nullptr;
+  }
+  ~BoxStoreMap() {
+    if (base_ && base_ != MAP_FAILED) munmap(base_, size_);
+  }
+  int64_t num_images() const { return num_images_; }
+  // Boxes of row r: pointer and count, checked against the store.
+  const float *Row(int64_t r, int64_t *count) const {
+    DALI_ENFORCE(r >= 0 && r < num_images_, dali::make_string("objcrop: box store ", path_, " has ", num_images_,
+                                                                " images, asked for row ", r));
+    int64_t a = offsets_[r], b = offsets_[r + 1];
+    DALI_ENFORCE(0 <= a && a <= b && b <= num_boxes_,
+                 dali::make_string("objcrop: box store ", path_, ": corrupt offsets at row ", r));
+    *count = b - a;
+    return boxes_ ? boxes_ + 4 * a : nullptr;
+  }
+
+ private:
+  // Finds "name": {"dtype": ..., "shape": [...], "offset": ...} after position `from`.
+  size_t Array(const std::string &h, size_t from, const char *name, const char *dtype, int64_t *rows,
+               int64_t *cols) {
+    std::string key = std::string("\"") + name + "\"";
+    size_t k = h.find(key, from);
+    DALI_ENFORCE(k != std::string::npos, dali::make_string("objcrop: box store ", path_, ": no array ", name));
+    size_t end = h.find('}', k);
+    std::string spec = h.substr(k, end - k);
+    DALI_ENFORCE(spec.find(std::string("\"") + dtype + "\"") != std::string::npos,
+                 dali::make_string("objcrop: box store ", path_, ": array ", name, " is not ", dtype));
+    size_t s = spec.find("\"shape\"");
+    size_t lb = spec.find('[', s), rb = spec.find(']', s);
+    DALI_ENFORCE(s != std::string::npos && lb != std::string::npos && rb != std::string::npos,
+                 dali::make_string("objcrop: box store ", path_, ": array ", name, " has no shape"));
+    std::string dims = spec.substr(lb + 1, rb - lb - 1);
+    *rows = std::strtoll(dims.c_str(), nullptr, 10);
+    if (cols) {
+      size_t comma = dims.find(',');
+      *cols = comma == std::string::npos ? 0 : std::strtoll(dims.c_str() + comma + 1, nullptr, 10);
+    }
+    size_t o = spec.find("\"offset\"");
+    DALI_ENFORCE(o != std::string::npos, dali::make_string("objcrop: box store ", path_, ": array ", name,
+                                                           " has no offset"));
+    size_t colon = spec.find(':', o);
+    return static_cast<size_t>(std::strtoull(spec.c_str() + colon + 1, nullptr, 10));
+  }
+
+  std::string path_;
+  void *base_ = nullptr;
+  size_t size_ = 0;
+  int64_t num_images_ = 0, num_boxes_ = 0;
+  const int64_t *offsets_ = nullptr;
+  const float *boxes_ = nullptr;
+};
+
+// One integer of sample i of an integer tensor list (int32/int64/uint32/uint64), element k.
+static int64_t IntAt(const TensorList<CPUBackend> &in, int i, int k, const char *what) {
+  const void *p = in.raw_tensor(i);
+  switch (in.type()) {
+    case DALI_INT32: return static_cast<const int32_t *>(p)[k];
+    case DALI_INT64: return static_cast<const int64_t *>(p)[k];
+    case DALI_UINT32: return static_cast<const uint32_t *>(p)[k];
+    case DALI_UINT64: return static_cast<int64_t>(static_cast<const uint64_t *>(p)[k]);
+    case DALI_INT16: return static_cast<const int16_t *>(p)[k];
+    case DALI_UINT16: return static_cast<const uint16_t *>(p)[k];
+    default: DALI_FAIL(dali::make_string("objcrop.windows: ", what, " must be an integer tensor, got type ",
+                                         in.type()));
+  }
+}
+
+// Real-valued arguments are text ("0.2, 1.0"): DALI's Python API has no float64 arguments and
+// float32 would change the windows (0.1 as float32 is not 0.1); strtod of Python's repr(float)
+// gives back the very double the NumPy specification uses.
+static std::vector<double> Numbers(const OpSpec &spec, const char *name, size_t count) {
+  const std::string text = spec.GetArgument<std::string>(name);
+  std::vector<double> out;
+  for (const char *c = text.c_str(); *c;) {
+    while (*c == ',' || *c == ' ' || *c == '(' || *c == ')' || *c == '[' || *c == ']') ++c;
+    if (!*c) break;
+    char *end;
+    double x = std::strtod(c, &end);
+    DALI_ENFORCE(end != c && std::isfinite(x),
+                 dali::make_string("objcrop.windows: argument ", name, ": not a number at '", c, "'"));
+    out.push_back(x);
+    c = end;
+  }
+  DALI_ENFORCE(count == 0 || out.size() == count, dali::make_string("objcrop.windows: argument ", name, " needs ",
+                                                                     count, " numbers, got '", text, "'"));
+  return out;
+}
+
+class Windows : public dali::StatelessOperator<CPUBackend> {
+ public:
+  explicit Windows(const OpSpec &spec) : dali::StatelessOperator<CPUBackend>(spec) {
+    const std::string mode = spec.GetArgument<std::string>("mode");
+    int k0, k1;
+    if (mode == "scene-scene") { k0 = OC_KIND_SCENE; k1 = OC_KIND_SCENE; }
+    else if (mode == "obj-scene") { k0 = OC_KIND_BOX; k1 = OC_KIND_SCENE; }
+    else if (mode == "obj-obj") { k0 = OC_KIND_BOX; k1 = OC_KIND_BOX; }
+    else if (mode == "obj-obj-dilate") { k0 = OC_KIND_BOX; k1 = OC_KIND_DILATED; }
+    else if (mode == "obj-obj-shift") { k0 = OC_KIND_BOX; k1 = OC_KIND_SHIFTED; }
+    else DALI_FAIL(dali::make_string("objcrop.windows: unknown mode '", mode, "' (scene-scene, obj-scene, obj-obj, "
+                                     "obj-obj-dilate, obj-obj-shift)"));
+    auto pair = [&](const char *name, bool unit) {
+      auto v = Numbers(spec, name, 2);
+      DALI_ENFORCE(v[0] >= 0 && (!unit || v[0] > 0) && v[0] <= v[1] && (!unit || v[1] <= 1.0),
+                   dali::make_string("objcrop.windows: ", name, " must satisfy ", unit ? "0 < " : "0 <= ",
+                                     "lo <= hi", unit ? " <= 1" : ""));
+      return v;
+    };
+    auto scale = pair("scale", true), box_scale = pair("box_scale", true), shift = pair("shift_range", false);
+    auto ratio = Numbers(spec, "ratio", 2);
+    DALI_ENFORCE(ratio[0] > 0 && ratio[0] <= ratio[1], "objcrop.windows: ratio must satisfy 0 < lo <= hi");
+    const double dilate = Numbers(spec, "dilate", 1)[0];
+    DALI_ENFORCE(dilate >= 0 && dilate <= 1, "objcrop.windows: dilate must be in [0, 1]");
+    const int64_t top_k = spec.GetArgument<int>("top_k"), min_box = spec.GetArgument<int>("min_box_size");
+    const int num_tries = spec.GetArgument<int>("num_tries");
+    DALI_ENFORCE(top_k >= 1 && min_box >= 1 && num_tries >= 1 && num_tries <= OC_MAX_TRIES,
+                 "objcrop.windows: need top_k >= 1, min_box_size >= 1, 1 <= num_tries <= 10");
+    const double flip_p = Numbers(spec, "flip_p", 1)[0];
+    DALI_ENFORCE(flip_p >= 0 && flip_p <= 1, "objcrop.windows: flip_p must be in [0, 1]");
+    const int64_t seed = spec.GetArgument<int64_t>("seed");
+    DALI_ENFORCE(seed >= 0, "objcrop.windows: seed must be >= 0");
+    seed_ = static_cast<oc_u64>(seed);
+    double *p = params_;
+    p[OC_P_KIND0] = k0;
+    p[OC_P_KIND1] = k1;
+    p[OC_P_USES_BOXES] = mode != "scene-scene";
+    p[OC_P_SCALE_LO] = scale[0];
+    p[OC_P_SCALE_HI] = scale[1];
+    p[OC_P_BOX_LO] = box_scale[0];
+    p[OC_P_BOX_HI] = box_scale[1];
+    p[OC_P_LOG_R0] = std::log(ratio[0]);  // as math.log in windows.py
+    p[OC_P_LOG_R1] = std::log(ratio[1]);
+    p[OC_P_RATIO0] = ratio[0];
+    p[OC_P_RATIO1] = ratio[1];
+    p[OC_P_DILATE] = mode == "obj-obj" ? 0.0 : dilate;
+    p[OC_P_SHIFT_R0] = shift[0];
+    p[OC_P_SHIFT_R1] = shift[1];
+    p[OC_P_MIN_BOX] = static_cast<double>(min_box);
+    p[OC_P_TOP_K] = static_cast<double>(top_k);
+    p[OC_P_NUM_TRIES] = num_tries;
+    p[OC_P_FLIP_P] = flip_p;
+
+    std::vector<double> aug = Numbers(spec, "aug", 0);
+    if (aug.empty()) {
+      const std::string recipe = spec.GetArgument<std::string>("recipe");
+      const double *r = recipe == "mocov2" ? kMocoV2 : recipe == "byol" ? kByol : nullptr;
+      DALI_ENFORCE(r != nullptr, dali::make_string("objcrop.windows: unknown recipe '", recipe,
+                                                   "' (mocov2, byol; or give `aug`)"));
+      aug.assign(r, r + 2 * kViewAugParams);
+    }
+    DALI_ENFORCE(aug.size() == 2 * kViewAugParams,
+                 "objcrop.windows: aug must hold 20 values (per view: jitter_p, brightness, contrast, saturation, "
+                 "hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p)");
+    std::copy(aug.begin(), aug.end(), aug_);
+    details_ = spec.GetArgument<bool>("details");
+    resize_rois_ = spec.GetArgument<bool>("resize_rois");
+    blur_kernels_ = spec.GetArgument<bool>("blur_kernels");
+    DALI_ENFORCE(aug[7] > 0 && aug[7] <= aug[8] && aug[17] > 0 && aug[17] <= aug[18] && aug[8] <= 10.0 &&
+                 aug[18] <= 10.0, "objcrop.windows: blur sigma ranges must satisfy 0 < lo <= hi <= 10");
+    const std::string store = spec.GetArgument<std::string>("boxes_store");
+    if (!store.empty()) store_ = std::make_unique<BoxStoreMap>(store);
+  }
+
+ protected:
+  bool SetupImpl(std::vector<OutputDesc> &out, const Workspace &ws) override {
+    const int n = ws.GetInputBatchSize(0);
+    const int nin = ws.NumInput();
+    DALI_ENFORCE(!(store_ && nin == 3), "objcrop.windows: give either a boxes input or boxes_store, not both");
+    out.resize(4 + details_ + resize_rois_ + blur_kernels_);
+    out[0] = {dali::uniform_list_shape(n, {4}), DALI_INT32};
+    out[1] = {dali::uniform_list_shape(n, {2, 4}), DALI_INT32};
+    out[2] = {dali::uniform_list_shape(n, {2}), DALI_UINT8};
+    out[3] = {dali::uniform_list_shape(n, {2, kAugCols}), DALI_FLOAT};
+    int o = 4;
+    if (details_) out[o++] = {dali::uniform_list_shape(n, {kDetails}), DALI_INT32};
+    if (resize_rois_) out[o++] = {dali::uniform_list_shape(n, {2, 4}), DALI_FLOAT};
+    if (blur_kernels_) {  // (2, W): W = the larger of the two views' odd kernel sizes (per sample)
+      dali::TensorListShape<2> sh(n);
+      const auto &shape_in = ws.Input<CPUBackend>(ws.NumInput() - 2);
+      const auto &index_in = ws.Input<CPUBackend>(ws.NumInput() - 1);
+      for (int i = 0; i < n; ++i) {
+        const oc_u64 key = oc_sample_key(seed_, static_cast<oc_u64>(spec_.GetArgument<int64_t>("epoch", &ws, i)),
+                                         static_cast<oc_u64>(IntAt(index_in, i, 0, "index")));
+        float a0[kAugCols], a1[kAugCols];
+        AugParams(key, 0, aug_, a0);
+        AugParams(key, 1, aug_ + kViewAugParams, a1);
+        sh.set_tensor_shape(i, {2, static_cast<int64_t>(std::max(a0[7], a1[7]))});
+      }
+      (void)shape_in;
+      out[o++] = {sh, DALI_FLOAT};
+    }
+    return true;
+  }
+
+  void RunImpl(Workspace &ws) override {
+    const int nin = ws.NumInput();
+    const bool has_boxes = nin == 3;
+    const auto &shape_in = ws.Input<CPUBackend>(nin - 2);
+    const auto &index_in = ws.Input<CPUBackend>(nin - 1);
+    const int n = shape_in.num_samples();
+    const bool has_row = spec_.HasTensorArgument("store_row") || spec_.HasArgument("store_row");
+    auto &roi_out = ws.Output<CPUBackend>(0);
+    auto &win_out = ws.Output<CPUBackend>(1);
+    auto &flip_out = ws.Output<CPUBackend>(2);
+    auto &aug_out = ws.Output<CPUBackend>(3);
+    for (int i = 0; i < n; ++i) {
+      const auto &ts = shape_in.tensor_shape(i);
+      DALI_ENFORCE(ts.num_elements() >= 2, dali::make_string("objcrop.windows: sample ", i,
+                                                             ": shape must be (H, W[, C]), got ", ts));
+      const int64_t h = IntAt(shape_in, i, 0, "shape"), w = IntAt(shape_in, i, 1, "shape");
+      DALI_ENFORCE(h >= 1 && w >= 1 && h < (1 << 30) && w < (1 << 30),
+                   dali::make_string("objcrop.windows: sample ", i, ": bad image shape ", h, "x", w));
+      DALI_ENFORCE(index_in.tensor_shape(i).num_elements() == 1,
+                   dali::make_string("objcrop.windows: sample ", i, ": index must hold one integer"));
+      const int64_t index = IntAt(index_in, i, 0, "index");
+      DALI_ENFORCE(index >= 0, dali::make_string("objcrop.windows: sample ", i, ": index must be >= 0, got ", index));
+      const int64_t epoch = spec_.GetArgument<int64_t>("epoch", &ws, i);
+      DALI_ENFORCE(epoch >= 0, "objcrop.windows: epoch must be >= 0");
+      const float *boxes = nullptr;
+      int64_t count = 0;
+      if (has_boxes) {
+        const auto &bin = ws.Input<CPUBackend>(0);
+        DALI_ENFORCE(bin.type() == DALI_FLOAT, "objcrop.windows: boxes must be float32");
+        const auto &bs = bin.tensor_shape(i);
+        const int64_t ne = bs.num_elements();
+        DALI_ENFORCE(ne % 4 == 0 && (ne == 0 || bs[bs.sample_dim() - 1] == 4),
+                     dali::make_string("objcrop.windows: sample ", i, ": boxes must be (K, 4), got ", bs));
+        boxes = static_cast<const float *>(bin.raw_tensor(i));
+        count = ne / 4;
+      } else if (store_) {
+        const int64_t row = has_row ? spec_.GetArgument<int64_t>("store_row", &ws, i) : index;
+        boxes = store_->Row(row, &count);
+      }
+      int sizes[2] = {static_cast<int>(w), static_cast<int>(h)};
+      const oc_i64 offsets[2] = {0, count};
+      const oc_i64 idx[1] = {index};
+      const float zero_box[4] = {0, 0, 1, 1};
+      OcSample s = oc_sample_windows(0, sizes, count ? boxes : zero_box, offsets, idx, seed_,
+                                     static_cast<oc_u64>(epoch), params_);
+      // the union of both windows: what the decoder decodes
+      int x0 = std::min(s.win[0][0], s.win[1][0]), y0 = std::min(s.win[0][1], s.win[1][1]);
+      int x1 = std::max(s.win[0][2], s.win[1][2]), y1 = std::max(s.win[0][3], s.win[1][3]);
+      int32_t *roi = roi_out.mutable_tensor<int32_t>(i);
+      roi[0] = x0; roi[1] = y0; roi[2] = x1 - x0; roi[3] = y1 - y0;
+      int32_t *win = win_out.mutable_tensor<int32_t>(i);
+      uint8_t *flip = flip_out.mutable_tensor<uint8_t>(i);
+      float *aug = aug_out.mutable_tensor<float>(i);
+      const oc_u64 key = oc_sample_key(seed_, static_cast<oc_u64>(epoch), static_cast<oc_u64>(index));
+      for (int v = 0; v < 2; ++v) {
+        win[4 * v + 0] = s.win[v][0] - x0;
+        win[4 * v + 1] = s.win[v][1] - y0;
+        win[4 * v + 2] = s.win[v][2] - x0;
+        win[4 * v + 3] = s.win[v][3] - y0;
+        flip[v] = static_cast<uint8_t>(s.flip[v]);
+        AugParams(key, v, aug_ + v * kViewAugParams, aug + v * kAugCols);
+      }
+      int o = 4;
+      if (details_) {
+        int32_t *d = ws.Output<CPUBackend>(o++).mutable_tensor<int32_t>(i);
+        for (int v = 0; v < 2; ++v)
+          for (int k = 0; k < 4; ++k) d[4 * v + k] = s.region[v][k];
+        d[8] = s.box_index;
+        d[9] = s.fallback;
+        d[10] = s.shift[0];
+        d[11] = s.shift[1];
+      }
+      if (resize_rois_) {  // fn.resize's roi_start / roi_end, (y, x); a flipped view swaps x (DALI mirrors)
+        float *r = ws.Output<CPUBackend>(o++).mutable_tensor<float>(i);
+        for (int v = 0; v < 2; ++v) {
+          const int32_t *wv = win + 4 * v;
+          r[4 * v + 0] = static_cast<float>(wv[1]);
+          r[4 * v + 1] = static_cast<float>(flip[v] ? wv[2] : wv[0]);
+          r[4 * v + 2] = static_cast<float>(wv[3]);
+          r[4 * v + 3] = static_cast<float>(flip[v] ? wv[0] : wv[2]);
+        }
+      }
+      if (blur_kernels_) {  // augment.gaussian_kernels per view, centred in W taps (zeros outside)
+        auto &kout = ws.Output<CPUBackend>(o++);
+        const int64_t width = kout.tensor_shape(i)[1];
+        float *k = kout.mutable_tensor<float>(i);
+        for (int v = 0; v < 2; ++v) {
+          const double *a = aug_ + v * kViewAugParams;
+          double u_blur, u_sigma;
+          oc_uniforms(key, 40 + v * 8 + 3, &u_blur, &u_sigma);
+          const double sigma = a[7] + u_sigma * (a[8] - a[7]);
+          const int64_t size = static_cast<int64_t>(2.0 * std::ceil(3.0 * sigma) + 1.0);
+          const int64_t pad = (width - size) / 2;
+          double g[64], sum = 0.0;
+          for (int64_t j = 0; j < size && j < 64; ++j) {
+            const double x = static_cast<double>(j - size / 2) / sigma;
+            g[j] = std::exp(-0.5 * (x * x));
+            sum += g[j];
+          }
+          for (int64_t j = 0; j < width; ++j) {
+            const int64_t t = j - pad;
+            k[v * width + j] = (t >= 0 && t < size && t < 64) ? static_cast<float>(g[t] / sum) : 0.0f;
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  double params_[OC_NUM_PARAMS];
+  double aug_[2 * kViewAugParams];
+  oc_u64 seed_ = 0;
+  bool details_ = false, resize_rois_ = false, blur_kernels_ = false;
+  std::unique_ptr<BoxStoreMap> store_;
+};
+
+}  // namespace objcrop
+
+namespace dali {
+
+DALI_REGISTER_OPERATOR(objcrop__Windows, ::objcrop::Windows, CPU);
+
+DALI_SCHEMA(objcrop__Windows)
+    .DocStr(R"(Object-aware crop windows, flips and augmentation draws of both views, per sample.
+
+Equal to ``dali_objcrop.windows.sample_windows`` and ``augment.sample_aug_params`` for the same
+key (seed, epoch, index). Inputs: ``[boxes,] shape, index`` -- boxes (K, 4) float32 normalised
+ltrb, best-first (omit them with ``boxes_store`` or for scene crops); the encoded image's shape
+(H, W[, C]) as ``fn.peek_image_shape`` gives it; the sample's key (one non-negative integer).
+Outputs: roi (4,) int32 [x, y, w, h] (the union of both windows: what to decode), windows (2, 4)
+int32 [x1, y1, x2, y2) relative to the roi, flip (2,) uint8, aug (2, 9) float32 [colour_applied,
+brightness, contrast, saturation, hue_degrees, blur_applied, sigma, blur_window,
+solarize_applied]; with ``details`` also (12,) int32 [regions (2x4), box_index, fallback, shift dx, dy].)")
+    .NumInput(2, 3)
+    .OutputFn([](const OpSpec &spec) {
+      return 4 + spec.GetArgument<bool>("details") + spec.GetArgument<bool>("resize_rois") +
+             spec.GetArgument<bool>("blur_kernels");
+    })
+    .AddOptionalArg("mode", "Crop mode: scene-scene, obj-scene, obj-obj, obj-obj-dilate, obj-obj-shift.",
+                    std::string("obj-obj-dilate"))
+    .AddOptionalArg("scale", "Scene-crop area range 'lo, hi' (fraction of the image; text, read as float64).",
+                    std::string("0.2, 1.0"))
+    .AddOptionalArg("ratio", "Aspect-ratio range 'lo, hi' (w / h, log-uniform; text).",
+                    std::string("0.75, 1.3333333333333333"))
+    .AddOptionalArg("box_scale", "Area range 'lo, hi' of a crop inside a box region (text; see "
+                    "windows.box_scale_from_mean_area).", std::string("1.0, 1.0"))
+    .AddOptionalArg("dilate", "delta of obj-obj-dilate, fraction of the image side (text).", std::string("0.1"))
+    .AddOptionalArg("shift_range", "'r_min, r_max' pixels of obj-obj-shift (text).", std::string("80, 120"))
+    .AddOptionalArg("min_box_size", "Regions smaller than this (pixels per side) are widened.", 224)
+    .AddOptionalArg("top_k", "Boxes considered per image (best-first).", 10)
+    .AddOptionalArg("num_tries", "RandomResizedCrop tries before the centre fallback (1..10).", 10)
+    .AddOptionalArg("flip_p", "Probability of a horizontal flip per view (text).", std::string("0.5"))
+    .AddOptionalArg<int64_t>("seed", "Seed of the counter-based keys (>= 0).", 0)
+    .AddOptionalArg<int64_t>("epoch", "Epoch of the key (>= 0); an argument input to change it per run.", 0, true)
+    .AddOptionalArg("recipe", "Augmentation recipe: mocov2 or byol (ignored when `aug` is given).",
+                    std::string("mocov2"))
+    .AddOptionalArg("aug", "Recipe as text: 20 comma-separated numbers, per view: jitter_p, brightness, contrast, "
+                    "saturation, hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p (text keeps them float64).",
+                    std::string(""))
+    .AddOptionalArg("boxes_store", "Path of a .boxes store; boxes are looked up by row (the index, or store_row).",
+                    std::string(""))
+    .AddOptionalArg<int64_t>("store_row", "Row in boxes_store when it differs from the index.", nullptr, true)
+    .AddOptionalArg("details", "Add an output (12,) int32: regions (2x4), box_index, fallback, shift dx, dy.", false)
+    .AddOptionalArg("resize_rois", "Add an output (2, 4) float32 per view [y1, x_start, y2, x_end] in roi "
+                    "coordinates, x swapped when flipped: fn.resize's roi_start / roi_end.", false)
+    .AddOptionalArg("blur_kernels", "Add an output (2, W) float32: each view's normalised 1-D Gaussian kernel "
+                    "(augment.gaussian_kernels), centred in W = the larger kernel size, zeros outside.", false);
+
+}  // namespace dali

@@ -1,0 +1,277 @@
+"""dali_objcrop's DALI operators: build, load, and the Python building blocks.
+
+The operators (``csrc/dali/``) are compiled on first use against the installed
+DALI (:mod:`.build`, cached by DALI version and source hash) and registered
+with ``nvidia.dali.plugin_manager.load_library``:
+
+* ``fn.objcrop.windows`` (schema ``objcrop__Windows``, CPU): per sample, both
+  views' windows, flips and augmentation draws, equal to
+  :func:`dali_objcrop.windows.sample_windows` and
+  :func:`dali_objcrop.augment.sample_aug_params` for the same key.
+* ``fn.objcrop.crop`` (schema ``objcrop__Crop``): the fused crop-and-augment
+  operator (where built).
+
+Where they cannot be built (no compiler, no CUDA headers, a compile error) or
+``DALI_OBJCROP_PLUGIN=0`` is set, :func:`load` warns once and returns False,
+and the loader keeps today's DALI-ops graph.
+
+Use inside your own pipeline::
+
+    from dali_objcrop import plugin
+    plugin.load()
+    roi, win, flip, aug = plugin.windows(boxes, fn.peek_image_shape(jpegs), index, epoch=epoch_node,
+                                         config=CropConfig(mode="obj-obj-dilate", box_scale=(0.5, 1)), seed=0)
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+
+from .build import PluginBuildError, library_path
+
+__all__ = ["PluginBuildError", "library_path", "load", "available", "has_op", "windows", "windows_arguments",
+           "WindowsOutputs", "AUG_COLUMNS", "object_views", "error"]
+
+# Column order of the windows operator's ``aug`` output (PLUGIN_CONTRACT.md).
+AUG_COLUMNS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
+# Per-view order of the operator's ``aug`` argument (augment.ViewAug fields).
+_VIEW_AUG_FIELDS = ("jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p", "blur_p")
+
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "error": None, "path": None}
+
+
+def load(cuda: bool | None = None) -> bool:
+    """Build (if needed) and load the operators into DALI, once per process.
+
+    Args:
+        cuda: build the CUDA operators too; None: where nvcc and ``*.cu`` sources exist (a CUDA
+            build that fails falls back to the CPU operators).
+
+    Returns:
+        True when the operators are registered; False (after one warning naming the reason)
+        when they cannot be, or ``DALI_OBJCROP_PLUGIN=0``.
+    """
+    with _lock:
+        if _state["loaded"] is not None:
+            return _state["loaded"]
+        if os.environ.get("DALI_OBJCROP_PLUGIN", "1") == "0":
+            _fail("disabled by DALI_OBJCROP_PLUGIN=0")
+            return False
+        try:
+            try:
+                path = library_path(cuda=cuda)
+            except PluginBuildError as e:
+                if cuda is not None or not _cuda_attempted():
+                    raise
+                warnings.warn(f"dali_objcrop: CUDA operators not built ({_first_line(e)}); "
+                              "building the CPU operators only", RuntimeWarning, stacklevel=2)
+                path = library_path(cuda=False)
+            import nvidia.dali.plugin_manager as pm
+            pm.load_library(str(path))
+        except Exception as e:  # noqa: BLE001 -- any failure means: fall back, and say why once
+            _fail(_first_line(e), detail=str(e))
+            return False
+        _state.update(loaded=True, path=path)
+        return True
+
+
+def _cuda_attempted() -> bool:
+    from .build import nvcc, sources_dir
+    try:
+        return nvcc() is not None and any(sources_dir().glob("*.cu"))
+    except PluginBuildError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _fail(reason: str, detail: str | None = None) -> None:
+    _state.update(loaded=False, error=detail or reason)
+    warnings.warn(f"dali_objcrop: C++ operators unavailable ({reason}); using the DALI-ops graph",
+                  RuntimeWarning, stacklevel=3)
+
+
+def available() -> bool:
+    """Whether the operators are loaded (loads them on first call; never raises)."""
+    return load()
+
+
+def error() -> str | None:
+    """Why :func:`load` failed (the full compiler message), None if it did not."""
+    return _state["error"]
+
+
+def has_op(name: str) -> bool:
+    """Whether ``fn.objcrop.<name>`` exists (after :func:`load`)."""
+    if not load():
+        return False
+    from nvidia.dali import fn
+    return hasattr(getattr(fn, "objcrop", None), name)
+
+
+def _text(*values: float) -> str:
+    # repr() of a Python float is read back by strtod as the very same double
+    return ", ".join(repr(float(v)) for v in values)
+
+
+def windows_arguments(config=None, recipe="mocov2", seed: int = 0) -> dict:
+    """The ``fn.objcrop.windows`` arguments of a :class:`~dali_objcrop.windows.CropConfig`, a recipe and a seed.
+
+    Real numbers go as text (DALI has no float64 arguments; float32 would change the windows).
+    """
+    from ..augment import get_recipe
+    from ..windows import CropConfig
+    config = config or CropConfig()
+    rec = get_recipe(recipe)
+    aug = []
+    for v in rec.views:
+        aug += [getattr(v, f) for f in _VIEW_AUG_FIELDS] + [v.blur_sigma[0], v.blur_sigma[1], v.solarize_p]
+    box_scale = config.box_scale if config.box_scale is not None else (1.0, 1.0)
+    return dict(mode=config.mode, scale=_text(*config.scale), ratio=_text(*config.ratio), box_scale=_text(*box_scale),
+                dilate=_text(config.dilate), shift_range=_text(*config.shift_range), min_box_size=int(config.min_box_size),
+                top_k=int(config.top_k), num_tries=int(config.num_tries), flip_p=_text(config.flip_p), seed=int(seed),
+                aug=_text(*aug))
+
+
+@dataclass
+class WindowsOutputs:
+    """The windows operator's outputs (DALI nodes), per sample:
+
+    roi (4,) int32 ``[x, y, w, h]`` -- the union of both windows, what to decode;
+    windows (2, 4) int32 ``[x1, y1, x2, y2)`` relative to the roi; flip (2,) uint8;
+    aug (2, 9) float32 in :data:`AUG_COLUMNS` order; where asked for: details (12,) int32
+    (regions 2x4, box_index, fallback, shift dx, dy), resize_rois (2, 4) float32 per view
+    ``[y1, x_start, y2, x_end]`` (``fn.resize``'s roi_start/roi_end, x swapped when flipped),
+    blur_kernels (2, W) float32 (each view's Gaussian kernel centred in W taps).
+    """
+
+    roi: object
+    windows: object
+    flip: object
+    aug: object
+    details: object = None
+    resize_rois: object = None
+    blur_kernels: object = None
+
+    def __iter__(self):
+        return iter((self.roi, self.windows, self.flip, self.aug))
+
+
+def windows(shape, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", seed: int = 0,
+            boxes_store: str | os.PathLike | None = None, store_row=None, details: bool = False,
+            resize_rois: bool = False, blur_kernels: bool = False) -> WindowsOutputs:
+    """``fn.objcrop.windows`` inside a ``@pipeline_def``, configured from a CropConfig and a recipe.
+
+    Args:
+        shape: node of the encoded images' shapes (H, W[, C]), e.g. ``fn.peek_image_shape(jpegs)``.
+        index: node with one non-negative integer per sample: the random key (dataset position or id).
+        boxes: node of (K, 4) float32 normalised ltrb boxes, best-first (e.g. ``readers.coco(ltrb=True,
+            ratio=True)``'s); None with ``boxes_store`` or for scene crops.
+        epoch: int or a node (argument input) -- the key's epoch.
+        config: :class:`~dali_objcrop.windows.CropConfig` (mode, scales, dilation, top-k, flip ...).
+        recipe: augmentation recipe name or :class:`~dali_objcrop.augment.Recipe`.
+        seed: the key's seed (>= 0).
+        boxes_store: a ``.boxes`` file; each sample's boxes are its row ``store_row`` (default: ``index``).
+        store_row: int node, the store row when it differs from ``index``.
+        details: also return regions, box_index, fallback and shift.
+        resize_rois, blur_kernels: also return what DALI's ``fn.resize`` / ``fn.filter`` take
+            (the loader's DALI-ops crop stage on the operator's windows).
+
+    Raises:
+        RuntimeError: the operators are not available (see :func:`load`, :func:`error`).
+    """
+    if not has_op("windows"):
+        raise RuntimeError(f"fn.objcrop.windows is not available: {error()}")
+    from nvidia.dali import fn
+    kw = windows_arguments(config, recipe, seed)
+    if boxes_store is not None:
+        if boxes is not None:
+            raise ValueError("give boxes or boxes_store, not both")
+        kw["boxes_store"] = os.fspath(boxes_store)
+        if store_row is not None:
+            kw["store_row"] = store_row
+    inputs = (shape, index) if boxes is None else (boxes, shape, index)
+    out = list(fn.objcrop.windows(*inputs, epoch=epoch, details=details, resize_rois=resize_rois,
+                                  blur_kernels=blur_kernels, **kw))
+    extra = {name: out.pop(4) if flag else None
+             for name, flag in (("details", details), ("resize_rois", resize_rois), ("blur_kernels", blur_kernels))}
+    return WindowsOutputs(*out, **extra)
+
+
+def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", seed: int = 0,
+                 size: int = 224, device: str = "cpu", dtype: str = "float32", mean=None, std=None,
+                 boxes_store: str | os.PathLike | None = None, store_row=None, decoder_kwargs: dict | None = None,
+                 crop_op: bool | None = None):
+    """Two object-aware, augmented, normalised views per encoded image, inside your ``@pipeline_def``.
+
+    The building block of :class:`~dali_objcrop.ObjCropLoader`'s pipeline, for a pipeline of your
+    own (your reader, your other outputs): ``fn.peek_image_shape`` -> ``fn.objcrop.windows`` ->
+    ``fn.decoders.image_slice`` of the union of both windows (``mixed`` on a GPU) ->
+    ``fn.objcrop.crop`` (or, where it is not built for ``device`` or ``crop_op=False``, DALI's
+    resize / color_twist / filter / crop_mirror_normalize fed by the windows operator: then the
+    pipeline needs ``enable_conditionals=True``).
+
+    Args:
+        jpegs: node of encoded images (any reader's, or ``fn.io.file.read``'s).
+        index: node with one non-negative integer per sample, the random key (a dataset position, or
+            ``readers.coco(image_ids=True)``'s ids).
+        boxes: node of (K, 4) float32 normalised ltrb boxes, best-first (``readers.coco(ltrb=True,
+            ratio=True)``); None with ``boxes_store`` or for ``scene-scene``.
+        epoch: int or node (argument input): the key's epoch.
+        config, recipe, seed: as :func:`windows`.
+        size: output side in pixels.
+        device: ``cpu`` or ``gpu`` (decode ``mixed``; the views are GPU nodes).
+        dtype: ``float32``, ``float16`` (or ``bfloat16`` as uint16 bits, fused crop only).
+        mean, std: per channel in [0, 1] units (default ImageNet's).
+        boxes_store, store_row: see :func:`windows`.
+        decoder_kwargs: extra decoder arguments (``hw_decoder_load``, preallocation hints; GPU).
+        crop_op: use ``fn.objcrop.crop``; None: where it is built for ``device``.
+
+    Returns:
+        ``(view1, view2)`` nodes, (3, size, size) per sample (CHW).
+    """
+    from nvidia.dali import fn, types
+    from ..constants import IMAGENET_MEAN, IMAGENET_STD
+    from ..loader import _finish_views, crop_op_registered, dali_crop
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if not load():
+        raise RuntimeError(f"dali_objcrop's operators are not available: {error()}")
+    if crop_op is None:
+        crop_op = crop_op_registered(device)
+    elif crop_op and not crop_op_registered(device):
+        raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
+    mean = [m * 255 for m in (IMAGENET_MEAN if mean is None else mean)]
+    std = [s * 255 for s in (IMAGENET_STD if std is None else std)]
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)   # the header's pixel grid, as the window maths
+    w = windows(shape, index, boxes, epoch=epoch, config=config, recipe=recipe, seed=seed, boxes_store=boxes_store,
+                store_row=store_row, resize_rois=not crop_op, blur_kernels=not crop_op)
+    decode_device = "mixed" if device == "gpu" else "cpu"
+    images = fn.decoders.image_slice(jpegs, w.roi[0:2], w.roi[2:4], axis_names="WH", normalized_anchor=False,
+                                     normalized_shape=False, device=decode_device, output_type=types.RGB,
+                                     adjust_orientation=False, **(decoder_kwargs or {}))
+    if crop_op:
+        # contrast_center=0.5: what fn.color_twist does on the DALI-ops graph's float views (same pixels)
+        v1, v2 = fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=size, mean=mean, std=std,
+                                 contrast_center=0.5, dtype=dtype)
+        return v1, v2
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype {dtype!r} needs fn.objcrop.crop; the DALI-ops stage gives float32 / float16")
+    inp: dict = {}
+    for v in (0, 1):
+        inp[f"roi_start{v}"], inp[f"roi_end{v}"] = w.resize_rois[v, 0:2], w.resize_rois[v, 2:4]
+        for c, name in enumerate(AUG_COLUMNS):
+            inp[f"{name}{v}"] = (fn.cast(w.aug[v, c], dtype=types.BOOL) if name in ("colour", "blur", "solarize")
+                                 else w.aug[v, c])
+        inp[f"blur_h{v}"] = fn.expand_dims(w.blur_kernels[v], axes=[0])    # (1, W): along x
+        inp[f"blur_v{v}"] = fn.expand_dims(w.blur_kernels[v], axes=[1])    # (W, 1): along y
+    from ..augment import get_recipe
+    out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
+    return _finish_views(dali_crop(images, inp, size), False, inp, get_recipe(recipe), decode_device, out_dtype,
+                         mean, std)
