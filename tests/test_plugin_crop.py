@@ -299,7 +299,7 @@ def test_op_matches_dali_graph_on_real_windows(op, recipe):
     pixel level on >= 99% of the pixels whose filters read only inside the window (DALI's ROI resize reads
     past the window's edge where ours, crop-then-resize as PIL, renormalises), and never 3 levels apart
     there: the graph rounds its resized views to uint8, half a level that the colour factors can amplify
-    (measured: 99.3% within a level, max 1.8)."""
+    (measured on 2 COCO photos + 3 synthetic images: 99.95% within a level, max 1.3, mean 0.18)."""
     ims = _images()
     win, flip, keys = _windows(ims, seed=11)
     aug = _aug(keys, recipe, seed=12)

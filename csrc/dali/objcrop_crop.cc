@@ -16,6 +16,7 @@ namespace {
 
 // Per-thread work buffers (reused across batches, so the large blocks are not re-mapped per view).
 struct Buffers {
+  std::vector<float> src;       // one source row of the window as float: (window width, 3)
   std::vector<float> rows;      // horizontal sums: (window height, S, 3)
   std::vector<float> view;      // (S, S, 3) pixel units
   std::vector<float> tmp;       // (S, S, 3) after the horizontal blur
@@ -26,6 +27,22 @@ struct Buffers {
   std::vector<float> tap_w;
   std::vector<float> wsx;
 };
+
+// d[j] += w * s[j] for j < n, 8 lanes at a time (GCC / Clang vector extensions: the -O2 build does not
+// auto-vectorise loops of unknown length).  Same multiply and add per element as the scalar loop.
+inline void axpy(float *__restrict d, const float *__restrict s, float w, int n) {
+  typedef float v8 __attribute__((vector_size(32)));
+  const v8 wv = {w, w, w, w, w, w, w, w};
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    v8 a, b;
+    std::memcpy(&a, d + j, sizeof a);
+    std::memcpy(&b, s + j, sizeof b);
+    a += wv * b;
+    std::memcpy(d + j, &a, sizeof a);
+  }
+  for (; j < n; ++j) d[j] += w * s[j];
+}
 
 // Resample one view into b.view (HWC float, pixel units): equal, operation for operation, to
 // oc_resample_pixel on every output pixel.
@@ -52,17 +69,22 @@ void resample_view(const OcViewParams &p, int S, Buffers &b) {
   }
   const int wh = y2 - y1, row_len = 3 * S;
   b.rows.resize(static_cast<size_t>(wh) * row_len);
+  const int ww = x2 - x1;
+  b.src.resize(3 * static_cast<size_t>(ww));
   for (int y = y1; y < y2; ++y) {
-    const unsigned char *src = img + (static_cast<oc_i64>(y) * p.img_w) * 3;
+    // the window's part of the source row as float once (exact), then the per-output tap sums
+    const unsigned char *__restrict row = img + (static_cast<oc_i64>(y) * p.img_w + x1) * 3;
+    float *__restrict srcf = b.src.data();
+    for (int j = 0; j < 3 * ww; ++j) srcf[j] = static_cast<float>(row[j]);
     float *dst = b.rows.data() + static_cast<size_t>(y - y1) * row_len;
     for (int o = 0; o < S; ++o) {
       const float *w = b.tap_w.data() + b.tap_off[o];
-      const unsigned char *px = src + 3 * b.tap_start[o];
+      const float *px = srcf + 3 * (b.tap_start[o] - x1);
       float r0 = 0.0f, r1 = 0.0f, r2 = 0.0f;
       for (int k = 0, n = b.tap_count[o]; k < n; ++k, px += 3) {
-        r0 += w[k] * static_cast<float>(px[0]);
-        r1 += w[k] * static_cast<float>(px[1]);
-        r2 += w[k] * static_cast<float>(px[2]);
+        r0 += w[k] * px[0];
+        r1 += w[k] * px[1];
+        r2 += w[k] * px[2];
       }
       dst[3 * o] = r0;
       dst[3 * o + 1] = r1;
@@ -77,8 +99,7 @@ void resample_view(const OcViewParams &p, int S, Buffers &b) {
     for (int y = ay.t0; y <= ay.t1; ++y) {
       float wy = oc_tap(ay, y);
       if (wy <= 0.0f) continue;
-      const float *__restrict r = b.rows.data() + static_cast<size_t>(y - y1) * row_len;
-      for (int j = 0; j < row_len; ++j) acc[j] += wy * r[j];
+      axpy(acc, b.rows.data() + static_cast<size_t>(y - y1) * row_len, wy, row_len);
       wsy += wy;
     }
     for (int o = 0; o < S; ++o) {
@@ -114,21 +135,14 @@ void augment_view(const OcViewParams &p, const float *taps, const float *norm, i
         float *__restrict d = dst + 3 * in_lo;
         const int len = 3 * (in_hi - in_lo);
         std::fill(d, d + len, 0.0f);
-        for (int t = 0; t < k; ++t) {
-          const float *__restrict s = line + 3 * (in_lo + t - half);
-          const float w = taps[t];
-          for (int j = 0; j < len; ++j) d[j] += w * s[j];
-        }
+        for (int t = 0; t < k; ++t) axpy(d, line + 3 * (in_lo + t - half), taps[t], len);
       }
     }
     for (int y = 0; y < S; ++y) {  // along y, rows accumulated in tap order (as oc_blur_at)
       float *__restrict acc = view + static_cast<size_t>(y) * row_len;
       std::fill(acc, acc + row_len, 0.0f);
-      for (int t = 0; t < k; ++t) {
-        const float *__restrict r = b.tmp.data() + static_cast<size_t>(oc_reflect101(y + t - half, S)) * row_len;
-        const float w = taps[t];
-        for (int j = 0; j < row_len; ++j) acc[j] += w * r[j];
-      }
+      for (int t = 0; t < k; ++t)
+        axpy(acc, b.tmp.data() + static_cast<size_t>(oc_reflect101(y + t - half, S)) * row_len, taps[t], row_len);
     }
     src = view;
   }
