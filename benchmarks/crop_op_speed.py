@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dali_objcrop.constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = next((str(d / "shared/data/coco_val2017_subset/images") for d in (REPO.parent, REPO.parents[1])
                        if (d / "shared/data/coco_val2017_subset/images").is_dir()),
@@ -102,8 +104,8 @@ def build(kind: str, batches: list, size: int, recipe: str, threads: int):
         images = fn.reshape(inp["images"], layout="HWC")
         if kind == "crop_op":
             return tuple(fn.objcrop.crop(images, inp["windows"], inp["flip"], inp["aug"], size=size,
-                                         mean=[m * 255 for m in loader.IMAGENET_MEAN],
-                                         std=[s * 255 for s in loader.IMAGENET_STD], contrast_center=0.5))
+                                         mean=list(IMAGENET_MEAN_PX),
+                                         std=list(IMAGENET_STD_PX), contrast_center=0.5))
         views = loader.dali_crop(images, inp, size)
         return loader._finish_views(views, False, inp, augment.get_recipe(recipe), "cpu", types.FLOAT)
 

@@ -38,8 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 STAGES = ("read", "decode", "decode-roi", "crop", "colour", "blur", "normalise")
 
 
