@@ -39,21 +39,28 @@ def add_proposals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
     p.add_argument("--no-check", action="store_true", help="skip the per-file header scan of the image index")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to go on)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept COCO file_name entries that are absolute or climb out of the image folder (refused "
+                        "by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_proposals_cmd)
 
 
 def run_proposals_cmd(args: argparse.Namespace) -> int:
     from ..boxstore import BoxStore
-    from .run import ProposalJob, load_index, run_proposals
+    from ..dataset import check_keys
+    from .run import JobLock, ProposalJob, load_index, run_proposals
     if args.method == "gt":
         if not str(args.source).endswith(".json"):
             raise SystemExit("--method gt needs a COCO .json source")
         store = BoxStore.from_coco(args.source, top_k=args.top_k)
-        store.save(args.out)
+        # the images are not read here, but the loader will read these keys later: refuse them now
+        check_keys(list(store.keys), args.images or Path(args.source).parent, args.allow_outside_root)
+        with JobLock(Path(args.out)):
+            store.save(args.out)
         print(f"wrote {args.out}: {store.summary()}")
         return 0
-    index = load_index(args.source, args.images, check=not args.no_check)
+    index = load_index(args.source, args.images, check=not args.no_check, allow_outside_root=args.allow_outside_root)
     job = ProposalJob(method=args.method, top_k=args.top_k, nms_iou=args.nms_iou, max_side=args.max_side,
                       model_dir=args.model_dir, color=args.color,
                       bing_nms_rounds=args.bing_nms_rounds or None)
@@ -105,6 +112,8 @@ def add_train_bing(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negatives-per-image", type=int, default=100)
     p.add_argument("--min-size-count", type=int, default=50, help="positives a size needs to be active")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept file_name entries that are absolute or climb out of the image folder")
     p.set_defaults(func=run_train_cmd)
 
 
@@ -112,7 +121,7 @@ def run_train_cmd(args: argparse.Namespace) -> int:
     from .train_bing import TrainConfig, train_bing
     cfg = TrainConfig(color=args.color, max_images=args.max_images, negatives_per_image=args.negatives_per_image,
                       min_size_count=args.min_size_count, seed=args.seed)
-    train_bing(args.coco, args.images, args.out, cfg)
+    train_bing(args.coco, args.images, args.out, cfg, allow_outside_root=args.allow_outside_root)
     return 0
 
 
