@@ -44,10 +44,12 @@ produces the same loss sequence as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import pickle
 import sys
 import time
 import typing
@@ -81,6 +83,7 @@ class Config:
     crops: str = "obj-obj-dilate"     # a dali_objcrop crop mode
     data: str = ""                    # COCO json or image folder; "" = the embedded synthetic set
     images_dir: str = ""              # image folder of a COCO json ("" = beside it)
+    allow_outside_root: bool = False  # accept file_name entries outside the image folder (refused by default)
     boxes: str = "gt"                 # gt | path of a .boxes store | none (scene-scene only)
     size: int = 224                   # crop side in pixels
     dilate: float = 0.1               # delta of obj-obj-dilate (0.1 COCO, 0.2 OpenImages)
@@ -168,15 +171,36 @@ def _convert(name: str, typ: type, value) -> object:
         raise ValueError(f"--{name} expects {typ.__name__}, got {value!r}") from None
 
 
+def config_help() -> str:
+    """The ``--help`` text: usage, then every :class:`Config` field with its type, default and comment."""
+    src = inspect.getsource(Config).splitlines()
+    comments = {}
+    for line in src:
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            comments[name] = rest.split("#", 1)[1].strip()
+    types = typing.get_type_hints(Config)
+    lines = [__doc__.splitlines()[0], "",
+             "usage: python train/pretrain.py [--config=FILE.json] [--field=value ...]", "", "fields:"]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  --{f.name.replace('_', '-')}={types[f.name].__name__} (default {f.default!r})"
+                     + (f"  {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """A :class:`Config` from ``--config=FILE.json`` (optional) then ``--field=value`` flags.
 
     Flags may use ``-`` or ``_`` (``--batch-size`` = ``--batch_size``), ``--f=v``
     or ``--f v``; a bare boolean flag (``--compile``) means true.  Unknown
-    fields and badly typed values raise ``ValueError`` naming them.
+    fields and badly typed values raise ``ValueError`` naming them; ``-h`` /
+    ``--help`` prints :func:`config_help` and exits (``SystemExit(0)``).
     """
     types = typing.get_type_hints(Config)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(config_help())
+        raise SystemExit(0)
     pairs: list[tuple[str, object]] = []
     i = 0
     while i < len(argv):
@@ -198,8 +222,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values: dict[str, object] = {}
     for key, val in pairs:
         if key == "config":
-            with open(val) as f:
-                loaded = json.load(f)
+            try:
+                with open(val) as f:
+                    loaded = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read config file {val}: {e}") from None
             if not isinstance(loaded, dict):
                 raise ValueError(f"config file {val} must hold a JSON object")
             for k, v in loaded.items():
@@ -279,24 +306,75 @@ def make_loader(cfg: Config, rank: int, world_size: int):
     return ObjCropLoader(data, boxes=boxes, mode=cfg.crops, batch_size=cfg.batch_size, size=cfg.size,
                          recipe=cfg.recipe, seed=cfg.seed, num_threads=cfg.num_threads, device=cfg.loader_device,
                          rank=rank, world_size=world_size, drop_last=True, dilate=cfg.dilate,
-                         images_dir=cfg.images_dir or None, prepare_ahead=cfg.prepare_ahead)
+                         images_dir=cfg.images_dir or None, prepare_ahead=cfg.prepare_ahead,
+                         allow_outside_root=cfg.allow_outside_root)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
+class _CheckpointFile:
+    """A write-only file for ``torch.save`` that keeps the first ``OSError`` of a write: torch's
+    zip writer turns it into an unhelpful ``RuntimeError`` ("unexpected pos ...")."""
+
+    def __init__(self, f) -> None:
+        self._f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer, step: int,
                     cfg: Config, world_size: int) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
+    """Write a checkpoint atomically (temporary file, fsync, rename); the config is stored as a plain
+    dict so that :func:`load_checkpoint` reads it with ``weights_only=True``.
+
+    Raises:
+        OSError: the write failed (the message names the path and says when the disk is full); the
+            previous checkpoint at ``path`` is left as it was and the temporary file is removed.
+    """
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
              "world_size": world_size}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    out = None
+    try:
+        with open(tmp, "wb") as f:
+            out = _CheckpointFile(f)
+            torch.save(state, out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        cause = (out.error if out is not None and out.error is not None else e)
+        code = getattr(cause, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(code, f"disk full: cannot write checkpoint {path} (step {step}); {path} still holds "
+                                f"the previous checkpoint, free space and resume") from cause
+        raise OSError(code or errno.EIO, f"cannot write checkpoint {path} (step {step}): {cause}") from cause
 
 
 def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None, world_size: int | None = None) -> dict:
-    """Read a checkpoint (on the CPU); with ``cfg``, check it can continue this run."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Read a checkpoint (on the CPU); with ``cfg``, check it can continue this run.
+
+    Only plain data is unpickled (``weights_only=True``): a checkpoint that would run code
+    when loaded is refused with a ``ValueError`` naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint (loading it would run code "
+                         f"or needs objects outside tensors and plain containers): {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= set(state):
+        raise ValueError(f"{path} is not a pretraining checkpoint (needs 'model', 'config' and 'step')")
     if cfg is not None:
         saved = state["config"]
         diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
@@ -311,6 +389,9 @@ def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None, world_si
 def load_backbone(path: str | os.PathLike) -> tuple[Backbone, Config]:
     """The pretrained (online / query) backbone of a checkpoint, and the run's config."""
     state = load_checkpoint(path)
+    unknown = sorted(set(state["config"]) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"{path} was written by another version of train/pretrain.py: unknown settings {unknown}")
     cfg = Config(**state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["model"])
@@ -518,7 +599,11 @@ def train(cfg: Config, loader=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        print(f"error: {e}\n(python train/pretrain.py --help lists the settings)", file=sys.stderr)
+        return 2
     try:
         summary = train(cfg)
         if summary["losses"] and int(os.environ.get("RANK", 0)) == 0:
