@@ -34,6 +34,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .dataset import fingerprint, load_coco
+
 MAGIC = b"OBJCROPBOX\x00\x02"
 MAGIC_V1 = b"OBJCROPBOX\x00\x01"
 _ALIGN = 64
@@ -73,15 +75,6 @@ def _sha256_of_file(path: Path, start: int, length: int, block: int = 1 << 24) -
                 break
             h.update(chunk)
             left -= len(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(keys: Sequence[str]) -> str:
-    """sha256 of the ordered image-key list (one key per line)."""
-    h = hashlib.sha256()
-    for k in keys:
-        h.update(k.encode("utf-8"))
-        h.update(b"\n")
     return h.hexdigest()
 
 
@@ -225,7 +218,6 @@ class BoxStore:
     def from_coco(cls, annotations: str | os.PathLike, top_k: int | None = None,
                   include_crowd: bool = True) -> "BoxStore":
         """Ground-truth boxes of a COCO-format JSON as proposals (largest first)."""
-        from .dataset import load_coco
         coco = load_coco(annotations)
         boxes = []
         for img in coco.images:

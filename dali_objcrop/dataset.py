@@ -18,6 +18,7 @@ Rules every entry point shares (see ``docs/reliability.md``):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,12 +28,19 @@ from typing import Sequence
 
 import numpy as np
 
-from .boxstore import fingerprint
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # scan_image statuses
 OK, EMPTY, UNREADABLE, TRUNCATED, MISSING = "ok", "empty", "unreadable", "truncated", "missing"
+
+
+def fingerprint(keys: Sequence[str]) -> str:
+    """sha256 of the ordered image-key list (one key per line)."""
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 @dataclass
