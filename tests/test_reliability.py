@@ -101,6 +101,40 @@ def test_exif_orientation_is_ignored_by_every_decoder(tmp_path):
     assert np.abs(rgb[:, :, ::-1].astype(int) - decode_bgr(path).astype(int)).mean() < 2
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_exif_orientation_is_ignored_by_the_gpu_decoder(tmp_path):
+    """nvJPEG (decoders "mixed", as the loader on a GPU, whole image and ROI) keeps the stored grid too."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from dali_objcrop.proposals.common import decode_bgr
+    path = tmp_path / "rot6.jpg"
+    path.write_bytes(_jpeg(_photo(160, 96), orientation=6))
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0)
+    def dec():
+        enc = fn.external_source(source=lambda: [np.fromfile(path, dtype=np.uint8)], batch=True)
+        whole = fn.decoders.image(enc, device="mixed", output_type=types.RGB, adjust_orientation=False)
+        roi = fn.decoders.image_slice(enc, np.array([16.0, 8.0], np.float32), np.array([96.0, 64.0], np.float32),
+                                      axis_names="WH", normalized_anchor=False, normalized_shape=False,
+                                      device="mixed", output_type=types.RGB, adjust_orientation=False)
+        return whole, roi
+    p = dec()
+    p.build()
+    whole, roi = (np.array(o.as_cpu().as_tensor())[0] for o in p.run())
+    ref = decode_bgr(path)[:, :, ::-1].astype(int)
+    assert whole.shape[:2] == (96, 160) and np.abs(whole.astype(int) - ref).mean() < 3
+    assert roi.shape[:2] == (64, 96) and np.abs(roi.astype(int) - ref[8:72, 16:112]).mean() < 3
+
+
 def test_exif_rotated_jpeg_in_show_matches_the_loader_grid(tmp_path):
     from dali_objcrop.tools import crop_config, load_tool_data, show_rows
     ann = _coco_set(tmp_path, {"rot.jpg": (_jpeg(_photo(160, 96), orientation=6), (160, 96), [(10, 10, 60, 40)]),
