@@ -612,3 +612,24 @@ def test_coco_categories_are_checked(tmp_path):
                              "annotations": [{"id": 4, "image_id": 1, "category_id": 9, "bbox": [0, 0, 2, 2]}]}))
     with pytest.raises(ValueError, match=r"annotation id 4 \(category 9\)"):
         load_coco(p)
+
+
+def test_second_training_run_on_the_same_out_is_refused(tmp_path):
+    from dali_objcrop.joblock import JobLock
+    from train.pretrain import Config, train
+    cfg = Config(arch="resnet18", size=32, batch_size=4, steps=1, out=str(tmp_path / "run"), progress=False)
+    with JobLock(tmp_path / "run" / "run.lock", "training run"):          # another run holds the folder
+        with pytest.raises(RuntimeError, match=r"run\.lock is locked by another training run \(pid"):
+            train(cfg, loader=[])
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_damaged_bing_model_file_is_named(tmp_path):
+    from dali_objcrop.proposals.bing import BingModel
+    src = REPO / "dali_objcrop" / "models" / "bing"
+    for f in src.glob("*.yml.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    damaged = tmp_path / "ObjNessB2W8MAXBGR.wS1.yml.gz"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"ObjNessB2W8MAXBGR\.wS1\.yml\.gz is damaged"):
+        BingModel.load(tmp_path)

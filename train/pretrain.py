@@ -433,6 +433,10 @@ class _Logger:
 def train(cfg: Config, loader=None) -> dict:
     """Run (or resume) one pretraining job; returns a summary (master's numbers).
 
+    The master process holds an exclusive lock on ``OUT/run.lock`` for the whole run: a second
+    run on the same ``out`` (which would interleave the log and overwrite the checkpoints) fails
+    at once with an error naming the lock and the holder.
+
     Args:
         cfg: the configuration (resolved here).
         loader: anything with ``__len__``, ``set_epoch`` and iteration yielding
@@ -443,6 +447,17 @@ def train(cfg: Config, loader=None) -> dict:
         ``{"steps", "losses" (this call's logged losses), "images_per_s",
         "data_wait_frac", "checkpoint", "config"}``.
     """
+    from dali_objcrop.joblock import JobLock
+    env = setup_distributed()
+    lock = JobLock(Path(cfg.out) / "run.lock", "training run").acquire() if env.master else None
+    try:
+        return _train(cfg, loader)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, loader=None) -> dict:
     cfg = cfg.resolved()
     env = setup_distributed()
     device, cuda = env.device, env.device.type == "cuda"

@@ -39,14 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..boxstore import BoxStore
     from ..dataset import check_keys
-    from ..proposals.run import JobLock, ProposalJob, load_index, run_proposals
+    from ..proposals.run import ProposalJob, load_index, output_lock, run_proposals
     if args.method == "gt":
         if not str(args.source).endswith(".json"):
             raise SystemExit("--method gt needs a COCO .json source")
         store = BoxStore.from_coco(args.source, top_k=args.top_k)
         # the images are not read here, but the loader will read these keys later: refuse them now
         check_keys(list(store.keys), args.images or Path(args.source).parent, args.allow_outside_root)
-        with JobLock(Path(args.out)):
+        with output_lock(Path(args.out)):
             store.save(args.out)
         print(f"wrote {args.out}: {store.summary()}")
         return 0

@@ -24,15 +24,12 @@ plus a parent-pid watchdog), so killing a job leaves no process behind.
 from __future__ import annotations
 
 import ctypes
-import errno
-import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -43,73 +40,16 @@ import numpy as np
 
 from ..boxstore import BoxStore
 from ..dataset import ImageIndex, check_found, fingerprint
+from ..joblock import JobLock, OutputLockedError  # noqa: F401  (OutputLockedError: re-exported)
 from .common import PROPOSAL_MAX_SIDE, load_for_proposals
 from .methods import METHODS, make_detector, model_digest, propose_image, resolve_model_dir
 
 JOB_VERSION = 2
 
 
-class OutputLockedError(RuntimeError):
-    """Another proposals job holds the output's lock."""
-
-
-class JobLock:
-    """An exclusive ``flock`` on ``<out>.lock`` held for a whole proposals job.
-
-    The lock file holds the holder's pid, host and start time (for the error message of a
-    second job).  It is removed on release; a job that acquires a lock file that was meanwhile
-    removed and recreated retries (the inode check), so two jobs never both hold it.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.path = out.with_name(out.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> "JobLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                try:
-                    holder = self.path.read_text().strip() or "unknown"
-                except OSError:
-                    holder = "unknown"
-                raise OutputLockedError(f"{self.path} is locked by another proposals job ({holder}); wait for it "
-                                        f"to finish or stop it (two jobs must not write the same store)") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous holder removed it between our open and flock: take the new one
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
-            self._fd = fd
-            return self
-        raise OutputLockedError(f"cannot take the lock {self.path} (it keeps being replaced)")
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.unlink(self.path)  # while still holding it (see acquire's inode check)
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)  # closing drops the flock
-        self._fd = None
-
-    def __enter__(self) -> "JobLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+def output_lock(out: Path) -> JobLock:
+    """The lock a proposals job holds on its output ``out``: ``<out>.lock``."""
+    return JobLock(out.with_name(out.name + ".lock"), "proposals job")
 
 
 @dataclass(frozen=True)
@@ -335,7 +275,7 @@ def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, w
         raise ValueError(f"no usable images in {index.root} ({len(index.bad)} files rejected by the scan, e.g. "
                          f"{', '.join(list(index.bad)[:3])}): nothing to compute")
     out = Path(out)
-    with JobLock(out):
+    with output_lock(out):
         return _run_locked(index, out, job, workers, chunk_size, restart, progress, max_chunks)
 
 
