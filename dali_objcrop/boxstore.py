@@ -24,6 +24,7 @@ load, with the same structural checks.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -354,9 +355,12 @@ class BoxStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno is not None:  # name the store (and a full disk)
+                raise OSError(e.errno, f"{'disk full: ' if e.errno == errno.ENOSPC else ''}cannot write box store "
+                                       f"{path}: {e.strerror or e}; the previous file is unchanged") from e
             raise
         return path
 

@@ -633,3 +633,37 @@ def test_damaged_bing_model_file_is_named(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"ObjNessB2W8MAXBGR\.wS1\.yml\.gz is damaged"):
         BingModel.load(tmp_path)
+
+
+def test_store_and_chunk_writes_on_a_full_disk_name_the_file(tmp_path, monkeypatch):
+    import builtins
+
+    import dali_objcrop.proposals.run as run
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    with pytest.raises(OSError, match=r"disk full: cannot write box store .*s\.boxes"):
+        _store().save(tmp_path / "s.boxes")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(run, "open", lambda p, mode="r", *a, **k: Full(builtins.open(p, mode, *a, **k)),
+                        raising=False)
+    with pytest.raises(OSError, match=r"disk full: cannot write .*chunk_0000003\.npz"):
+        run._write_atomic(tmp_path / "chunk_0000003.npz", b"x" * 100)
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ plus a parent-pid watchdog), so killing a job leaves no process behind.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -166,12 +167,21 @@ def _chunk_path(parts: Path, chunk: int) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all; a failed write (a full disk) names the file."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"{'disk full: ' if e.errno == errno.ENOSPC else ''}cannot write {path}: "
+                               f"{e.strerror or e}; finished chunks are kept, rerun to resume") from e
 
 
 def process_chunk(task: tuple[int, list[int], list[str], np.ndarray, str, str]) -> tuple[int, int, int]:
