@@ -105,7 +105,8 @@ def validate_coco(d: dict, path: str | os.PathLike = "<json>") -> None:
     dup_ids = {i: f for i, f in ids.items() if len(f) > 1}
     if dup_ids:
         raise CocoFormatError(f"{path}: {len(dup_ids)} image ids are used more than once (their boxes would be "
-                              f"mixed up): " + _some(f"id {i!r}: {', '.join(map(repr, f))}" for i, f in dup_ids.items()))
+                              f"mixed up): "
+                              + _some(f"id {i!r}: {', '.join(map(repr, f))}" for i, f in dup_ids.items()))
     names: dict = {}
     for im in d["images"]:
         names.setdefault(im["file_name"], []).append(im["id"])
