@@ -505,6 +505,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_parent_stops_its_workers(tmp_path, sig):
     ann = _plain_set(tmp_path / "set", n=40, w=320, h=240)
