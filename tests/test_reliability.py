@@ -222,7 +222,7 @@ class _Evil:
 
 def _tiny_model_and_opt():
     import torch
-    from train.pretrain import Config, build_model, build_optimizer
+    from dali_objcrop.train.pretrain import Config, build_model, build_optimizer
     cfg = Config(arch="resnet18", head_hidden=32, head_out=16, queue_size=64, size=32, batch_size=4,
                  steps=1).resolved()
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def _tiny_model_and_opt():
 
 def test_checkpoint_that_runs_code_is_refused(tmp_path):
     import torch
-    from train.pretrain import load_checkpoint
+    from dali_objcrop.train.pretrain import load_checkpoint
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "step": 0, "config": {}, "x": _Evil(str(marker))}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match=r"evil\.pt"):
@@ -245,7 +245,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
 
 def test_real_checkpoint_loads_with_weights_only(tmp_path):
     import torch
-    from train.pretrain import load_backbone, load_checkpoint, save_checkpoint
+    from dali_objcrop.train.pretrain import load_backbone, load_checkpoint, save_checkpoint
     cfg, model, opt = _tiny_model_and_opt()
     save_checkpoint(tmp_path / "ckpt.pt", model, opt, 1, cfg, 1)
     torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)   # plain data only
@@ -260,7 +260,7 @@ def test_real_checkpoint_loads_with_weights_only(tmp_path):
 def test_checkpoint_write_on_a_full_disk_names_the_path(tmp_path, monkeypatch):
     import builtins
 
-    import train.pretrain as pt
+    import dali_objcrop.train.pretrain as pt
     cfg, model, opt = _tiny_model_and_opt()
     path = tmp_path / "ckpt.pt"
     pt.save_checkpoint(path, model, opt, 1, cfg, 1)
@@ -392,7 +392,7 @@ def test_file_names_outside_the_image_folder_are_refused(tmp_path, kind):
 
 def test_train_bing_and_linear_eval_refuse_escaping_file_names(tmp_path):
     from dali_objcrop.proposals.train_bing import TrainConfig, train_bing
-    from train.linear_eval import coco_image_labels
+    from dali_objcrop.train.linear_eval import coco_image_labels
     ann = _escaping_set(tmp_path, "../secret.jpg")
     with pytest.raises(ValueError, match=r"secret\.jpg"):
         train_bing(ann, None, tmp_path / "m", TrainConfig(), log=lambda *a: None)
@@ -546,7 +546,7 @@ def test_pretrain_help_prints_the_settings():
     r = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "--batch-size=int" in r.stdout and "--crops=str" in r.stdout
+    assert "--batch-size=256  (int)" in r.stdout and "--crops=obj-obj-dilate  (str)" in r.stdout
     r = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), "--bogus=1"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "unknown flag --bogus" in r.stderr and "Traceback" not in r.stderr
@@ -617,7 +617,7 @@ def test_coco_categories_are_checked(tmp_path):
 
 def test_second_training_run_on_the_same_out_is_refused(tmp_path):
     from dali_objcrop.joblock import JobLock
-    from train.pretrain import Config, train
+    from dali_objcrop.train.pretrain import Config, train
     cfg = Config(arch="resnet18", size=32, batch_size=4, steps=1, out=str(tmp_path / "run"), progress=False)
     with JobLock(tmp_path / "run" / "run.lock", "training run"):          # another run holds the folder
         with pytest.raises(RuntimeError, match=r"run\.lock is locked by another training run \(pid"):
