@@ -559,11 +559,7 @@ def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-    except ValueError as e:
-        print(f"error: {e}\n(python train/pretrain.py --help lists the settings)", file=sys.stderr)
-        return 2
+    cfg, = config.parse_or_exit([Config], argv, "pretrain")
     try:
         summary = train(cfg)
         if summary["losses"] and int(os.environ.get("RANK", 0)) == 0:
