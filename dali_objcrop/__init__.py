@@ -12,15 +12,15 @@ from __future__ import annotations
 import importlib
 
 from .augment import RECIPES, Recipe, ViewAug, get_recipe, sample_aug_params
-from .boxstore import BoxStore, BoxStoreMismatchError, ValidationReport, validate_boxes
-from .dataset import ImageIndex, load_coco, scan_image
+from .boxstore import BoxStore, BoxStoreError, BoxStoreMismatchError, ValidationReport, validate_boxes
+from .dataset import CocoFormatError, ImageIndex, load_coco, scan_image
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it, imported on first access
 _LAZY = {
-    "CROP_BACKENDS": ".loader", "ObjCropLoader": ".loader", "build_pipeline": ".loader",
+    "CROP_BACKENDS": ".loader", "ObjCropLoader": ".loader", "build_pipeline": ".loader", "FallbackWarning": ".loader",
     "register_crop_backend": ".loader", "shard_batches": ".loader",
     "ensure_default_dataset": ".synth", "make_synthetic": ".synth",   # OpenCV
     "crop_grid": ".visualize", "cut_crop": ".visualize",              # OpenCV
@@ -28,12 +28,12 @@ _LAZY = {
 }
 
 __all__ = [
-    "BoxStore", "BoxStoreMismatchError", "ValidationReport", "validate_boxes",
-    "ImageIndex", "load_coco", "scan_image",
+    "BoxStore", "BoxStoreError", "BoxStoreMismatchError", "ValidationReport", "validate_boxes",
+    "CocoFormatError", "ImageIndex", "load_coco", "scan_image",
     "ensure_default_dataset", "make_synthetic",
     "MODES", "CropConfig", "CropWindows", "box_scale_from_mean_area", "sample_windows",
     "RECIPES", "Recipe", "ViewAug", "get_recipe", "sample_aug_params",
-    "CROP_BACKENDS", "ObjCropLoader", "build_pipeline", "register_crop_backend", "shard_batches",
+    "CROP_BACKENDS", "ObjCropLoader", "FallbackWarning", "build_pipeline", "register_crop_backend", "shard_batches",
     "crop_grid", "cut_crop",
     "crop_views",
     "__version__",

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,8 +85,12 @@ import numpy as np
 from . import augment as _augment
 from .boxstore import BoxStore
 from .constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
-from .dataset import ImageIndex
+from .dataset import ImageIndex, coco_images_dir
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
+
+
+class FallbackWarning(UserWarning):
+    """Some images fall back to scene crops (no boxes); issued once per loader, with the counts."""
 
 
 # Inputs the batch callback can emit (the external source emits the base fields, the crop
@@ -575,31 +580,46 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
 # ---------------------------------------------------------------------------------------------
 # the iterator
 # ---------------------------------------------------------------------------------------------
-def resolve_data(data, images_dir=None, max_images: int | None = None) -> tuple[ImageIndex, str | None]:
+def resolve_data(data, images_dir=None, max_images: int | None = None, allow_outside_root: bool = False
+                 ) -> tuple[ImageIndex, str | None]:
     """An ImageIndex from a COCO json / folder / ImageIndex (its first ``max_images``), and the json path if any."""
-    index, coco = _index_of(data, images_dir)
+    index, coco = _index_of(data, images_dir, allow_outside_root)
     if max_images:
         index = ImageIndex(root=index.root, keys=list(index.keys[:max_images]), sizes=index.sizes[:max_images],
                            bad=index.bad)
     return index, coco
 
 
-def _index_of(data, images_dir) -> tuple[ImageIndex, str | None]:
+def _index_of(data, images_dir, allow_outside_root: bool = False) -> tuple[ImageIndex, str | None]:
     if isinstance(data, ImageIndex):
         return data, None
     p = Path(data)
     if p.is_dir():
         return ImageIndex.from_folder(p), None
     if p.suffix.lower() == ".json" and p.is_file():
-        if images_dir is None:  # <root>/annotations.json or <root>/annotations/x.json next to <root>/images
-            images_dir = next((c for c in (p.parent / "images", p.parent.parent / "images") if c.is_dir()),
-                              p.parent / "images")
-        return ImageIndex.from_coco(p, images_dir), str(p)
+        # the one rule of every entry point (images/ beside the JSON or beside its folder)
+        return ImageIndex.from_coco(p, coco_images_dir(p, images_dir), allow_outside_root=allow_outside_root), str(p)
     raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
 
 
+# nvImageCodec status codes (nvimgcodec.h) that DALI reports as "nvImageCodec failure: '#N'"
+_NVIMGCODEC_STATUS = {1: "decoder not initialised", 2: "invalid parameter", 3: "corrupt or truncated image data",
+                      4: "unsupported image format or content", 5: "memory allocation failed",
+                      6: "decoding failed", 7: "unsupported GPU architecture", 8: "internal decoder error",
+                      9: "no decoder implementation for this image", 10: "a decoder dependency is missing"}
+
+
+def _readable_decode_error(msg: str) -> str:
+    """Turn "nvImageCodec failure: '#3'" into a reason a user can act on (the code is kept)."""
+    import re
+    m = re.search(r"nvImageCodec failure: '?#(\d+)'?", msg)
+    if m and int(m.group(1)) in _NVIMGCODEC_STATUS:
+        return f"{_NVIMGCODEC_STATUS[int(m.group(1))]} (nvImageCodec status {m.group(1)})"
+    return msg
+
+
 def _file_decodes(path: str) -> str | None:
-    """None if DALI's CPU decoder accepts the file, else its error (first line)."""
+    """None if DALI's CPU decoder accepts the file, else its error (first line, made readable)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
@@ -617,7 +637,7 @@ def _file_decodes(path: str) -> str | None:
     except Exception as e:  # DALI raises RuntimeError; keep the line after "encountered:"
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         after = [ln for a, ln in zip(lines, lines[1:]) if a.startswith("encountered")]
-        return (after or lines or [type(e).__name__])[0]
+        return _readable_decode_error((after or lines or [type(e).__name__])[0])
 
 
 class ObjCropLoader:
@@ -674,6 +694,15 @@ class ObjCropLoader:
         plugin_crop: on the operators' path, make the views with the fused ``fn.objcrop.crop``
             (None: where it is built for the device; False: DALI's resize / color_twist / filter /
             crop_mirror_normalize fed by ``fn.objcrop.windows``).  ``stats["pipeline"]`` says which.
+        allow_outside_root: accept COCO ``file_name`` entries that are absolute or climb out of
+            the image folder (refused by default: data should not choose which files are read).
+
+    Raises:
+        ValueError: among others, an empty epoch (``drop_last`` with fewer images than
+            ``world_size * batch_size``: every rank would see no batch at all).
+
+    Images without boxes in a box mode fall back to scene crops; the constructor says so once
+    (a :class:`FallbackWarning` with the counts) and ``stats`` keeps them.
     """
 
     def __init__(self, data, boxes="gt", mode: str = "obj-obj-dilate", batch_size: int = 64, size: int = 224,
@@ -685,7 +714,8 @@ class ObjCropLoader:
                  images_dir: str | os.PathLike | None = None, device_id: int | None = None,
                  prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
                  max_images: int | None = None, roi_decode: bool = True, prepare_ahead: int = 1,
-                 use_plugin: bool | None = None, plugin_crop: bool | None = None) -> None:
+                 use_plugin: bool | None = None, plugin_crop: bool | None = None,
+                 allow_outside_root: bool = False) -> None:
         import torch
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -722,7 +752,7 @@ class ObjCropLoader:
 
         if max_images is not None and max_images < 1:
             raise ValueError(f"max_images must be >= 1 or None, got {max_images!r}")
-        index, coco_json = resolve_data(data, images_dir, max_images)
+        index, coco_json = resolve_data(data, images_dir, max_images, allow_outside_root)
         if index.bad and on_bad_image == "raise":
             names = ", ".join(f"{k} ({v})" for k, v in list(index.bad.items())[:10])
             raise ValueError(f"{len(index.bad)} unusable image files under {index.root}: {names}")
@@ -740,6 +770,17 @@ class ObjCropLoader:
         self._src = _Source(paths=index.paths, sizes=np.asarray(index.sizes, dtype=np.int64), store=store,
                             rows=rows, config=self.config, recipe=self.recipe, seed=seed)
         without = 0 if rows is None else int((store.offsets[rows + 1] == store.offsets[rows]).sum())
+        if drop_last and len(index) < self.world_size * batch_size:
+            raise ValueError(f"every epoch would be empty: {len(index)} images < {self.world_size} ranks x batch "
+                             f"size {batch_size} with drop_last=True; lower batch_size or pass drop_last=False")
+        if without and mode != "scene-scene":
+            emptied = int(store.meta.get("images_emptied_by_validation", 0))
+            why = (f"; {emptied} of them had boxes that the store's validation dropped (non-finite or "
+                   f"degenerate), e.g. {', '.join(store.meta.get('images_emptied_examples', [])[:3])}"
+                   if emptied else "")
+            warnings.warn(f"{without} of {len(index)} images have no boxes in the box store "
+                          f"({store.meta.get('method')!r}): they get scene crops instead of {mode!r} crops{why} "
+                          f"(counted in stats['fallback'])", FallbackWarning, stacklevel=2)
         self.stats: dict = {"images": len(index), "images_without_boxes": without,
                             "bad_images": dict(index.bad), "skipped": len(index.bad),
                             "decode_failures": {}, "samples": 0, "fallback": 0, "epochs": 0}

@@ -38,7 +38,8 @@ class ToolData:
 
 
 def load_tool_data(coco: str | os.PathLike, images: str | os.PathLike | None = None,
-                   boxes: str | os.PathLike | None = None, check: bool = False) -> ToolData:
+                   boxes: str | os.PathLike | None = None, check: bool = False,
+                   allow_outside_root: bool = False) -> ToolData:
     """Read a COCO JSON, its image folder and (optionally) a box store.
 
     Args:
@@ -47,8 +48,9 @@ def load_tool_data(coco: str | os.PathLike, images: str | os.PathLike | None = N
         boxes: a ``.boxes`` store; None uses the ground-truth boxes as proposals.
         check: scan image headers and drop broken files (slower; ``show`` reads
             the pixels anyway).
+        allow_outside_root: accept ``file_name`` entries outside the image folder.
     """
-    index = ImageIndex.from_coco(coco, images, check=check)
+    index = ImageIndex.from_coco(coco, images, check=check, allow_outside_root=allow_outside_root)
     if len(index) == 0:
         raise ValueError(f"no usable images in {coco}")
     gt = BoxStore.from_coco(coco)
@@ -88,6 +90,7 @@ def show_rows(data: ToolData, positions: np.ndarray, config: CropConfig, seed: i
     """Rows for :func:`dali_objcrop.visualize.crop_grid`: decoded images, proposals, windows, crops."""
     import cv2
 
+    from .proposals.common import decode_bgr
     from .visualize import cut_crop
     positions = np.asarray(positions, dtype=np.int64)
     cw = windows_for(data, positions, config, seed, epoch)
@@ -95,10 +98,7 @@ def show_rows(data: ToolData, positions: np.ndarray, config: CropConfig, seed: i
     out = []
     for j, p in enumerate(positions):
         path = os.path.join(str(data.index.root), data.index.keys[p])
-        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise OSError(f"cannot decode {path}")
-        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(decode_bgr(path), cv2.COLOR_BGR2RGB)  # stored grid, as the loader
         w, h = data.index.sizes[p]
         if img.shape[:2] != (h, w):
             raise ValueError(f"{path} is {img.shape[1]}x{img.shape[0]}, the annotations say {w}x{h}")
@@ -160,6 +160,8 @@ def show_rows_from_loader(loader, data: ToolData, n: int, epoch: int = 0) -> lis
         epoch: the epoch to draw.
     """
     import cv2
+
+    from .proposals.common import decode_bgr
     loader.set_epoch(epoch)
     it = iter(loader)
     batch = next(it)
@@ -171,7 +173,7 @@ def show_rows_from_loader(loader, data: ToolData, n: int, epoch: int = 0) -> lis
     for j, p in enumerate(idx):
         key = loader.key_of(p)
         path = os.path.join(str(loader.index.root), key)
-        img = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(decode_bgr(path), cv2.COLOR_BGR2RGB)
         h, w = img.shape[:2]
         props = np.asarray(data.store.boxes_of(data.store.row_of(key))[:top_k], np.float64) * np.array([w, h, w, h])
         crops = [batch[v][j].float().cpu().numpy() for v in ("view1", "view2")]

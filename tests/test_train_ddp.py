@@ -54,7 +54,7 @@ def test_two_rank_run_logs_finite_losses(run):
         assert log[0]["momentum"] == pytest.approx(0.99) and log[-1]["momentum"] > log[0]["momentum"]
     if method == "densecl":
         assert all(math.isfinite(r["loss_dense"]) and math.isfinite(r["loss_global"]) for r in log)
-    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == STEPS and ckpt["world_size"] == 2 and ckpt["config"]["method"] == method
     heads = {k.split(".")[1] for k in ckpt["model"] if k.startswith("heads.")}
     assert heads == {"obj", "scene"}  # obj-obj-dilate has an object view: separate heads
@@ -77,8 +77,8 @@ def test_resume_equals_uninterrupted(run, tmp_path):
     assert again[:2] == full[:2]
     assert [r["loss"] for r in again[2:]] == [r["loss"] for r in full[2:]]
     assert [r["lr"] for r in again[2:]] == [r["lr"] for r in full[2:]]
-    a = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(resumed / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+    a = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(resumed / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -32,7 +32,7 @@ def test_gpu_ddp_bf16_run_and_resume(method, synth_set, tmp_path):
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
-    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 1
     assert {k.split(".")[1] for k in ckpt["model"] if k.startswith("heads.")} == {"obj", "scene"}
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -40,4 +40,4 @@ def test_gpu_ddp_bf16_run_and_resume(method, synth_set, tmp_path):
     torchrun([f"--method={method}", f"--data={synth_set}", "--steps=6", f"--out={out}", "--resume=auto", *ARGS])
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
-    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["step"] == 6
+    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 6

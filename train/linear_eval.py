@@ -60,21 +60,20 @@ class ImageLabels:
 
 
 def coco_image_labels(annotations: str | Path, images_dir: str | Path | None = None,
-                      drop_uninformative: bool = True) -> ImageLabels:
+                      drop_uninformative: bool = True, allow_outside_root: bool = False) -> ImageLabels:
     """Image-level multi-hot labels from a COCO JSON (a class is on if any of its boxes is in the image).
 
     Args:
         annotations: COCO JSON path.
         images_dir: image folder (default: ``images`` beside the JSON or beside its folder, as the loader).
         drop_uninformative: leave out classes present in every image or in none.
+        allow_outside_root: accept ``file_name`` entries outside the image folder.
     """
-    from dali_objcrop.dataset import ImageIndex, load_coco
+    from dali_objcrop.dataset import ImageIndex, coco_images_dir, load_coco
     coco = load_coco(annotations)
-    p = Path(annotations)
-    if images_dir is None:  # <root>/annotations.json or <root>/annotations/x.json next to <root>/images
-        images_dir = next((c for c in (p.parent / "images", p.parent.parent / "images") if c.is_dir()),
-                          p.parent / "images")
-    index = ImageIndex.from_coco(annotations, images_dir)  # unreadable files left out, as the loader does
+    # the loader's rule for the image folder; unreadable files left out, as the loader does
+    index = ImageIndex.from_coco(annotations, coco_images_dir(annotations, images_dir),
+                                 allow_outside_root=allow_outside_root)
     id_of = {im["file_name"]: im["id"] for im in coco.images}
     cats = sorted(coco.categories, key=lambda c: c["id"]) or \
         [{"id": i, "name": str(i)} for i in sorted({a["category_id"] for v in coco.anns_by_image.values() for a in v})]
@@ -108,11 +107,12 @@ def folder_labels(root: str | Path) -> ImageLabels:
                        False)
 
 
-def image_labels(data: str | Path, images_dir: str | Path | None = None) -> ImageLabels:
+def image_labels(data: str | Path, images_dir: str | Path | None = None,
+                 allow_outside_root: bool = False) -> ImageLabels:
     """:func:`coco_image_labels` for a ``.json`` path, :func:`folder_labels` for a folder."""
     p = Path(data)
     if p.suffix.lower() == ".json":
-        return coco_image_labels(p, images_dir)
+        return coco_image_labels(p, images_dir, allow_outside_root=allow_outside_root)
     if p.is_dir():
         return folder_labels(p)
     raise ValueError(f"data must be a COCO .json file or an image folder, got {data!r}")
@@ -301,6 +301,7 @@ class EvalConfig:
     arch: str = "resnet18"            # backbone when ckpt=none
     data: str = ""                    # COCO json or class-folder tree ("" = the embedded synthetic set)
     images_dir: str = ""              # image folder of a COCO json ("" = beside it)
+    allow_outside_root: bool = False  # accept COCO file_name entries outside the image folder (refused by default)
     size: int = 224                   # centre-crop side in pixels
     test_frac: float = 0.3
     seed: int = 0                     # split, random-init backbone and probe seed
@@ -340,7 +341,7 @@ def features_from_config(ev: EvalConfig) -> tuple[ImageLabels, dict[str, torch.T
     if not data:
         from dali_objcrop.synth import ensure_default_dataset
         data = str(ensure_default_dataset())
-    labels = image_labels(data, ev.images_dir or None)
+    labels = image_labels(data, ev.images_dir or None, ev.allow_outside_root)
     feats = split_features(backbone_from(ev.ckpt, ev.arch, ev.seed), labels, ev.size, ev.test_frac, ev.seed,
                            ev.batch_size, ev.workers, ev.torch_device)
     return labels, feats

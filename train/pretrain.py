@@ -46,10 +46,12 @@ produces the same loss sequence as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -81,6 +83,7 @@ class Config:
     crops: str = "obj-obj-dilate"     # a dali_objcrop crop mode
     data: str = ""                    # COCO json or image folder; "" = the embedded synthetic set
     images_dir: str = ""              # image folder of a COCO json ("" = beside it)
+    allow_outside_root: bool = False  # accept file_name entries outside the image folder (refused by default)
     boxes: str = "gt"                 # gt | path of a .boxes store | none (scene-scene only)
     size: int = 224                   # crop side in pixels
     dilate: float = 0.1               # delta of obj-obj-dilate (0.1 COCO, 0.2 OpenImages)
@@ -235,24 +238,75 @@ def make_loader(cfg: Config, rank: int, world_size: int):
     return ObjCropLoader(data, boxes=boxes, mode=cfg.crops, batch_size=cfg.batch_size, size=cfg.size,
                          recipe=cfg.recipe, seed=cfg.seed, num_threads=cfg.num_threads, device=cfg.loader_device,
                          rank=rank, world_size=world_size, drop_last=True, dilate=cfg.dilate,
-                         images_dir=cfg.images_dir or None, prepare_ahead=cfg.prepare_ahead)
+                         images_dir=cfg.images_dir or None, prepare_ahead=cfg.prepare_ahead,
+                         allow_outside_root=cfg.allow_outside_root)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
+class _CheckpointFile:
+    """A write-only file for ``torch.save`` that keeps the first ``OSError`` of a write: torch's
+    zip writer turns it into an unhelpful ``RuntimeError`` ("unexpected pos ...")."""
+
+    def __init__(self, f) -> None:
+        self._f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer, step: int,
                     cfg: Config, world_size: int) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
+    """Write a checkpoint atomically (temporary file, fsync, rename); the config is stored as a plain
+    dict so that :func:`load_checkpoint` reads it with ``weights_only=True``.
+
+    Raises:
+        OSError: the write failed (the message names the path and says when the disk is full); the
+            previous checkpoint at ``path`` is left as it was and the temporary file is removed.
+    """
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
              "world_size": world_size}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    out = None
+    try:
+        with open(tmp, "wb") as f:
+            out = _CheckpointFile(f)
+            torch.save(state, out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        cause = (out.error if out is not None and out.error is not None else e)
+        code = getattr(cause, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(code, f"disk full: cannot write checkpoint {path} (step {step}); {path} still holds "
+                                f"the previous checkpoint, free space and resume") from cause
+        raise OSError(code or errno.EIO, f"cannot write checkpoint {path} (step {step}): {cause}") from cause
 
 
 def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None, world_size: int | None = None) -> dict:
-    """Read a checkpoint (on the CPU); with ``cfg``, check it can continue this run."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Read a checkpoint (on the CPU); with ``cfg``, check it can continue this run.
+
+    Only plain data is unpickled (``weights_only=True``): a checkpoint that would run code
+    when loaded is refused with a ``ValueError`` naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint (loading it would run code "
+                         f"or needs objects outside tensors and plain containers): {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= set(state):
+        raise ValueError(f"{path} is not a pretraining checkpoint (needs 'model', 'config' and 'step')")
     if cfg is not None:
         saved = state["config"]
         diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
@@ -267,6 +321,9 @@ def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None, world_si
 def load_backbone(path: str | os.PathLike) -> tuple[Backbone, Config]:
     """The pretrained (online / query) backbone of a checkpoint, and the run's config."""
     state = load_checkpoint(path)
+    unknown = sorted(set(state["config"]) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"{path} was written by another version of train/pretrain.py: unknown settings {unknown}")
     cfg = Config(**state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["model"])
@@ -308,6 +365,10 @@ class _Logger:
 def train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
     """Run (or resume) one pretraining job; returns a summary (master's numbers).
 
+    The master process holds an exclusive lock on ``OUT/run.lock`` for the whole run: a second
+    run on the same ``out`` (which would interleave the log and overwrite the checkpoints) fails
+    at once with an error naming the lock and the holder.
+
     Args:
         cfg: the configuration (resolved here).
         loader: anything with ``__len__``, ``set_epoch`` and iteration yielding
@@ -322,6 +383,17 @@ def train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
         call's mean loss per epoch, the master's batches), "images_per_s",
         "data_wait_frac", "checkpoint", "config"}``.
     """
+    from dali_objcrop.joblock import JobLock
+    env = setup_distributed(cfg.device)
+    lock = JobLock(Path(cfg.out) / "run.lock", "training run").acquire() if env.master else None
+    try:
+        return _train(cfg, loader, model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
     cfg = cfg.resolved()
     env = setup_distributed(cfg.device)
     device, cuda = env.device, env.device.type == "cuda"

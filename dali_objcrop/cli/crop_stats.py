@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise SystemExit(f"--samples must be >= 1, got {args.samples}")
     t0 = time.perf_counter()
-    data = load_tool_data(args.coco, args.images, args.boxes)
+    data = load_tool_data(args.coco, args.images, args.boxes, allow_outside_root=args.allow_outside_root)
     modes = MODES if args.mode == "all" else (args.mode,)
     results = []
     for mode in modes:

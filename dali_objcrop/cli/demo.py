@@ -46,13 +46,13 @@ def ensure_demo_data(n: int = 512, seed: int = 0) -> tuple[Path, Path]:
 
 def grid_rows(loader, batch: dict, k: int) -> list[dict]:
     """``crop_grid`` rows for the first ``k`` samples of a loader batch (its real crops)."""
-    import cv2
+    from ..proposals.common import decode_bgr
     idx = batch["index"][:k].cpu().numpy()
     cw = loader.windows_for(idx, loader.epoch - 1)  # the epoch that produced the batch
     store, rows = loader.store, loader.store_rows
     out = []
     for r, i in enumerate(idx):
-        img = cv2.imread(loader.index.paths[i], cv2.IMREAD_COLOR)[:, :, ::-1]
+        img = decode_bgr(loader.index.paths[i])[:, :, ::-1]  # stored grid, as the loader
         h, w = img.shape[:2]
         props = None
         if store is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="box store to write (.boxes); partial results go to <out>.parts/")
     p.add_argument("--method", default="bing", choices=["bing", "bing-opencv", "gt", "selective-search"],
                    help="bing: our fast BING (default); bing-opencv: cv2.saliency reference; gt: COCO boxes")
-    p.add_argument("--images", help="image folder of a COCO json (default <json dir>/images)")
+    p.add_argument("--images", help="image folder of a COCO json (default: images/ beside the json or beside its "
+                                    "folder)")
     p.add_argument("--top-k", type=int, default=10, help="proposals kept per image (default 10)")
     p.add_argument("--nms-iou", type=float, default=0.5,
                    help="IoU above which a lower-ranked proposal is dropped, across sizes (default 0.5; 1 = off)")
@@ -27,21 +29,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
     p.add_argument("--no-check", action="store_true", help="skip the per-file header scan of the image index")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to go on)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept COCO file_name entries that are absolute or climb out of the image folder (refused "
+                        "by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..boxstore import BoxStore
-    from ..proposals.run import ProposalJob, load_index, run_proposals
+    from ..dataset import check_keys
+    from ..proposals.run import ProposalJob, load_index, output_lock, run_proposals
     if args.method == "gt":
         if not str(args.source).endswith(".json"):
             raise SystemExit("--method gt needs a COCO .json source")
         store = BoxStore.from_coco(args.source, top_k=args.top_k)
-        store.save(args.out)
+        # the images are not read here, but the loader will read these keys later: refuse them now
+        check_keys(list(store.keys), args.images or Path(args.source).parent, args.allow_outside_root)
+        with output_lock(Path(args.out)):
+            store.save(args.out)
         print(f"wrote {args.out}: {store.summary()}")
         return 0
-    index = load_index(args.source, args.images, check=not args.no_check)
+    index = load_index(args.source, args.images, check=not args.no_check, allow_outside_root=args.allow_outside_root)
     job = ProposalJob(method=args.method, top_k=args.top_k, nms_iou=args.nms_iou, max_side=args.max_side,
                       model_dir=args.model_dir, color=args.color,
                       bing_nms_rounds=args.bing_nms_rounds or None)

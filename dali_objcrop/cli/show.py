@@ -23,6 +23,8 @@ def add_tool_arguments(p: argparse.ArgumentParser) -> None:
                    help="regions smaller than this are widened (default %(default)s)")
     p.add_argument("--box-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="area range of box crops (default: (0.2 / mean top-k proposal area, 1), capped to 1)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept file_name entries that are absolute or climb out of the image folder")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise SystemExit(f"-n must be >= 1, got {args.n}")
     t0 = time.perf_counter()
-    data = load_tool_data(args.coco, args.images, args.boxes)
+    data = load_tool_data(args.coco, args.images, args.boxes, allow_outside_root=args.allow_outside_root)
     config = crop_config(data.store, args.mode, args.top_k, args.dilate, tuple(args.shift_range),
                          args.min_box_size, tuple(args.box_scale) if args.box_scale else None)
     n = min(args.n, len(data.index))
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         loader = ObjCropLoader(args.coco, boxes=args.boxes or "gt", mode=args.mode, batch_size=n, size=args.size,
                                seed=args.seed, device="cpu", drop_last=False, images_dir=args.images,
                                dilate=args.dilate, shift_range=tuple(args.shift_range), box_scale=config.box_scale,
-                               top_k=args.top_k, min_box_size=args.min_box_size)
+                               top_k=args.top_k, min_box_size=args.min_box_size,
+                               allow_outside_root=args.allow_outside_root)
         rows = show_rows_from_loader(loader, data, n, args.epoch)
     else:
         rows = show_rows(data, positions, config, args.seed, args.epoch, args.size)

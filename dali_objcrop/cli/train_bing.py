@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negatives-per-image", type=int, default=100)
     p.add_argument("--min-size-count", type=int, default=50, help="positives a size needs to be active")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept file_name entries that are absolute or climb out of the image folder")
     p.set_defaults(func=run)
 
 
@@ -21,5 +23,5 @@ def run(args: argparse.Namespace) -> int:
     from ..proposals.train_bing import TrainConfig, train_bing
     cfg = TrainConfig(color=args.color, max_images=args.max_images, negatives_per_image=args.negatives_per_image,
                       min_size_count=args.min_size_count, seed=args.seed)
-    train_bing(args.coco, args.images, args.out, cfg)
+    train_bing(args.coco, args.images, args.out, cfg, allow_outside_root=args.allow_outside_root)
     return 0

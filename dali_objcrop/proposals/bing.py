@@ -60,12 +60,18 @@ def size_index(w_exp: int, h_exp: int) -> int:
 
 
 def _read_mat(path: Path) -> np.ndarray:
-    fs = cv2.FileStorage(str(path), cv2.FILE_STORAGE_READ)
-    if not fs.isOpened():
-        raise FileNotFoundError(f"cannot open BING model file {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"BING model file {path} does not exist")
     name = path.name.split(".")[0]
-    m = fs.getNode(name).mat()
-    fs.release()
+    try:  # a damaged file raises a cv2.error that names nothing ("isMap() in function operator[]")
+        fs = cv2.FileStorage(str(path), cv2.FILE_STORAGE_READ)
+        if not fs.isOpened():
+            raise FileNotFoundError(f"cannot open BING model file {path}")
+        m = fs.getNode(name).mat()
+        fs.release()
+    except cv2.error as e:
+        raise ValueError(f"BING model file {path} is damaged or not an OpenCV .yml.gz file: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
     if m is None:
         raise ValueError(f"{path} has no matrix named {name!r}")
     return m

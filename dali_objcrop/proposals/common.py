@@ -16,19 +16,35 @@ import cv2
 import numpy as np
 
 PROPOSAL_MAX_SIDE = 512
+# The project's orientation policy: every image is used in its stored pixel grid, EXIF
+# orientation ignored (as DALI's decoders with adjust_orientation=False and PIL's header
+# sizes), so boxes computed here are in the pixels the loader crops.
+IGNORE_ORIENTATION = cv2.IMREAD_IGNORE_ORIENTATION
+IMREAD_FLAG = cv2.IMREAD_COLOR | IGNORE_ORIENTATION
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
 def decode_flag(size: tuple[int, int] | None, max_side: int = PROPOSAL_MAX_SIDE) -> int:
     """The imdecode flag for an image of ``size`` (width, height): the largest JPEG
-    reduction 1/r that still leaves the long side >= ``max_side`` (IMREAD_COLOR if none)."""
+    reduction 1/r that still leaves the long side >= ``max_side`` (IMREAD_COLOR if none),
+    always with ``IMREAD_IGNORE_ORIENTATION`` (stored pixel grid)."""
     if size is None:
-        return cv2.IMREAD_COLOR
+        return IMREAD_FLAG
     long_side = max(int(size[0]), int(size[1]))
     for r, flag in _REDUCED:
         if long_side // r >= max_side:
-            return flag
-    return cv2.IMREAD_COLOR
+            return flag | IGNORE_ORIENTATION
+    return IMREAD_FLAG
+
+
+def decode_bgr(path: str | os.PathLike) -> np.ndarray:
+    """Full-resolution uint8 BGR pixels of an image file in its stored grid (EXIF orientation
+    ignored, the project's policy); ``OSError`` naming the file if it cannot be decoded."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, IMREAD_FLAG) if data.size else None
+    if img is None:
+        raise OSError(f"cannot decode {path}")
+    return img
 
 
 def resize_long_side(img: np.ndarray, max_side: int = PROPOSAL_MAX_SIDE) -> np.ndarray:

@@ -13,13 +13,26 @@ Images that cannot be decoded or processed get no boxes, are listed in the store
 ``meta["failures"]`` with the reason, and are reported at the end; files that the index
 scan already rejected (empty, truncated, not an image) are listed in
 ``meta["skipped_by_scan"]`` and are not rows of the store.
+
+A job owns its output: it holds an exclusive lock (``fcntl.flock``) on ``<out>.lock``
+from start to finish, so a second job on the same ``--out`` stops at once with an error
+naming the lock file and the holder.  Every chunk file records the digest of its job's
+parameters and its rows; on resume a chunk of another job is refused (or, with
+``--restart``, discarded).  Worker processes die with their parent (``PR_SET_PDEATHSIG``
+plus a parent-pid watchdog), so killing a job leaves no process behind.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import io
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +40,17 @@ from pathlib import Path
 import numpy as np
 
 from ..boxstore import BoxStore
-from ..dataset import ImageIndex, fingerprint
+from ..dataset import ImageIndex, check_found, fingerprint
+from ..joblock import JobLock, OutputLockedError  # noqa: F401  (OutputLockedError: re-exported)
 from .common import PROPOSAL_MAX_SIDE, load_for_proposals
 from .methods import METHODS, make_detector, model_digest, propose_image, resolve_model_dir
 
-JOB_VERSION = 1
+JOB_VERSION = 2
+
+
+def output_lock(out: Path) -> JobLock:
+    """The lock a proposals job holds on its output ``out``: ``<out>.lock``."""
+    return JobLock(out.with_name(out.name + ".lock"), "proposals job")
 
 
 @dataclass(frozen=True)
@@ -107,10 +126,34 @@ _DETECTOR = None
 _JOB: ProposalJob | None = None
 
 
-def _init_worker(job: ProposalJob, threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Make this worker process exit when ``parent`` does (SIGTERM, SIGKILL, a crash alike).
+
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux; as a second line (other systems, or a parent
+    that died before the prctl call), a daemon thread polls the parent pid once a second."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent is already gone
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+    threading.Thread(target=watch, name="objcrop-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(job: ProposalJob, threads: int, parent: int | None = None) -> None:
     """One detector per process (OpenCV's BING must not be shared); single-threaded OpenCV
-    when several processes share the cores."""
+    when several processes share the cores.  A worker (``parent`` given) exits with its parent."""
     global _DETECTOR, _JOB
+    if parent is not None:
+        _die_with_parent(parent)
     import cv2
     if threads > 0:
         cv2.setNumThreads(threads)
@@ -124,17 +167,26 @@ def _chunk_path(parts: Path, chunk: int) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all; a failed write (a full disk) names the file."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"{'disk full: ' if e.errno == errno.ENOSPC else ''}cannot write {path}: "
+                               f"{e.strerror or e}; finished chunks are kept, rerun to resume") from e
 
 
-def process_chunk(task: tuple[int, list[int], list[str], np.ndarray, str]) -> tuple[int, int, int]:
+def process_chunk(task: tuple[int, list[int], list[str], np.ndarray, str, str]) -> tuple[int, int, int]:
     """Compute one chunk and write its file; returns ``(chunk, images, failures)``."""
-    chunk, rows, paths, sizes, parts = task
+    chunk, rows, paths, sizes, parts, job_digest = task
     counts, boxes, scores, failed = [], [], [], {}
     for row, path, size in zip(rows, paths, sizes):
         try:
@@ -151,18 +203,38 @@ def process_chunk(task: tuple[int, list[int], list[str], np.ndarray, str]) -> tu
     np.savez(buf, rows=np.asarray(rows, np.int64), counts=np.asarray(counts, np.int64),
              boxes=np.concatenate(boxes).astype(np.float32).reshape(-1, 4),
              scores=np.concatenate(scores).astype(np.float32), has_scores=np.array(has_scores),
-             failures=np.array(json.dumps(failed)))
+             failures=np.array(json.dumps(failed)), job=np.array(job_digest))
     _write_atomic(_chunk_path(Path(parts), chunk), buf.getvalue())
     return chunk, len(rows), len(failed)
 
 
 def _read_chunk(path: Path) -> dict | None:
-    """A finished chunk's arrays, or None if the file is unreadable (then it is redone)."""
+    """A finished chunk's arrays, or None if the file is unreadable (then it is redone).
+
+    ``allow_pickle`` stays off: a chunk file is data, never code."""
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception:
         return None
+
+
+def job_digest(job_meta: dict) -> str:
+    """sha256 of a job's description (parameters, image list, chunking): what ties a chunk to its job."""
+    return hashlib.sha256(json.dumps(job_meta, sort_keys=True).encode()).hexdigest()
+
+
+def _chunk_problem(z: dict, digest: str, rows: range) -> str | None:
+    """Why a chunk file does not belong to this job (None if it does)."""
+    if "job" not in z:
+        return "it records no job (written by an older version)"
+    if str(z["job"]) != digest:
+        return f"it was computed by another job ({str(z['job'])[:12]}, this job {digest[:12]})"
+    if z["rows"].tolist() != list(rows):
+        return "its rows differ from this job's chunking"
+    if len(z["counts"]) != len(rows) or int(z["counts"].sum()) != len(z["boxes"]):
+        return "its arrays are inconsistent"
+    return None
 
 
 # ---- driver -------------------------------------------------------------------------------
@@ -170,8 +242,14 @@ def _prepare_parts(parts: Path, job_meta: dict, restart: bool) -> None:
     meta_path = parts / "job.json"
     if restart and parts.exists():
         shutil.rmtree(parts)
+    if parts.exists() and not meta_path.exists() and any(parts.glob("chunk_*.npz")):
+        raise ValueError(f"{parts} holds chunk files but no job.json (unknown parameters); pass --restart "
+                         f"to discard them")
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta_path} is unreadable ({e}); pass --restart to discard the partial results")
         if old != job_meta:
             diff = sorted(k for k in set(old) | set(job_meta) if old.get(k) != job_meta.get(k))
             raise ValueError(f"{parts} holds partial results of another job (differs in {', '.join(diff)}); "
@@ -203,16 +281,37 @@ def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, w
         raise ValueError(f"workers must be >= 1, got {workers}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if len(index) == 0:
+        raise ValueError(f"no usable images in {index.root} ({len(index.bad)} files rejected by the scan, e.g. "
+                         f"{', '.join(list(index.bad)[:3])}): nothing to compute")
     out = Path(out)
+    with output_lock(out):
+        return _run_locked(index, out, job, workers, chunk_size, restart, progress, max_chunks)
+
+
+def _run_locked(index: ImageIndex, out: Path, job: ProposalJob, workers: int, chunk_size: int, restart: bool,
+                progress: bool, max_chunks: int | None) -> tuple[BoxStore | None, RunReport]:
     parts = out.with_name(out.name + ".parts")
     params = job.params()
     job_meta = {"version": JOB_VERSION, "params": params, "fingerprint": fingerprint(index.keys),
                 "num_images": len(index), "chunk_size": chunk_size}
+    digest = job_digest(job_meta)
     _prepare_parts(parts, job_meta, restart)
 
     n = len(index)
     n_chunks = -(-n // chunk_size)
-    done = {c for c in range(n_chunks) if _chunk_path(parts, c).exists() and _read_chunk(_chunk_path(parts, c))}
+    done = set()
+    for c in range(n_chunks):
+        if not _chunk_path(parts, c).exists():
+            continue
+        z = _read_chunk(_chunk_path(parts, c))
+        if z is None:
+            continue  # unreadable (a torn write cannot happen, but a damaged disk can): redone
+        why = _chunk_problem(z, digest, range(c * chunk_size, min(n, (c + 1) * chunk_size)))
+        if why is not None:
+            raise ValueError(f"{_chunk_path(parts, c)} does not belong to this job: {why}; pass --restart to "
+                             f"discard the partial results in {parts}")
+        done.add(c)
     todo = [c for c in range(n_chunks) if c not in done]
     if max_chunks is not None:
         todo = todo[:max_chunks]
@@ -222,7 +321,7 @@ def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, w
 
     def task(c: int):
         rows = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
-        return c, rows, [paths[r] for r in rows], index.sizes[rows[0]:rows[-1] + 1], str(parts)
+        return c, rows, [paths[r] for r in rows], index.sizes[rows[0]:rows[-1] + 1], str(parts), digest
 
     from tqdm import tqdm
     bar = tqdm(total=n, initial=report.resumed, unit="img", desc=f"proposals ({job.method})",
@@ -242,7 +341,8 @@ def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, w
             ctx = mp.get_context("spawn")  # no forked OpenCV/thread state in the workers
             # a bounded window of submitted chunks; a worker that dies (e.g. a crash inside a
             # decoder) breaks the pool: finished chunks stay on disk and a rerun resumes
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job, 1)) as ex:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(job, 1, os.getpid())) as ex:
                 pending, it = set(), iter(todo)
                 try:
                     while True:
@@ -264,7 +364,7 @@ def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, w
 
     if len(done) + len(todo) < n_chunks:
         return None, report
-    store = assemble(index, parts, n_chunks, job, params)
+    store = assemble(index, parts, n_chunks, job, params, digest)
     report.failures = store.meta["failures"]
     report.failed = len(report.failures)
     store.save(out)
@@ -272,14 +372,21 @@ def run_proposals(index: ImageIndex, out: str | os.PathLike, job: ProposalJob, w
     return store, report
 
 
-def assemble(index: ImageIndex, parts: Path, n_chunks: int, job: ProposalJob, params: dict) -> BoxStore:
-    """Concatenate the chunk files (in dataset order) into a validated :class:`BoxStore`."""
+def assemble(index: ImageIndex, parts: Path, n_chunks: int, job: ProposalJob, params: dict,
+             digest: str | None = None) -> BoxStore:
+    """Concatenate the chunk files (in dataset order) into a validated :class:`BoxStore`
+    (with ``digest``, every chunk must carry it: see :func:`job_digest`)."""
     boxes, scores, failures = [], [], {}
     has_scores = True
     for c in range(n_chunks):
         z = _read_chunk(_chunk_path(parts, c))
         if z is None:
             raise RuntimeError(f"chunk file {_chunk_path(parts, c)} is missing or unreadable; rerun to redo it")
+        rows = z["rows"].tolist()
+        why = None if digest is None else _chunk_problem(z, digest, range(rows[0], rows[0] + len(rows))
+                                                         if rows else range(0))
+        if why is not None:
+            raise RuntimeError(f"{_chunk_path(parts, c)} does not belong to this job: {why}; rerun with --restart")
         has_scores &= bool(z["has_scores"])
         splits = np.cumsum(z["counts"])[:-1]
         boxes += np.split(z["boxes"], splits)
@@ -293,12 +400,19 @@ def assemble(index: ImageIndex, parts: Path, n_chunks: int, job: ProposalJob, pa
     return store
 
 
-def load_index(source: str | os.PathLike, images: str | os.PathLike | None = None, check: bool = True
-               ) -> ImageIndex:
-    """An image folder, or a COCO JSON (images in ``images`` or ``<json dir>/images``)."""
+def load_index(source: str | os.PathLike, images: str | os.PathLike | None = None, check: bool = True,
+               allow_outside_root: bool = False) -> ImageIndex:
+    """An image folder, or a COCO JSON (its images where :func:`~dali_objcrop.dataset.coco_images_dir`
+    finds them: ``images``, else ``images/`` beside the JSON or beside its folder).
+
+    Raises:
+        FileNotFoundError: the source does not exist, or (almost) none of its images are found.
+    """
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".json":
-        return ImageIndex.from_coco(source, images, check=check)
+        return ImageIndex.from_coco(source, images, check=check, allow_outside_root=allow_outside_root)
     if source.is_dir():
-        return ImageIndex.from_folder(source, check=check)
+        index = ImageIndex.from_folder(source, check=check)
+        check_found(index, source)
+        return index
     raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..dataset import load_coco
+from ..dataset import check_keys, coco_images_dir, load_coco
 from .bing import BASE, MAX_T, MIN_T, NUM_T, W, Bing, BingModel, normed_gradient, size_of
 from .common import PROPOSAL_MAX_SIDE, box_iou, load_for_proposals
 
@@ -45,14 +45,26 @@ class TrainConfig:
     seed: int = 0
 
 
-def _image_data(coco, images_dir: Path, limit: int | None, max_side: int):
-    """Yield ``(small BGR image, gt boxes in its pixels (g, 4) [x1, y1, x2, y2))``."""
+# smallest image side BING can use: one 8x8 window at its smallest size (16 px, downscaled 2x)
+MIN_SIDE = 2 * W
+
+
+def _image_data(coco, images_dir: Path, limit: int | None, max_side: int, skipped: dict | None = None):
+    """Yield ``(small BGR image, gt boxes in its pixels (g, 4) [x1, y1, x2, y2))``.
+
+    Images that cannot be decoded, or are smaller than ``MIN_SIDE`` pixels on a side, are
+    left out and recorded in ``skipped`` (file name -> reason)."""
     ims = coco.images[:limit] if limit else coco.images
+    skipped = {} if skipped is None else skipped
     for im in ims:
         anns = [a for a in coco.anns_by_image.get(im["id"], []) if not a.get("iscrowd", 0)]
         try:
             img = load_for_proposals(images_dir / im["file_name"], (im["width"], im["height"]), max_side)
-        except (ValueError, OSError):
+        except (ValueError, OSError) as e:
+            skipped[im["file_name"]] = f"cannot decode: {e}"
+            continue
+        if min(img.shape[:2]) < MIN_SIDE:
+            skipped[im["file_name"]] = f"too small for BING ({img.shape[1]}x{img.shape[0]} px, need >= {MIN_SIDE})"
             continue
         sx, sy = img.shape[1] / im["width"], img.shape[0] / im["height"]
         b = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
@@ -80,16 +92,21 @@ def _window_box(x: np.ndarray, y: np.ndarray, width: int, height: int, iw: int, 
     return np.stack([x0, y0, np.minimum(x0 + width, iw), np.minimum(y0 + height, ih)], 1).astype(np.float64)
 
 
-def stage1_samples(coco, images_dir: Path, cfg: TrainConfig):
-    """Positive and negative 64-D normed-gradient features (float32, /255) with size indices."""
+def stage1_samples(coco, images_dir: Path, cfg: TrainConfig, skipped: dict | None = None):
+    """Positive and negative 64-D normed-gradient features (float32, /255) with size indices
+    (images left out are recorded in ``skipped``, file name -> reason)."""
     rng = np.random.default_rng(cfg.seed)
     pos, pos_r, neg = [], [], []
-    for img, gt in _image_data(coco, images_dir, cfg.max_images, cfg.max_side):
+    skipped = {} if skipped is None else skipped
+    for img, gt in _image_data(coco, images_dir, cfg.max_images, cfg.max_side, skipped):
         ih, iw = img.shape[:2]
         if len(gt):
             gw = np.log2(np.maximum(gt[:, 2] - gt[:, 0], 1))
             gh = np.log2(np.maximum(gt[:, 3] - gt[:, 1], 1))
         maps = list(_size_maps(img, cfg.color))
+        if not maps:  # no quantised size fits this image
+            skipped[f"image {img.shape[1]}x{img.shape[0]}"] = "no BING window size fits"
+            continue
         for r, width, height, mag in maps:
             mh, mw = mag.shape[0] - W + 1, mag.shape[1] - W + 1
             if mh < 1 or mw < 1 or not len(gt):
@@ -117,7 +134,10 @@ def stage1_samples(coco, images_dir: Path, cfg: TrainConfig):
             if not len(gt) or box_iou(box, gt).max() < 0.5:
                 neg.append(mag[y:y + W, x:x + W].astype(np.float32).reshape(-1))
     if not pos or not neg:
-        raise ValueError(f"no training windows ({len(pos)} positives, {len(neg)} negatives): too few images or boxes")
+        why = (f"; {len(skipped)} images left out, e.g. "
+               + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])) if skipped else ""
+        raise ValueError(f"no training windows ({len(pos)} positives, {len(neg)} negatives): too few usable images "
+                         f"or boxes{why}")
     return (np.stack(pos) / 255.0, np.array(pos_r, np.int32), np.stack(neg) / 255.0)
 
 
@@ -166,7 +186,7 @@ def train_stage2(coco, images_dir: Path, stage1: BingModel, cfg: TrainConfig) ->
 
 
 def train_bing(annotations: str | os.PathLike, images_dir: str | os.PathLike | None, out_dir: str | os.PathLike,
-               cfg: TrainConfig = TrainConfig(), log=print) -> BingModel:
+               cfg: TrainConfig = TrainConfig(), log=print, allow_outside_root: bool = False) -> BingModel:
     """Train a BING model on a COCO-format dataset and write it to ``out_dir``.
 
     Args:
@@ -174,14 +194,20 @@ def train_bing(annotations: str | os.PathLike, images_dir: str | os.PathLike | N
         images_dir: its images (default ``<json dir>/images``).
         out_dir: where the three ``.yml.gz`` files and ``training.json`` (provenance) go.
         cfg: parameters.
+        log: progress messages (also the count and examples of images left out).
+        allow_outside_root: accept ``file_name`` entries outside the image folder (refused by default).
 
     Returns:
         The trained :class:`BingModel`.
     """
     t0 = time.perf_counter()
     coco = load_coco(annotations)
-    images_dir = Path(images_dir) if images_dir else Path(annotations).parent / "images"
-    pos, pos_r, neg = stage1_samples(coco, images_dir, cfg)
+    images_dir = coco_images_dir(annotations, images_dir)
+    check_keys([im["file_name"] for im in coco.images], images_dir, allow_outside_root)
+    skipped: dict[str, str] = {}
+    pos, pos_r, neg = stage1_samples(coco, images_dir, cfg, skipped)
+    if skipped:
+        log(f"left out {len(skipped)} images: " + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]))
     log(f"stage I: {len(pos)} positive and {len(neg)} negative windows ({time.perf_counter() - t0:.1f} s)")
     w = train_stage1(pos, neg, cfg.c_stage1, cfg.seed)
     counts = np.bincount(pos_r, minlength=NUM_T * NUM_T)
@@ -197,6 +223,7 @@ def train_bing(annotations: str | os.PathLike, images_dir: str | os.PathLike | N
     n_images = len(coco.images[:cfg.max_images] if cfg.max_images else coco.images)
     info = {"config": asdict(cfg), "annotations": Path(annotations).name, "images": n_images,
             "positives": int(len(pos)), "negatives": int(len(neg)), "active_sizes": active.tolist(),
+            "skipped_images": skipped,
             "seconds": round(time.perf_counter() - t0, 1)}
     (Path(out_dir) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     log(f"wrote {out_dir} ({time.perf_counter() - t0:.1f} s)")
