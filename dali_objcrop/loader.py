@@ -75,11 +75,10 @@ import numpy as np
 
 from . import augment as _augment
 from .boxstore import BoxStore
+from .constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
 from .dataset import ImageIndex
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Inputs the batch callback can emit (the external source emits the base fields, the crop
 # backend's own fields and the per-view augmentation draws, in this order).
@@ -408,8 +407,8 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
             img = fn.cast(img, dtype=types.FLOAT)  # the augmentations run on float; normalise takes either
         img = _augment_view(img, inp, v, stages, gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
-                                             mean=[m * 255 for m in IMAGENET_MEAN],
-                                             std=[s * 255 for s in IMAGENET_STD]))
+                                             mean=list(IMAGENET_MEAN_PX),
+                                             std=list(IMAGENET_STD_PX)))
     return outs[0], outs[1], inp["index"]
 
 
