@@ -34,7 +34,7 @@ def test_quickstart_runs_as_written(tmp_path):
         r = subprocess.run([sys.executable, "-m", "dali_objcrop", *args[1:]], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{line}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    assert (tmp_path / "data/synth/bing.boxes").exists()
+    assert (tmp_path / "out/synth/bing.boxes").exists()
     code = fenced_block_after(text, "quickstart:python")
     assert len(code.strip().splitlines()) <= 20, "the quickstart is meant to stay short"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
