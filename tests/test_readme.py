@@ -63,3 +63,12 @@ def test_readme_is_the_front_door_not_the_notebook():
     text = README.read_text()
     assert len(text.encode()) <= 12_500, f"README.md is {len(text.encode())} bytes"
     assert (REPO / "docs" / "img" / "demo_grid.jpg").exists()
+
+
+def test_every_result_file_is_referenced_from_docs():
+    """benchmarks/results/ holds current results only, each one cited by a page in docs/."""
+    docs = "\n".join(p.read_text() for p in (REPO / "docs").glob("*.md"))
+    results = sorted(p.name for p in (REPO / "benchmarks" / "results").iterdir() if p.is_file())
+    assert results, "benchmarks/results/ is empty"
+    missing = [name for name in results if name not in docs]
+    assert not missing, f"result files no page in docs/ cites: {missing}"
