@@ -21,6 +21,8 @@ setup(
     name="dali_objcrop",
     version="0.1.0",
     description="Object-aware cropping for self-supervised learning: a DALI loader with BING proposals",
+    # dali_objcrop/train is a link to the top-level train/ (the trainer's home in the repository): installed
+    # code as dali_objcrop.train, importable from a checkout on PYTHONPATH too, no top-level "train" package
     packages=find_packages(include=["dali_objcrop", "dali_objcrop.*"]),
     package_data={"dali_objcrop": ["models/**/*", "models/*"]},
     include_package_data=True,

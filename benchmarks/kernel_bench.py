@@ -23,27 +23,26 @@ synthetic COCO-like scenes (``dali_objcrop.synth.make_scene``, 225-640 px sides)
 
 Usage::
 
-    python benchmarks/kernel_bench.py --out gpu_results/kernel_bench.json [--seconds 4]
+    python benchmarks/kernel_bench.py --out=gpu_results/kernel_bench.json [--seconds=4]   # --help: the settings
 
 Without a GPU it writes the JSON with every row skipped (so CPU CI can run it).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dali_objcrop.constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX  # noqa: E402
-from dali_objcrop.windows import CropConfig, sample_windows  # noqa: E402
+from dali_objcrop.constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
+from dali_objcrop.train.config import ConfigError, parse_config
+from dali_objcrop.windows import CropConfig, sample_windows
 
 MEAN_PX, STD_PX = list(IMAGENET_MEAN_PX), list(IMAGENET_STD_PX)
 
@@ -168,22 +167,32 @@ def _need_dali():
     return dali
 
 
+@dataclass
+class KernelBenchConfig:
+    """Batch, sizes and timing of the rows (typed --field=value flags, dali_objcrop.train.config)."""
+
+    batch: int = 256
+    size: int = 224
+    seconds: float = 4.0              # timed seconds per row
+    warmup: int = 3
+    threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 2))  # DALI CPU threads
+    images: str = ""                  # folder of JPEGs (default: synthetic scenes)
+    mode: str = "obj-obj-dilate"
+    out: str = "gpu_results/kernel_bench.json"
+    dali_cpu: bool = False            # run the dali-ops rows on the CPU (a smoke test of their graphs without a GPU)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.size < 1 or self.seconds <= 0:
+            raise ConfigError(f"batch, size and seconds must be positive, got {self.batch}, {self.size}, "
+                              f"{self.seconds}")
+
+
 # ---- rows ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per row")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2), help="DALI CPU threads")
-    ap.add_argument("--images", default=None, help="folder of JPEGs (default: synthetic scenes)")
-    ap.add_argument("--mode", default="obj-obj-dilate")
-    ap.add_argument("--out", default="gpu_results/kernel_bench.json")
-    ap.add_argument("--dali-cpu", action="store_true",
-                    help="run the dali-ops rows on the CPU (a smoke test of their graphs without a GPU)")
-    args = ap.parse_args(argv)
-    if args.batch < 1 or args.size < 1 or args.seconds <= 0:
-        raise ValueError(f"batch, size and seconds must be positive, got {args.batch}, {args.size}, {args.seconds}")
+    try:
+        args = parse_config(KernelBenchConfig, argv)
+    except ConfigError as e:
+        raise SystemExit(f"kernel_bench.py: error: {e}") from None
 
     t_start = time.perf_counter()
     B, S = args.batch, args.size
@@ -208,7 +217,7 @@ def main(argv=None) -> int:
     except ImportError:
         info["dali"] = None
 
-    rgb, jpegs = load_images(B, args.images)
+    rgb, jpegs = load_images(B, args.images or None)
     sizes = np.array([[im.shape[1], im.shape[0]] for im in rgb], dtype=np.int64)
     info["mean_image_px"] = [float(sizes[:, 0].mean()), float(sizes[:, 1].mean())]
     info["mean_jpeg_kb"] = round(float(np.mean([len(j) for j in jpegs])) / 1024, 1)
@@ -409,7 +418,8 @@ def main(argv=None) -> int:
                            rate("dali-ops", True))):
         if num and den:
             ratios[key] = round(num / den, 3)
-    out = {"info": info, "results": results, "ratios": ratios, "total_s": round(time.perf_counter() - t_start, 1)}
+    out = {"info": info, "config": asdict(args), "results": results, "ratios": ratios,
+           "total_s": round(time.perf_counter() - t_start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}; ratios {ratios}")

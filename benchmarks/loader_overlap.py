@@ -7,23 +7,21 @@ Settings alternate within each round (shared machines are noisy).
 
 Usage::
 
-    python benchmarks/loader_overlap.py --step-ms 400 --batches 8 --rounds 2 --json overlap.json
-    python benchmarks/loader_overlap.py --coco ../shared/data/coco_val2017_subset/annotations/instances.json
+    python benchmarks/loader_overlap.py --step-ms=400 --batches=8 --rounds=2 --json=overlap.json
+    python benchmarks/loader_overlap.py --coco=../shared/data/coco_val2017_subset/annotations/instances.json
 
 Output: per setting the median over rounds of the wait per batch (ms) and its fraction of the step.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dali_objcrop.loader import ObjCropLoader  # noqa: E402
+from dali_objcrop.loader import ObjCropLoader
+from dali_objcrop.train.config import ConfigError, parse_config
 
 
 def measure(loader: ObjCropLoader, batches: int, step_s: float) -> float:
@@ -41,20 +39,32 @@ def measure(loader: ObjCropLoader, batches: int, step_s: float) -> float:
     return waited / batches
 
 
+@dataclass
+class OverlapConfig:
+    """The loader, the simulated step and the settings compared (typed --field=value flags)."""
+
+    coco: str = ""                    # COCO json (default: the embedded synthetic set)
+    mode: str = "obj-obj-dilate"
+    batch_size: int = 64
+    size: int = 224
+    threads: int = 2                  # DALI threads
+    device: str = "cpu"               # cpu | gpu
+    step_ms: float = 400.0            # GIL-free time of one training step
+    batches: int = 8                  # timed batches per setting and round
+    rounds: int = 2
+    ahead: list[int] = field(default_factory=lambda: [0, 1])  # prepare_ahead values compared
+    json: str = ""
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "gpu"):
+            raise ConfigError(f"--device must be cpu or gpu, got {self.device!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--coco", default="", help="COCO json (default: the embedded synthetic set)")
-    p.add_argument("--mode", default="obj-obj-dilate")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads")
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    p.add_argument("--step-ms", type=float, default=400.0, help="GIL-free time of one training step")
-    p.add_argument("--batches", type=int, default=8, help="timed batches per setting and round")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--ahead", type=int, nargs="+", default=[0, 1], help="prepare_ahead values compared")
-    p.add_argument("--json", default="")
-    a = p.parse_args(argv)
+    try:
+        a = parse_config(OverlapConfig, argv)
+    except ConfigError as e:
+        raise SystemExit(f"loader_overlap.py: error: {e}") from None
     if a.coco:
         data = a.coco
     else:
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {str(k): {"wait_ms": round(1000 * statistics.median(v), 2), "rounds_ms": [round(1000 * x, 2) for x in v],
                     "wait_frac": round(statistics.median(v) / (statistics.median(v) + a.step_ms / 1000), 4)}
            for k, v in waits.items()}
-    out = {"settings": vars(a), "data": data, "results": res}
+    out = {"settings": asdict(a), "data": data, "results": res}
     print(json.dumps(res, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -10,8 +10,9 @@ with an identical budget (epochs, batch size, learning rate, augmentations, init
 * ``obj-obj-dilate+bing``   obj-obj-dilate conditioned on BING proposals (top 10, NMS 0.5);
 
 then, on a deterministic eval transform of the same photos (short side resized, centre crop of
-``size``: ``train.linear_eval.extract_features``), a frozen-feature linear probe (multi-label mAP) and a kNN classifier (multi-label mAP of
-similarity-weighted neighbour votes), on a fixed seeded image-level train/test split.  Every COCO
+``size``: ``dali_objcrop.train.linear_eval.extract_features``), a frozen-feature linear probe
+(multi-label mAP) and a kNN classifier (multi-label mAP of similarity-weighted neighbour votes), on a
+fixed seeded image-level train/test split.  Every COCO
 photo of the default set holds a person, so ``person`` is left out of the probe's classes, as are
 classes without a positive image in the train or the test split (AP is undefined there).
 
@@ -20,30 +21,29 @@ to ``OUT/cells/SETTING__seedS.json`` when done: a killed run resumes cell by cel
 --seed S`` reruns one cell alone, and the summary (``OUT/pretrain_quality.json``, a Markdown table,
 ``OUT/pretrain_quality.png``) is rebuilt from every cell present that matches this configuration.
 
-Runs::
+Runs (settings: :class:`Budget` and :class:`Options`, typed ``--field=value`` flags in the trainer's
+style, :mod:`dali_objcrop.train.config`; ``--help`` lists them)::
 
     # the default: ~2 hours on an unloaded 2-core CPU (3 settings x 3 seeds)
-    python benchmarks/pretrain_quality.py --out runs/pretrain_quality
+    python benchmarks/pretrain_quality.py --out=runs/pretrain_quality
 
     # one cell alone (its numbers merge into the same summary)
-    python benchmarks/pretrain_quality.py --out runs/pretrain_quality --only obj-obj-dilate+bing --seed 1
+    python benchmarks/pretrain_quality.py --out=runs/pretrain_quality --only=obj-obj-dilate+bing --seed=1
 
     # scaled up on a GPU: full-width ResNet-18 (or 50) at 128-224 px, more epochs
-    python benchmarks/pretrain_quality.py --arch resnet18 --size 128 --epochs 200 --batch-size 256 \\
-        --device cuda --num-threads 8 --out runs/pq_gpu
+    python benchmarks/pretrain_quality.py --arch=resnet18 --size=128 --epochs=200 --batch-size=256 \\
+        --device=cuda --num-threads=8 --out=runs/pq_gpu
 
     # minutes, end to end, on the embedded synthetic set (GT boxes stand in for BING if it is missing)
-    python benchmarks/pretrain_quality.py --quick --out /tmp/pq_quick
+    python benchmarks/pretrain_quality.py --quick --out=/tmp/pq_quick
 
-Reuses the project's pieces: :class:`dali_objcrop.loader.ObjCropLoader` (crops and MoCo-v2
-augmentations), ``train.methods.mocov2.MoCoV2`` (model, loss, queues, momentum update),
-``train.heads`` (projection heads, torchvision backbones), ``train.pretrain.build_optimizer`` and
-the schedules of ``train.methods.common``, ``train.linear_eval`` / ``train.knn_eval`` (probes), and
-the ``dali-objcrop proposals`` command for BING.
+Each cell trains with the trainer itself (:func:`dali_objcrop.train.pretrain.train`: its model
+builder, optimizer, schedules and step; the narrow CPU backbone is its ``resnet18-wW`` arch) fed by
+:class:`dali_objcrop.loader.ObjCropLoader` over the train split, then probes with
+``dali_objcrop.train.linear_eval`` / ``knn_eval``; BING boxes come from ``dali-objcrop proposals``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -54,16 +54,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: import train/ and dali_objcrop from this checkout
-    sys.path.insert(0, str(REPO))
+from dali_objcrop.train.config import ConfigError, parse_configs
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_COCO = REPO.parent / "shared" / "data" / "coco_val2017_subset" / "annotations" / "instances.json"
 DEFAULT_BING_MODELS = REPO.parent / "shared" / "models" / "bing"
 
@@ -82,8 +81,8 @@ class Budget:
     """Everything that is the same for every setting (the experiment's fixed budget).
 
     Args:
-        arch: ``resnet18-w0.25`` style (a ResNet-18 whose widths are scaled: narrow and CPU-cheap) or
-            any torchvision ResNet name (``resnet18``, ``resnet50``) for GPUs.
+        arch: the trainer's ``arch``: ``resnet18-w0.25`` style (a ResNet-18 whose widths are scaled: narrow
+            and CPU-cheap) or any torchvision ResNet name (``resnet18``, ``resnet50``) for GPUs.
         size: crop side in pixels (pretraining views and the eval transform).
         epochs: pretraining epochs over the train split.
         batch_size: images per step.
@@ -98,9 +97,10 @@ class Budget:
         recipe: augmentation recipe of the loader.
         share_heads: one projection head for both views even with an object view (the paper: separate).
         same_head_init: separate heads start from the same weights (independently initialised ones collapsed
-            to the chance loss here; see ``train.heads.build_heads``).
+            to the chance loss here; see ``dali_objcrop.train.heads.build_heads``).
+        amp: the trainer's mixed precision (``auto``: bf16 on a GPU, off on the CPU; ``off``; ``bf16``).
         knn_k, knn_t: kNN neighbours and temperature.
-        probe_epochs, probe_lr, probe_wd, probe_solver: linear probe (``train.linear_eval.linear_probe`` on
+        probe_epochs, probe_lr, probe_wd, probe_solver: linear probe (``linear_eval.linear_probe`` on
             standardised features: ``adamw`` mini-batch epochs, or ``lbfgs``, the regularised optimum).
     """
 
@@ -121,12 +121,70 @@ class Budget:
     recipe: str = "mocov2"
     share_heads: bool = False
     same_head_init: bool = True
+    amp: str = "auto"
     knn_k: int = 20
     knn_t: float = 0.07
     probe_epochs: int = 100
     probe_lr: float = 1e-3
     probe_wd: float = 5e-4
     probe_solver: str = "adamw"
+
+    def __post_init__(self) -> None:
+        for name in ("size", "epochs", "batch_size", "queue_size", "knn_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
+        if self.probe_solver not in ("adamw", "lbfgs"):  # checked here, not after an hour of pretraining
+            raise ConfigError(f"--probe-solver must be adamw or lbfgs, got {self.probe_solver!r}")
+        if self.amp not in ("auto", "off", "bf16"):
+            raise ConfigError(f"--amp must be auto, off or bf16, got {self.amp!r}")
+
+
+@dataclass
+class Options:
+    """How and where to run (not part of the budget: cells of different options merge)."""
+
+    coco: str = str(DEFAULT_COCO)     # COCO json (default: ../shared COCO subset)
+    images: str = ""                  # image folder (default: images/ beside the json's folder)
+    out: str = "runs/pretrain_quality"  # output folder (cells/, JSON, PNG)
+    quick: bool = False               # minutes, end to end, on a synthetic set (tiny budget; not a measurement)
+    quick_n: int = 96                 # synthetic images of --quick
+    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    only: str = ""                    # run only this setting (with --seed)
+    seed: int | None = None           # with --only: that one seed
+    rerun: bool = False               # recompute cells already present
+    summarise_only: bool = False      # run no cell: rebuild the JSON, table and plot from the cells present
+    no_random_init: bool = False      # skip the untrained-backbone floor
+    save_backbones: bool = True       # write each cell's pretrained backbone (state_dict) beside its JSON
+    split_seed: int = 0
+    test_frac: float = 0.3
+    exclude: list[str] = field(default_factory=lambda: ["person"])  # classes left out of the probe
+    device: str = "cpu"               # torch device of the model: cpu | cuda
+    loader_device: str = "cpu"        # cpu | gpu | auto
+    num_threads: int = 2              # DALI threads
+    eval_workers: int = 0             # DataLoader workers of feature extraction
+    torch_threads: int = 0            # torch intra-op threads (0: torch's default)
+    log_every: int = 5                # print the loss every N epochs (0: never)
+    label: str = ""                   # free text stored in the JSON (e.g. 'reduced budget')
+    bing_store: str = ""              # a precomputed BING .boxes store for the images
+    bing_method: str = "bing"         # dali-objcrop proposals --method
+    bing_model_dir: str = str(DEFAULT_BING_MODELS) if DEFAULT_BING_MODELS.is_dir() else ""
+    bing_top_k: int = 10
+    bing_workers: int = 2
+    bing_fallback_gt: bool = False    # if BING fails, GT boxes stand in (said in the JSON; default with --quick)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.settings + ([self.only] if self.only else []) if s not in SETTINGS]
+        if bad:
+            raise ConfigError(f"unknown settings {bad}; choose from {list(SETTINGS)}")
+        if self.seed is not None and not self.only:
+            raise ConfigError("--seed needs --only=SETTING")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.loader_device not in ("cpu", "gpu", "auto"):
+            raise ConfigError(f"--loader-device must be cpu, gpu or auto, got {self.loader_device!r}")
 
 
 # ---- data: split, labels, eval images ----------------------------------------------------------------------
@@ -153,117 +211,50 @@ def probe_classes(y: np.ndarray, names: list[str], train: np.ndarray, test: np.n
     return np.asarray(keep, dtype=np.int64), report
 
 
-# ---- models -------------------------------------------------------------------------------------------------
-class NarrowResNet18(torch.nn.Module):
-    """ResNet-18 with every width scaled by ``width`` (torchvision's BasicBlock; 0.25: 16-32-64-128 channels).
-
-    The same interface as :class:`train.heads.Backbone` (``dim``, ``forward`` -> feature map,
-    ``pooled``), so MoCo and the probes take it unchanged.  torchvision's BasicBlock ResNets have no
-    width option, hence this small builder.
-    """
-
-    def __init__(self, width: float = 0.25):
-        import torch.nn as nn
-        from torchvision.models.resnet import BasicBlock
-        super().__init__()
-        if not 0.0 < width <= 4.0:
-            raise ValueError(f"width must be in (0, 4], got {width!r}")
-        c = [max(4, int(round(64 * width))) * 2 ** i for i in range(4)]
-        layers: list[nn.Module] = [nn.Conv2d(3, c[0], 7, 2, 3, bias=False), nn.BatchNorm2d(c[0]),
-                                   nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
-        inp = c[0]
-        for i, planes in enumerate(c):
-            for b in range(2):
-                stride = 2 if i > 0 and b == 0 else 1
-                down = None
-                if stride != 1 or inp != planes:
-                    down = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-                layers.append(BasicBlock(inp, planes, stride, down))
-                inp = planes
-        self.trunk = nn.Sequential(*layers)
-        self.dim = inp
-        for m in self.modules():  # torchvision's ResNet initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        return self.trunk(x)
-
-    def pooled(self, x):
-        return self.trunk(x).mean((2, 3))
-
-
-def build_backbone(arch: str):
-    """``resnet18-wW`` (narrow, see :class:`NarrowResNet18`) or a torchvision ResNet via ``train.heads.Backbone``."""
-    if arch.startswith("resnet18-w"):
-        try:
-            width = float(arch[len("resnet18-w"):])
-        except ValueError:
-            raise ValueError(f"arch {arch!r}: expected resnet18-w<width>, e.g. resnet18-w0.25") from None
-        return NarrowResNet18(width)
-    from train.heads import Backbone
-    return Backbone(arch)
-
-
-def build_mocov2(budget: Budget, mode: str):
-    """MoCo-v2 (the trainer's model class) with this budget's backbone and heads."""
-    from train.heads import head_keys, preset
-    from train.methods.mocov2 import MoCoV2
-    return MoCoV2(build_backbone(budget.arch), preset("mocov2", budget.head_hidden, budget.head_out),
-                  head_keys(mode, budget.share_heads), budget.queue_size, budget.temperature,
-                  budget.same_head_init)
-
-
 # ---- pretraining ---------------------------------------------------------------------------------------------
-def pretrain(loader, budget: Budget, mode: str, seed: int, device: str, log_every: int = 0) -> tuple[object, dict]:
-    """MoCo-v2 pretraining of one cell; returns ``(backbone, log)``.
+def trainer_config(budget: Budget, mode: str, seed: int, steps_per_epoch: int, device: str, out: str):
+    """The trainer's :class:`~dali_objcrop.train.pretrain.Config` of one cell: MoCo-v2 with this budget."""
+    from dali_objcrop.train.pretrain import Config
+    return Config(method="mocov2", crops=mode, size=budget.size, dilate=budget.dilate, recipe=budget.recipe,
+                  arch=budget.arch, share_heads=budget.share_heads, same_head_init=budget.same_head_init,
+                  head_hidden=budget.head_hidden, head_out=budget.head_out, queue_size=budget.queue_size,
+                  temperature=budget.temperature, momentum=budget.momentum, batch_size=budget.batch_size,
+                  epochs=budget.epochs, lr=budget.lr, weight_decay=budget.weight_decay,
+                  warmup_steps=budget.warmup_epochs * steps_per_epoch, amp=budget.amp, device=device, seed=seed,
+                  out=out, ckpt_every=-1, log_every=steps_per_epoch, progress=False)
 
-    The loop is the trainer's single-process step (``train/pretrain.py``): the trainer's optimizer
-    builder, warm-up + cosine lr, shuffle seed per step, ``after_step`` for momentum and queues.  It is
-    inlined only because the trainer builds torchvision backbones by name and the narrow CPU backbone
-    is not one.
+
+def initial_model(budget: Budget, mode: str, seed: int, device: str = "cpu"):
+    """The trainer's MoCo-v2 model of a cell before training (the same weights for every setting of a seed)."""
+    from dali_objcrop.train.pretrain import build_model
+    torch.manual_seed(seed)
+    return build_model(trainer_config(budget, mode, seed, 1, device, "").resolved())
+
+
+def pretrain(loader, budget: Budget, mode: str, seed: int, device: str, log_every: int = 0) -> tuple[object, dict]:
+    """MoCo-v2 pretraining of one cell by the trainer (:func:`dali_objcrop.train.pretrain.train`).
+
+    Returns:
+        ``(backbone, log)``: the trained backbone (eval mode) and the per-epoch losses and timings.
     """
-    from train.methods.common import lr_at
-    from train.pretrain import Config, build_optimizer
-    torch.manual_seed(seed)  # the same initial backbone weights for every setting of a seed (paired design)
-    model = build_mocov2(budget, mode).to(device)
-    cfg = Config(method="mocov2", lr=budget.lr, weight_decay=budget.weight_decay, batch_size=budget.batch_size)
-    opt = build_optimizer(cfg, model, 1)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    from dali_objcrop.train.pretrain import train
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {budget.batch_size} leaves no full batch in {len(loader.index)} images")
-    total, warmup = budget.epochs * steps_per_epoch, budget.warmup_epochs * steps_per_epoch
-    losses, step, t0 = [], 0, time.perf_counter()
-    wait = 0.0
-    model.train()
-    for epoch in range(budget.epochs):
-        loader.set_epoch(epoch)
-        ep_loss, n = 0.0, 0
-        tw = time.perf_counter()
-        for batch in loader:
-            wait += time.perf_counter() - tw
-            v1, v2 = batch["view1"].to(device), batch["view2"].to(device)
-            scale = lr_at(step, total, 1.0, warmup)
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * scale
-            loss, aux = model(v1, v2, shuffle_seed=seed * 1_000_003 + step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            model.after_step(aux, budget.momentum)
-            ep_loss, n, step = ep_loss + loss.item(), n + 1, step + 1
-            tw = time.perf_counter()
-        losses.append(ep_loss / max(n, 1))
-        if log_every and (epoch + 1) % log_every == 0:
-            print(f"    epoch {epoch + 1}/{budget.epochs} loss {losses[-1]:.4f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    dt = time.perf_counter() - t0
-    log = {"epoch_losses": losses, "steps": step, "seconds": dt,
-           "images_per_s": step * budget.batch_size / dt if dt > 0 else math.nan,
-           "data_wait_frac": wait / dt if dt > 0 else math.nan, "loader_stats": _jsonable(loader.stats)}
+    model = initial_model(budget, mode, seed, device)  # paired design: one init per seed for every setting
+    with tempfile.TemporaryDirectory() as tmp:        # the trainer's config.json and log.jsonl
+        cfg = trainer_config(budget, mode, seed, steps_per_epoch, device, tmp)
+        t0 = time.perf_counter()
+        summary = train(cfg, loader=loader, model=model)
+        dt = time.perf_counter() - t0
+    losses = summary["epoch_losses"]
+    if log_every:
+        for e in range(log_every - 1, len(losses), log_every):
+            print(f"    epoch {e + 1}/{budget.epochs} loss {losses[e]:.4f}", flush=True)
+    log = {"epoch_losses": losses, "steps": summary["steps"], "seconds": dt,
+           "images_per_s": summary["steps"] * budget.batch_size / dt if dt > 0 else math.nan,
+           "data_wait_frac": summary["data_wait_frac"], "trainer_config": summary["config"],
+           "loader_stats": _jsonable(loader.stats)}
     return model.backbone.eval(), log
 
 
@@ -274,8 +265,8 @@ def evaluate(backbone, exp: "Experiment", budget: Budget, seed: int, args) -> di
     Returns:
         ``{"linear_map", "knn_map", "per_class_ap": {"linear", "knn"}, "feature_dim"}``.
     """
-    from train.knn_eval import knn_eval
-    from train.linear_eval import extract_features, linear_probe_map
+    from dali_objcrop.train.knn_eval import knn_eval
+    from dali_objcrop.train.linear_eval import extract_features, linear_probe_map
     x = extract_features(backbone, exp.paths, budget.size, batch_size=128, workers=args.eval_workers,
                          device=args.device)
     y = torch.from_numpy(exp.y[:, exp.cols].astype(np.float32))
@@ -335,7 +326,7 @@ def prepare(args, budget: Budget, out: Path) -> Experiment:
     from dali_objcrop.dataset import ImageIndex
     coco_json = str(Path(args.coco).resolve())
     images_dir = str(Path(args.images).resolve()) if args.images else str(_images_beside(Path(coco_json)))
-    from train.linear_eval import coco_image_labels, split_indices
+    from dali_objcrop.train.linear_eval import coco_image_labels, split_indices
     index = ImageIndex.from_coco(coco_json, images_dir)
     # labels of every class (the column filter is ours: it also needs the split)
     labels = coco_image_labels(coco_json, images_dir, drop_uninformative=False)
@@ -394,8 +385,7 @@ def run_cell(exp: Experiment, setting: str, seed: int, budget: Budget, args) -> 
 
 def random_init_cell(exp: Experiment, seed: int, budget: Budget, args) -> dict:
     """The same probes on an untrained backbone (same init as every setting's seed): the floor."""
-    torch.manual_seed(seed)
-    backbone = build_mocov2(budget, BASELINE).backbone.to(args.device)
+    backbone = initial_model(budget, BASELINE, seed, args.device).backbone.to(args.device)
     return {"setting": "random-init", "seed": seed, **evaluate(backbone, exp, budget, seed, args)}
 
 
@@ -479,69 +469,19 @@ QUICK = dict(arch="resnet18-w0.125", size=48, epochs=2, batch_size=32, queue_siz
              head_out=32, warmup_epochs=0, probe_epochs=50, knn_k=5)
 
 
-def build_argparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Budget()
-    p.add_argument("--coco", default=str(DEFAULT_COCO), help="COCO json (default: ../shared COCO subset)")
-    p.add_argument("--images", default="", help="image folder (default: images/ beside the json's folder)")
-    p.add_argument("--out", default="runs/pretrain_quality", help="output folder (cells/, JSON, PNG)")
-    p.add_argument("--quick", action="store_true",
-                   help="minutes, end to end, on a synthetic set (tiny budget; not a measurement)")
-    p.add_argument("--quick-n", type=int, default=96, help="synthetic images of --quick")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--only", choices=list(SETTINGS), help="run only this setting (with --seed)")
-    p.add_argument("--seed", type=int, help="with --only: that one seed")
-    p.add_argument("--rerun", action="store_true", help="recompute cells already present")
-    p.add_argument("--summarise-only", action="store_true",
-                   help="run no cell: rebuild the JSON, table and plot from the cells present (same settings)")
-    p.add_argument("--no-random-init", action="store_true", help="skip the untrained-backbone floor")
-    p.add_argument("--save-backbones", type=_parse_bool, default=True,
-                   help="write each cell's pretrained backbone (state_dict) beside its JSON (default true)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--test-frac", type=float, default=0.3)
-    p.add_argument("--exclude", nargs="*", default=["person"], help="classes left out of the probe")
-    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
-    p.add_argument("--loader-device", default="cpu", choices=("cpu", "gpu", "auto"))
-    p.add_argument("--num-threads", type=int, default=2, help="DALI threads")
-    p.add_argument("--eval-workers", type=int, default=0, help="DataLoader workers of feature extraction")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--log-every", type=int, default=5, help="print the loss every N epochs (0: never)")
-    p.add_argument("--label", default="", help="free text stored in the JSON (e.g. 'reduced budget')")
-    p.add_argument("--bing-store", default="", help="a precomputed BING .boxes store for the images")
-    p.add_argument("--bing-method", default="bing", help="dali-objcrop proposals --method")
-    p.add_argument("--bing-model-dir", default=str(DEFAULT_BING_MODELS) if DEFAULT_BING_MODELS.is_dir() else "")
-    p.add_argument("--bing-top-k", type=int, default=10)
-    p.add_argument("--bing-workers", type=int, default=2)
-    p.add_argument("--bing-fallback-gt", action="store_true",
-                   help="if BING fails, let GT boxes stand in (recorded in the JSON; default with --quick)")
-    for f in dataclasses.fields(Budget):
-        typ = type(getattr(d, f.name))
-        p.add_argument("--" + f.name.replace("_", "-"), type=_parse_bool if typ is bool else typ, default=None,
-                       help=f"budget (default {getattr(d, f.name)}; --quick {QUICK.get(f.name, '=')})")
-    return p
-
-
-def budget_from_args(args) -> Budget:
-    base = dataclasses.replace(Budget(), **QUICK) if args.quick else Budget()
-    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None}
-    b = dataclasses.replace(base, **over)
-    for name in ("size", "epochs", "batch_size", "queue_size", "knn_k"):
-        if getattr(b, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(b, name)!r}")
-    if b.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {b.lr!r}")
-    if b.probe_solver not in ("adamw", "lbfgs"):  # checked here, not after an hour of pretraining
-        raise ValueError(f"--probe-solver must be adamw or lbfgs, got {b.probe_solver!r}")
-    return b
+def parse_args(argv: list[str] | None = None) -> tuple[Budget, Options]:
+    """:class:`Budget` and :class:`Options` from ``--field=value`` flags (``--quick`` starts from :data:`QUICK`)."""
+    budget, opts = parse_configs([Budget, Options], argv)
+    if opts.quick:  # again, on the quick budget: flags given explicitly still win
+        budget, opts = parse_configs([dataclasses.replace(Budget(), **QUICK), Options], argv)
+    return budget, opts
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_argparser().parse_args(argv)
-    if args.seed is not None and args.only is None:
-        raise SystemExit("--seed needs --only SETTING")
-    budget = budget_from_args(args)
+    try:
+        budget, args = parse_args(argv)
+    except ConfigError as e:
+        raise SystemExit(f"pretrain_quality.py: error: {e}") from None
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     if args.torch_threads > 0:
@@ -551,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         synth_dir = out / "synthetic"
         if not (synth_dir / "annotations.json").exists():
             make_synthetic(synth_dir, n=args.quick_n, seed=0)
-        args.coco, args.images, args.exclude = str(synth_dir / "annotations.json"), "", []
-        args.bing_fallback_gt = True
+        args = dataclasses.replace(args, coco=str(synth_dir / "annotations.json"), images="", exclude=[],
+                                   bing_fallback_gt=True)
 
     settings = [args.only] if args.only else list(args.settings)
     seeds = [args.seed] if args.seed is not None else list(args.seeds)
@@ -563,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                         "train_keys": [exp.index.keys[i] for i in exp.train],
                         "test_keys": [exp.index.keys[i] for i in exp.test]},
               "classes": {**exp.class_report, "num_probe_classes": len(exp.cols)},
-              "boxes": exp.store_notes, "eval_transform": f"train.linear_eval.extract_features: short side to "
+              "boxes": exp.store_notes, "eval_transform": f"linear_eval.extract_features: short side to "
                                                           f"{round(budget.size * 8 / 7)}, centre crop {budget.size}, "
                                                           "ImageNet mean/std"}
     fp = _fingerprint(config)
@@ -593,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = shlex.join(["python", "benchmarks/pretrain_quality.py"] +
                      [a for a in (sys.argv[1:] if argv is None else argv) if a != "--summarise-only"])
     result = {"label": args.label or ("quick smoke run (synthetic data, not a measurement)" if args.quick else ""),
-              "command": cmd, "config_fp": fp, **config,
+              "command": cmd, "config_fp": fp, **config, "options": asdict(args),
               # expected AP of random scores is the class's test prevalence: the chance level of both metrics
               "chance_map": float(exp.y[exp.test][:, exp.cols].mean(0).mean()), "summary": summary, "table_markdown": table,
               "cells": cells,
@@ -611,14 +551,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
-def _parse_bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
 def _images_beside(coco_json: Path) -> Path:
     for c in (coco_json.parent / "images", coco_json.parent.parent / "images"):
         if c.is_dir():

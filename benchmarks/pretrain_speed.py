@@ -1,6 +1,6 @@
 """Pretraining throughput: the real object-aware loader against synthetic device-resident input.
 
-Runs ``train/pretrain.py``'s training loop (same model, optimizer, step) twice
+Runs the trainer's loop (:func:`dali_objcrop.train.pretrain.train`: same model, optimizer, step) twice
 per round: fed by :class:`dali_objcrop.loader.ObjCropLoader` (decode, object-aware
 crops, augmentations) and by one pre-made batch that already lives on the
 training device (the upper bound: no data work at all).  Reports images/s and
@@ -9,7 +9,8 @@ synchronises with the GPU every step, so on a GPU that is time the GPU idles).
 Goal on a GPU: data wait under 3% of step time.  Measured after 2 warm-up
 steps.  Rounds alternate the order of the two feeds (shared machines are noisy).
 
-Usage::
+Usage (settings: the trainer's :class:`~dali_objcrop.train.pretrain.Config` fields with this
+benchmark's defaults, plus :class:`SpeedOptions`; typed ``--field=value`` flags, ``--help`` lists them)::
 
     python benchmarks/pretrain_speed.py                      # CPU defaults: ResNet-18, 64 px, batch 16
     python benchmarks/pretrain_speed.py --arch=resnet50 --size=224 --batch-size=128 --steps=60 \\
@@ -20,20 +21,37 @@ and data-wait fraction, plus the real/synthetic throughput ratio.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from dali_objcrop.train.config import ConfigError, parse_configs
+from dali_objcrop.train.pretrain import Config, make_loader, train
 
-from train.pretrain import Config, make_loader, train  # noqa: E402
+
+@dataclass
+class SpeedOptions:
+    """This benchmark's own settings (the rest are the trainer's Config fields)."""
+
+    rounds: int = 1                   # rounds of (loader, resident); the order alternates per round
+    json: str = ""                    # write results here (printed either way)
+
+
+def default_config(gpu: bool) -> Config:
+    """The trainer's configuration this benchmark starts from (GPU: ResNet-50 at 224 px; CPU: small)."""
+    # on a small CPU the loader's DALI threads need cores too; 2 OpenMP threads fighting them (and any other
+    # process) for 2 cores measured ~6x slower than 1 thread here, hence torch_threads=1 on the CPU
+    return Config(method="mocov2", crops="obj-obj-dilate", boxes="gt", arch="resnet50" if gpu else "resnet18",
+                  size=224 if gpu else 64, batch_size=128 if gpu else 16, steps=60 if gpu else 12,
+                  num_threads=8 if gpu else 2, prepare_ahead=1, queue_size=65536 if gpu else 4096,
+                  torch_threads=0 if gpu else 1, ckpt_every=-1, log_every=10**9, progress=False)
 
 
 class ResidentBatches:
@@ -60,8 +78,9 @@ class ResidentBatches:
 
 def run_once(cfg: Config, feed: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        c = Config(**{**asdict(cfg), "out": out})
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        c = dataclasses.replace(cfg, out=out)
+        gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if gpu else "cpu")  # where the trainer puts the model
         if feed == "loader":
             loader = make_loader(c.resolved(), 0, 1)
         else:
@@ -75,34 +94,12 @@ def run_once(cfg: Config, feed: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="mocov2")
-    p.add_argument("--crops", default="obj-obj-dilate")
-    p.add_argument("--arch", default="resnet50" if gpu else "resnet18")
-    p.add_argument("--size", type=int, default=224 if gpu else 64)
-    p.add_argument("--batch-size", type=int, default=128 if gpu else 16)
-    p.add_argument("--steps", type=int, default=60 if gpu else 12)
-    p.add_argument("--data", default="", help="COCO json or image folder ('' = the embedded synthetic set)")
-    p.add_argument("--boxes", default="gt")
-    p.add_argument("--num-threads", type=int, default=8 if gpu else 2)
-    p.add_argument("--prepare-ahead", type=int, default=1,
-                   help="loader batches prepared on a background thread (0: in the training loop's thread)")
-    p.add_argument("--queue-size", type=int, default=65536 if gpu else 4096)
-    p.add_argument("--compile", action="store_true")
-    # on a small CPU the loader's DALI threads need cores too; 2 OpenMP threads fighting them (and any other
-    # process) for 2 cores measured ~6x slower than 1 thread here
-    p.add_argument("--torch-threads", type=int, default=0 if gpu else 1,
-                   help="torch intra-op threads (0 = torch's default; CPU default 1)")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--json", default="", help="write results here (printed either way)")
-    a = p.parse_args(argv)
-    cfg = Config(method=a.method, crops=a.crops, arch=a.arch, size=a.size, batch_size=a.batch_size, steps=a.steps,
-                 data=a.data, boxes=a.boxes, num_threads=a.num_threads, prepare_ahead=a.prepare_ahead,
-                 queue_size=a.queue_size, compile=a.compile,
-                 torch_threads=a.torch_threads,
-                 ckpt_every=0, log_every=max(1, a.steps), progress=False)
+    try:
+        cfg, opts = parse_configs([default_config(gpu), SpeedOptions], argv)
+    except ConfigError as e:
+        raise SystemExit(f"pretrain_speed.py: error: {e}") from None
     runs = []
-    for r in range(a.rounds):
+    for r in range(opts.rounds):
         order = ("loader", "resident") if r % 2 == 0 else ("resident", "loader")
         for feed in order:
             try:
@@ -124,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     if summary["loader_images_per_s"] is not None and summary["resident_images_per_s"] is not None:
         summary["loader_over_resident"] = summary["loader_images_per_s"] / summary["resident_images_per_s"]
         summary["goal_data_wait_under_3pct_met"] = bool(summary["loader_data_wait_frac"] < 0.03)
-    result = {"config": asdict(cfg.resolved()), "argv": sys.argv[1:] if argv is None else argv,
+    result = {"config": asdict(cfg.resolved()), "options": asdict(opts), "argv": sys.argv[1:] if argv is None else argv,
               "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()}, "
                         f"{torch.get_num_threads()} torch threads)",
               "torch": torch.__version__, "runs": runs, "summary": summary}
     print(json.dumps(summary, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

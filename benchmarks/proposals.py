@@ -13,12 +13,11 @@ Measures, side by side on the same machine and images:
 
 Writes a JSON file and a PNG plot.  Usage::
 
-    .venv/bin/python benchmarks/proposals.py --out out/proposals.json --plot out/proposals.png
-    .venv/bin/python benchmarks/proposals.py --images 200 --quick   # a smaller run
+    .venv/bin/python benchmarks/proposals.py --out=out/proposals.json --plot=out/proposals.png
+    .venv/bin/python benchmarks/proposals.py --images=200 --quick   # a smaller run (--help: the settings)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,22 +25,22 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from dali_objcrop.dataset import ImageIndex
+from dali_objcrop.proposals.bing import Bing
+from dali_objcrop.proposals.bing_cv import OpenCVBing
+from dali_objcrop.proposals.common import load_for_proposals
+from dali_objcrop.proposals.evaluate import evaluate_store
+from dali_objcrop.proposals.methods import default_model_dir
+from dali_objcrop.proposals.run import ProposalJob, run_proposals
+from dali_objcrop.train.config import ConfigError, parse_config
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dali_objcrop.dataset import ImageIndex  # noqa: E402
-from dali_objcrop.proposals.bing import Bing  # noqa: E402
-from dali_objcrop.proposals.bing_cv import OpenCVBing  # noqa: E402
-from dali_objcrop.proposals.common import load_for_proposals  # noqa: E402
-from dali_objcrop.proposals.evaluate import evaluate_store  # noqa: E402
-from dali_objcrop.proposals.methods import default_model_dir  # noqa: E402
-from dali_objcrop.proposals.run import ProposalJob, run_proposals  # noqa: E402
-
 COCO = REPO.parent / "shared" / "data" / "coco_val2017_subset"
 ANN = COCO / "annotations" / "instances.json"
 OPENCV_MODEL = REPO.parent / "shared" / "models" / "bing"
@@ -90,25 +89,33 @@ def single_thread_ms(n: int) -> dict:
     return {k: round(1000 * v / len(imgs), 2) for k, v in tot.items()}
 
 
+@dataclass
+class ProposalsBenchConfig:
+    """Images per measurement and where results go (typed --field=value flags)."""
+
+    images: int = 1200                # COCO photos for the throughput runs
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    ss_images: int = 8                # photos for selective search (slow)
+    latency_images: int = 100
+    quick: bool = False               # fewer images everywhere
+    out: str = "out/proposals.json"
+    plot: str = "out/proposals.png"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=1200, help="COCO photos for the throughput runs")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--ss-images", type=int, default=8, help="photos for selective search (slow)")
-    ap.add_argument("--latency-images", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="fewer images everywhere")
-    ap.add_argument("--out", default="out/proposals.json")
-    ap.add_argument("--plot", default="out/proposals.png")
-    args = ap.parse_args(argv)
+    try:
+        args = parse_config(ProposalsBenchConfig, argv)
+    except ConfigError as e:
+        raise SystemExit(f"proposals.py: error: {e}") from None
     if not ANN.exists():
         print(f"{ANN} not present", file=sys.stderr)
         return 1
     if args.quick:
-        args.images, args.ss_images, args.latency_images = min(args.images, 200), 4, 30
+        args = replace(args, images=min(args.images, 200), ss_images=4, latency_images=30)
     full = ImageIndex.from_coco(ANN, COCO / "images", check=False)
     res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "opencv": cv2.__version__,
                        "load_average_start": os.getloadavg()},
-           "args": vars(args)}
+           "args": asdict(args)}
     print("single-thread latency ...", flush=True)
     res["single_thread_ms_per_image_no_decode"] = single_thread_ms(args.latency_images)
     print(json.dumps(res["single_thread_ms_per_image_no_decode"]), flush=True)

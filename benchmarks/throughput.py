@@ -17,11 +17,11 @@ A row's ``images_per_s`` is the median over rounds; min, max and the relative
 spread ``(max - min) / median`` come with it.  The machine is shared: compare
 rows of one run (ratios), not runs.
 
-Usage::
+Usage (settings: :class:`ThroughputConfig`; ``--help`` lists them)::
 
     python benchmarks/throughput.py                      # embedded synthetic set
-    python benchmarks/throughput.py --coco ../shared/data/coco_val2017_subset/annotations/instances.json \\
-        --images ../shared/data/coco_val2017_subset/images --json out/throughput.json --png out/throughput.png
+    python benchmarks/throughput.py --coco=../shared/data/coco_val2017_subset/annotations/instances.json \\
+        --images=../shared/data/coco_val2017_subset/images --json=out/throughput.json --png=out/throughput.png
 
 Output JSON: ``{"results": [{"loader": "dali" | "torchvision", "mode", "backend",
 "device": "cpu" | "gpu", "batch_size", "threads", "images_per_s", ...extras}, ...],
@@ -29,7 +29,6 @@ Output JSON: ``{"results": [{"loader": "dali" | "torchvision", "mode", "backend"
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -37,11 +36,13 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dali_objcrop.constants import IMAGENET_MEAN, IMAGENET_STD
+from dali_objcrop.train.config import ConfigError, parse_config
 from dali_objcrop.windows import MODES
 
 
@@ -183,7 +184,7 @@ def machine_info() -> dict:
 def data_from_args(args) -> tuple[str, str | None]:
     """(COCO json, image folder) from the flags; the embedded synthetic set by default."""
     if args.coco:
-        return args.coco, args.images
+        return args.coco, args.images or None
     if args.images:
         return args.images, None
     from dali_objcrop.synth import ensure_default_dataset
@@ -257,7 +258,8 @@ def run(args) -> dict:
     out = {"results": results, "machine": machine, "ratios": ratios(results),
            "ratios_paired": paired_ratios([row for row, _ in configs], rounds),
            "settings": {"data": data, "images": images_dir, "seconds": args.seconds, "reps": args.reps,
-                        "warmup": args.warmup, "max_images": args.max_images, "command": " ".join(sys.argv)}}
+                        "warmup": args.warmup, "max_images": args.max_images, "command": " ".join(sys.argv)},
+           "config": asdict(args)}
     return out
 
 
@@ -329,42 +331,53 @@ def plot(results: list[dict], png: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--coco", help="COCO annotation json (default: the embedded synthetic set)")
-    p.add_argument("--images", help="image folder (of --coco, or alone: a plain folder, scene-scene only)")
-    p.add_argument("--boxes", help="a .boxes store (default: the GT boxes of --coco)")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--png", help="write a bar chart here")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads = torchvision workers (default 2)")
-    p.add_argument("--seconds", type=float, default=10.0, help="counted seconds per configuration and round")
-    p.add_argument("--reps", type=int, default=3, help="rounds (median and spread over them)")
-    p.add_argument("--warmup", type=int, default=3, help="batches discarded at the start of each round")
-    p.add_argument("--modes", default="all", help="comma-separated crop modes or 'all'")
-    p.add_argument("--backends", default="", help="comma-separated crop backends (default: every registered)")
-    p.add_argument("--devices", default="", help="comma-separated cpu,gpu (default: cpu, plus gpu if present)")
-    p.add_argument("--recipe", default="mocov2", choices=("mocov2", "byol"))
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
-    p.add_argument("--no-torchvision", action="store_true", help="skip the torchvision baseline")
-    args = p.parse_args(argv)
-    args.modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in args.modes if m not in MODES]
-    if bad:
-        p.error(f"unknown modes {bad}; choose from {MODES}")
-    args.backends = [b for b in args.backends.split(",") if b]
-    args.devices = [d for d in args.devices.split(",") if d]
-    for d in args.devices:
-        if d not in ("cpu", "gpu"):
-            p.error(f"unknown device {d!r}")
-    for name in ("batch_size", "threads", "reps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.seconds <= 0 or args.warmup < 0:
-        p.error("--seconds must be > 0 and --warmup >= 0")
-    return args
+@dataclass
+class ThroughputConfig:
+    """What to measure and for how long (typed --field=value flags, dali_objcrop.train.config)."""
+
+    coco: str = ""                    # COCO annotation json (default: the embedded synthetic set)
+    images: str = ""                  # image folder (of --coco, or alone: a plain folder, scene-scene only)
+    boxes: str = ""                   # a .boxes store (default: the GT boxes of --coco)
+    json: str = ""                    # write the results here
+    png: str = ""                     # write a bar chart here
+    batch_size: int = 64
+    threads: int = 2                  # DALI threads = torchvision workers
+    seconds: float = 10.0             # counted seconds per configuration and round
+    reps: int = 3                     # rounds (median and spread over them)
+    warmup: int = 3                   # batches discarded at the start of each round
+    modes: list[str] = field(default_factory=lambda: ["all"])  # crop modes, or all
+    backends: list[str] = field(default_factory=list)         # crop backends (default: every registered)
+    devices: list[str] = field(default_factory=list)          # cpu, gpu (default: cpu, plus gpu if present)
+    recipe: str = "mocov2"            # mocov2 | byol
+    size: int = 224
+    seed: int = 0
+    max_images: int = 0               # use only the first N images (0: all)
+    no_torchvision: bool = False      # skip the torchvision baseline
+
+    def __post_init__(self) -> None:
+        if self.modes == ["all"]:
+            self.modes = list(MODES)
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ConfigError(f"unknown modes {bad}; choose from {MODES}")
+        for d in self.devices:
+            if d not in ("cpu", "gpu"):
+                raise ConfigError(f"unknown device {d!r}")
+        if self.recipe not in ("mocov2", "byol"):
+            raise ConfigError(f"--recipe must be mocov2 or byol, got {self.recipe!r}")
+        for name in ("batch_size", "threads", "reps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.seconds <= 0 or self.warmup < 0:
+            raise ConfigError("--seconds must be > 0 and --warmup >= 0")
+
+
+def parse_args(argv=None) -> ThroughputConfig:
+    """The settings from ``--field=value`` flags; a bad one exits with its message."""
+    try:
+        return parse_config(ThroughputConfig, argv)
+    except ConfigError as e:
+        raise SystemExit(f"throughput.py: error: {e}") from None
 
 
 def main(argv=None) -> int:

@@ -1,20 +1,21 @@
 """Crop-window throughput: windows for 1,000,000 samples per mode, one core.
 
-    python benchmarks/windows_speed.py [--n 1000000] [--json OUT]
+    python benchmarks/windows_speed.py [--n=1000000] [--json=OUT]   # --help: the settings
 
 Prints seconds per mode and writes a JSON; the goal (issue 2) is under 1 s per
 million samples on one core.  Asserts nothing about speed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dali_objcrop.train.config import ConfigError, parse_config
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
 
 
@@ -30,12 +31,20 @@ def fake_batch(n: int, seed: int = 0):
     return sizes, boxes.astype(np.float32), offsets
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+@dataclass
+class WindowsSpeedConfig:
+    """How many samples, how often (typed --field=value flags)."""
+
+    n: int = 1_000_000                # samples per mode
+    repeats: int = 3                  # best of this many
+    json: str = ""                    # write the rows here
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_config(WindowsSpeedConfig, argv)
+    except ConfigError as e:
+        raise SystemExit(f"windows_speed.py: error: {e}") from None
     sizes, boxes, offsets = fake_batch(args.n)
     rows = []
     for mode in MODES:
@@ -51,8 +60,8 @@ def main() -> None:
                      "cpu_seconds_best": min(cpu), "samples_per_s": args.n / best})
         print(f"{mode:16s} {best:6.3f} s wall, {min(cpu):6.3f} s CPU, best of {args.repeats}  "
               f"({args.n / best / 1e6:.2f} M samples/s)")
-    out = {"results": rows, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "numpy": np.__version__}}
+    out = {"config": asdict(args), "results": rows,
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "numpy": np.__version__}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -355,12 +355,11 @@ def test_cupy_backend_without_gpu_is_clear():
 def test_kernel_bench_smoke(tmp_path):
     """benchmarks/kernel_bench.py runs end to end (tiny batch): CPU rows measured, GPU rows skipped or run,
     the DALI-ops graphs exercised on the CPU; gpu_check.sh parses."""
-    import importlib.util
     import json
+
+    import benchmark_module
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("kernel_bench", repo / "benchmarks" / "kernel_bench.py")
-    kb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kb)
+    kb = benchmark_module.load("kernel_bench")
     out = tmp_path / "kb.json"
     assert kb.main(["--batch", "6", "--size", "32", "--seconds", "0.1", "--warmup", "1", "--threads", "1",
                     "--dali-cpu", "--out", str(out)]) == 0

@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import pytest
 
+import benchmark_module
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,10 +80,6 @@ def test_throughput_writes_rows_and_chart(tmp_path, synth_set):
 
 
 def test_throughput_rejects_unknown_mode():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import throughput
-        with pytest.raises(SystemExit):
-            throughput.parse_args(["--modes", "obj-everything"])
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    throughput = benchmark_module.load("throughput")
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--modes", "obj-everything"])

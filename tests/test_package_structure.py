@@ -9,7 +9,8 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("dali_objcrop", "train")
+# source folder -> import name: the trainer lives at the top (train/) and installs as dali_objcrop.train
+PACKAGES = {"dali_objcrop": "dali_objcrop", "train": "dali_objcrop.train"}
 
 # A child interpreter in which these top-level modules cannot be imported at all.
 _BLOCKED = ("cv2", "nvidia", "torch", "torchvision", "cupy", "PIL", "sklearn", "matplotlib", "tqdm", "scipy")
@@ -38,6 +39,7 @@ def test_core_imports_without_opencv_dali_torch():
         import numpy as np
         import dali_objcrop
         from dali_objcrop import augment, boxstore, dataset, rng, windows, constants, cli
+        from dali_objcrop.train import config   # the configuration style: standard library only
         from dali_objcrop import CropConfig, sample_windows, BoxStore, get_recipe, sample_aug_params
         cw = sample_windows(np.array([[640, 480]]), np.array([[0.1, 0.1, 0.5, 0.6]], np.float32),
                             np.array([0, 1]), np.array([0]), seed=0, epoch=0, config=CropConfig())
@@ -90,13 +92,46 @@ def test_command_line_lists_every_subcommand_without_heavy_imports():
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
-        for path in sorted((REPO / pkg).rglob("*.py")):
-            parts = list(path.relative_to(REPO).with_suffix("").parts)
+    for folder, name in PACKAGES.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO / folder)
+            if (REPO / folder / rel.parts[0]).is_symlink():  # dali_objcrop/train -> ../train: listed as train/
+                continue
+            parts = [name] + list(rel.with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             out[".".join(parts)] = path
     return out
+
+
+def test_trainer_is_the_packages_train_subpackage():
+    """``dali_objcrop.train`` is this checkout's top-level ``train/`` (no second copy, no other checkout's)."""
+    import dali_objcrop.train
+    import dali_objcrop.train.pretrain
+    assert Path(dali_objcrop.train.__file__).resolve() == REPO / "train" / "__init__.py"
+    assert Path(dali_objcrop.train.pretrain.__file__).resolve() == REPO / "train" / "pretrain.py"
+    assert "dali_objcrop.train" in _modules() and "dali_objcrop.train.methods.mocov2" in _modules()
+
+
+def test_no_sys_path_edits():
+    """Scripts, tests and benchmarks import the installed package; none of them edits sys.path."""
+    offenders = []
+    for path in sorted(REPO.rglob("*.py")):
+        rel = path.relative_to(REPO)
+        if rel.parts[0].startswith(".") or rel.parts[0] in ("build", "runs", "out") or rel.parts[:2] == (
+                "dali_objcrop", "train"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            # sys.path.insert(...) / .append / .remove ..., or sys.path = ...
+            target = node.value if isinstance(node, ast.Attribute) else None
+            if isinstance(node, ast.Assign):
+                target = next((t for t in node.targets if isinstance(t, (ast.Attribute, ast.Subscript))), None)
+                target = getattr(target, "value", None) if isinstance(target, ast.Subscript) else target
+            if (isinstance(target, ast.Attribute) and target.attr == "path" and isinstance(target.value, ast.Name)
+                    and target.value.id == "sys"):
+                offenders.append(str(rel))
+                break
+    assert not offenders, offenders
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
@@ -153,3 +188,20 @@ def test_nothing_below_the_command_line_imports_it():
                  if not (m.startswith("dali_objcrop.cli") or m == "dali_objcrop.__main__")
                  and any(i.startswith("dali_objcrop.cli") for i in _imports(m, p, modules))]
     assert not offenders, offenders
+
+
+def test_built_package_holds_the_trainer(tmp_path):
+    """``setup.py build_py`` (what a wheel holds) has dali_objcrop/train as real files, importable from there."""
+    lib = tmp_path / "lib"
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    built = lib / "dali_objcrop" / "train"
+    for rel in ("__init__.py", "pretrain.py", "config.py", "methods/mocov2.py"):
+        assert (built / rel).is_file() and not (built / rel).is_symlink(), rel
+        assert (built / rel).read_bytes() == (REPO / "train" / rel).read_bytes()
+    assert not built.is_symlink() and not (lib / "train").exists()   # no top-level "train" package installed
+    res = subprocess.run([sys.executable, "-c", "import dali_objcrop.train.config as c; print(c.__file__)"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(lib)})
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip()) == built / "config.py"

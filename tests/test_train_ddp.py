@@ -14,8 +14,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 TINY = ["--arch=resnet18", "--size=32", "--batch-size=4", "--queue-size=32", "--head-hidden=64", "--head-out=32",
         "--pred-hidden=64", "--num-threads=1", "--log-every=1", "--progress=false", "--loader-device=cpu"]
@@ -23,10 +21,10 @@ STEPS = 5  # 24 images / (2 ranks x 4) = 3 steps per epoch: the run crosses an e
 
 
 def torchrun(args: list[str], timeout: int = 240, nproc: int = 2, omp_threads: int = 1) -> None:
-    """``train/pretrain.py`` under torchrun (standalone, ``nproc`` processes); fails showing its output."""
+    """``dali-objcrop pretrain`` under torchrun (standalone, ``nproc`` processes); fails showing its output."""
     env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "train" / "pretrain.py"), *args]
+           "-m", "dali_objcrop", "pretrain", *args]
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
@@ -93,9 +91,9 @@ def test_linear_and_knn_eval_produce_map(run, synth_set):
     method, out = run
     if method != "mocov2":
         pytest.skip("evaluated once, on the MoCo-v2 checkpoint")
-    from train.knn_eval import knn_eval
-    from train.linear_eval import image_labels, linear_probe_map, split_features
-    from train.pretrain import load_backbone
+    from dali_objcrop.train.knn_eval import knn_eval
+    from dali_objcrop.train.linear_eval import image_labels, linear_probe_map, split_features
+    from dali_objcrop.train.pretrain import load_backbone
     backbone, cfg = load_backbone(out / "ckpt.pt")
     assert cfg.method == "mocov2" and cfg.arch == "resnet18"
     labels = image_labels(synth_set)

@@ -3,20 +3,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from train.knn_eval import knn_eval  # noqa: E402
-from train.linear_eval import (coco_image_labels, extract_features, folder_labels, image_labels,  # noqa: E402
-                               linear_probe, linear_probe_map, mean_average_precision, split_indices)
+from dali_objcrop.train.knn_eval import knn_eval
+from dali_objcrop.train.linear_eval import (coco_image_labels, extract_features, folder_labels, image_labels,
+                                            linear_probe, linear_probe_map, mean_average_precision, split_indices)
 
 
 def test_coco_labels_drop_a_class_in_every_image(synth_set, tmp_path):
@@ -106,3 +101,20 @@ def test_mean_average_precision_known_values():
     assert m == pytest.approx((ap[0] + ap[1]) / 2)
     m2, ap2 = mean_average_precision(s[:, :1].repeat(2, 1), np.c_[t[:, :1], np.zeros(4)])
     assert np.isnan(ap2[1]) and m2 == pytest.approx(ap[0])  # a class without positives is left out
+
+
+def test_eval_commands_take_typed_settings(synth_set, tmp_path, capsys):
+    """``dali-objcrop linear-eval`` / ``knn-eval``: --field=value settings, saved with the result; bad ones exit 2."""
+    from dali_objcrop.cli import main
+    common = ["--ckpt=none", "--arch=resnet18-w0.125", f"--data={synth_set}", "--size=32", "--workers=0",
+              "--device=cpu"]
+    assert main(["linear-eval", *common, "--solver=adamw", "--epochs=3", f"--out={tmp_path / 'lin.json'}"]) == 0
+    assert main(["knn-eval", *common, "--k=3", f"--out={tmp_path / 'knn.json'}"]) == 0
+    lin, knn = (json.loads((tmp_path / f).read_text()) for f in ("lin.json", "knn.json"))
+    assert lin["config"]["solver"] == "adamw" and lin["config"]["epochs"] == 3 and lin["config"]["size"] == 32
+    assert knn["config"]["k"] == 3 and knn["config"]["arch"] == "resnet18-w0.125"
+    assert 0 <= lin["map"] <= 1 and 0 <= knn["map"] <= 1
+    capsys.readouterr()
+    assert main(["knn-eval", *common, "--neighbours=3"]) == 2
+    assert "unknown flag --neighbours" in capsys.readouterr().err
+    assert main(["linear-eval", "--size=32"]) == 2   # no --ckpt

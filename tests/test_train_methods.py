@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from train.heads import HEADS, Backbone, head_keys, mlp, preset  # noqa: E402
-from train.lars import LARS, param_groups  # noqa: E402
-from train.methods.byol import byol_loss, regression_loss  # noqa: E402
-from train.methods.common import (cosine_schedule, enqueue, info_nce, lr_at, shuffled_forward,  # noqa: E402
-                                  update_momentum)
-from train.methods.densecl import dense_info_nce  # noqa: E402
-from train.pretrain import Config, build_model, build_optimizer, parse_config  # noqa: E402
+import benchmark_module
+from dali_objcrop.train.heads import HEADS, Backbone, head_keys, mlp, preset
+from dali_objcrop.train.lars import LARS, param_groups
+from dali_objcrop.train.methods.byol import byol_loss, regression_loss
+from dali_objcrop.train.methods.common import (cosine_schedule, enqueue, info_nce, lr_at, shuffled_forward,
+                                               update_momentum)
+from dali_objcrop.train.methods.densecl import dense_info_nce
+from dali_objcrop.train.pretrain import Config, build_model, build_optimizer, parse_config
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
@@ -126,6 +121,16 @@ def test_backbone_and_head_builders():
     assert Backbone("resnet18").dim == 512 and Backbone("resnet50").dim == 2048
     with pytest.raises(ValueError, match="torchvision ResNet"):
         Backbone("vit_b_16")
+    narrow = Backbone("resnet18-w0.25")                  # the trainer's narrow CPU backbone: 16-32-64-128
+    assert narrow.dim == 128
+    assert narrow(torch.zeros(2, 3, 64, 64)).shape == (2, 128, 2, 2)
+    assert narrow.pooled(torch.zeros(2, 3, 64, 64)).shape == (2, 128)
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in Backbone("resnet18").parameters()) / 10
+    with pytest.raises(ValueError, match="resnet18-w"):
+        Backbone("resnet18-wide")
+    torch.manual_seed(0)
+    zero = Backbone("resnet18-w0.25", zero_init_residual=True)  # BYOL's option reaches the narrow blocks too
+    assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in zero.trunk if hasattr(b, "bn2"))
     h = mlp(16, preset("byol_projector", hidden=8, out=4))
     assert [type(m).__name__ for m in h] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert h(torch.randn(3, 16)).shape == (3, 4)
@@ -292,7 +297,7 @@ def test_shuffle_bn_across_two_ranks(tmp_path):
 def test_single_process_epochs_run_scene_scene_and_resume_checks(synth_set, tmp_path):
     """No DDP: one epoch of scene-scene (no boxes) with the real loader, one head; a resume with other
     settings is refused, naming them."""
-    from train.pretrain import load_backbone, load_checkpoint, train
+    from dali_objcrop.train.pretrain import load_backbone, load_checkpoint, train
     cfg = Config(**{**TINY, "method": "mocov2", "crops": "scene-scene", "boxes": "none", "data": str(synth_set),
                     "epochs": 1, "num_threads": 1, "log_every": 1, "progress": False, "loader_device": "cpu",
                     "out": str(tmp_path / "run")})
@@ -311,11 +316,7 @@ def test_single_process_epochs_run_scene_scene_and_resume_checks(synth_set, tmp_
 
 
 def test_pretrain_speed_benchmark_smoke(synth_set, tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import pretrain_speed
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    pretrain_speed = benchmark_module.load("pretrain_speed")
     out = tmp_path / "speed.json"
     pretrain_speed.main(["--data", str(synth_set), "--arch=resnet18", "--size=32", "--batch-size=4", "--steps=4",
                          "--queue-size=64", "--num-threads=1", "--json", str(out)])

@@ -111,12 +111,46 @@ def build_heads(in_dim: int, spec: HeadSpec, keys: tuple[str, str], same_init: b
     return nn.ModuleDict(heads)
 
 
+NARROW_PREFIX = "resnet18-w"
+
+
+def narrow_resnet18(width: float, zero_init_residual: bool = False) -> tuple[nn.Sequential, int]:
+    """ResNet-18 with every width scaled by ``width`` (0.25: 16-32-64-128 channels): ``(trunk, dim)``.
+
+    torchvision's BasicBlock ResNets have no width option, hence this small builder (torchvision's
+    blocks and initialisation); small CPU studies (``benchmarks/pretrain_quality.py``) train it.
+    """
+    from torchvision.models.resnet import BasicBlock
+    if not 0.0 < width <= 4.0:
+        raise ValueError(f"width must be in (0, 4], got {width!r}")
+    c = [max(4, int(round(64 * width))) * 2 ** i for i in range(4)]
+    layers: list[nn.Module] = [nn.Conv2d(3, c[0], 7, 2, 3, bias=False), nn.BatchNorm2d(c[0]),
+                               nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    inp = c[0]
+    for i, planes in enumerate(c):
+        for b in range(2):
+            stride = 2 if i > 0 and b == 0 else 1
+            down = None
+            if stride != 1 or inp != planes:
+                down = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            layers.append(BasicBlock(inp, planes, stride, down))
+            inp = planes
+    trunk = nn.Sequential(*layers)
+    for m in trunk.modules():  # torchvision's ResNet initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif zero_init_residual and isinstance(m, BasicBlock):
+            nn.init.constant_(m.bn2.weight, 0)
+    return trunk, inp
+
+
 class Backbone(nn.Module):
-    """A torchvision ResNet trunk that returns the last feature map ``(N, C, h, w)``.
+    """A ResNet trunk that returns the last feature map ``(N, C, h, w)``.
 
     Args:
         arch: any torchvision ResNet builder name (``resnet18``, ``resnet50``,
-            ``wide_resnet50_2``, ...), randomly initialised.
+            ``wide_resnet50_2``, ...), or ``resnet18-wW``: ResNet-18 with its
+            widths scaled by ``W`` (:func:`narrow_resnet18`); randomly initialised.
         zero_init_residual: torchvision's option (used by BYOL-style recipes).
 
     Attributes:
@@ -125,8 +159,16 @@ class Backbone(nn.Module):
 
     def __init__(self, arch: str = "resnet50", zero_init_residual: bool = False):
         super().__init__()
+        if arch.startswith(NARROW_PREFIX):
+            try:
+                width = float(arch[len(NARROW_PREFIX):])
+            except ValueError:
+                raise ValueError(f"arch {arch!r}: expected {NARROW_PREFIX}<width>, e.g. resnet18-w0.25") from None
+            self.trunk, self.dim = narrow_resnet18(width, zero_init_residual)
+            return
         if "resnet" not in arch or not hasattr(torchvision.models, arch):
-            raise ValueError(f"arch must name a torchvision ResNet (resnet18, resnet50, ...), got {arch!r}")
+            raise ValueError(f"arch must name a torchvision ResNet (resnet18, resnet50, ...) or "
+                             f"{NARROW_PREFIX}<width>, got {arch!r}")
         net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
         self.dim = int(net.fc.in_features)
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,

@@ -5,26 +5,25 @@ Cosine similarity on L2-normalised features, the ``k`` nearest training images
 vote with weight ``exp(sim / T)``: top-1 for single-label data, mAP of the
 vote scores for multi-label (COCO-style) data.
 
-Usage::
+Usage (settings: :class:`~dali_objcrop.train.linear_eval.EvalConfig`, :class:`KnnConfig`; ``--help``)::
 
-    python train/knn_eval.py --ckpt=runs/x/ckpt.pt --data=coco/annotations/instances.json --size=224 --k=20
+    dali-objcrop knn-eval --ckpt=runs/x/ckpt.pt --data=coco/annotations/instances.json --size=224 --k=20
+    python -m dali_objcrop.train.knn_eval ...      # the same
 
 Importable: :func:`knn_scores`, :func:`knn_eval`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: import as the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 
-from train.linear_eval import add_common_args, features_from_args, mean_average_precision
+from dali_objcrop.train.config import ConfigError, parse_configs
+from dali_objcrop.train.linear_eval import EvalConfig, features_from_config, mean_average_precision
 
 
 @torch.no_grad()
@@ -64,19 +63,28 @@ def knn_eval(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     return {"top1": float((scores.argmax(1) == test_y).float().mean()), "k": k}
 
 
+@dataclass
+class KnnConfig:
+    """The kNN classifier."""
+
+    k: int = 20                       # neighbours that vote
+    temperature: float = 0.07         # vote weight exp(similarity / temperature)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.temperature <= 0:
+            raise ConfigError(f"need k >= 1 and temperature > 0, got k={self.k}, temperature={self.temperature}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="kNN evaluation of a frozen backbone")
-    add_common_args(p)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    a = p.parse_args(argv)
-    labels, f = features_from_args(a)
-    res = knn_eval(f["train_x"], f["train_y"], f["test_x"], f["test_y"], a.k, a.temperature)
-    res.update({"classes": labels.classes, "dropped_classes": labels.dropped, "args": vars(a)})
+    """``python -m dali_objcrop.train.knn_eval --ckpt=... [--field=value ...]`` (``--help`` lists the fields)."""
+    ev, kc = parse_configs([EvalConfig, KnnConfig], argv)
+    labels, f = features_from_config(ev)
+    res = knn_eval(f["train_x"], f["train_y"], f["test_x"], f["test_y"], kc.k, kc.temperature)
+    res.update({"classes": labels.classes, "dropped_classes": labels.dropped, "config": {**asdict(ev), **asdict(kc)}})
     metric = "map" if labels.multilabel else "top1"
-    print(f"kNN (k={a.k}) {metric}: {100 * res[metric]:.2f}")
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"kNN (k={kc.k}) {metric}: {100 * res[metric]:.2f}")
+    if ev.out:
+        Path(ev.out).write_text(json.dumps(res, indent=1))
     return 0
 
 

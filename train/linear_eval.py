@@ -9,10 +9,11 @@ OpenImages / COCO protocol), softmax cross-entropy with top-1 accuracy for an
 image (``person`` in the ../shared COCO subset) or in none carries no
 information and is left out (and listed).
 
-Usage::
+Usage (settings: :class:`EvalConfig`, :class:`LinearConfig`; ``--help`` lists them)::
 
-    python train/linear_eval.py --ckpt=runs/x/ckpt.pt --data=coco/annotations/instances.json --size=224
-    python train/linear_eval.py --ckpt=none --arch=resnet18 --data=DIR    # random-init baseline
+    dali-objcrop linear-eval --ckpt=runs/x/ckpt.pt --data=coco/annotations/instances.json --size=224
+    dali-objcrop linear-eval --ckpt=none --arch=resnet18 --data=DIR    # random-init baseline
+    python -m dali_objcrop.train.linear_eval ...                       # the same
 
 Importable: :func:`image_labels`, :func:`extract_features`, :func:`split_indices`,
 :func:`split_features`, :func:`linear_probe`, :func:`linear_probe_map`,
@@ -20,14 +21,10 @@ Importable: :func:`image_labels`, :func:`extract_features`, :func:`split_indices
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: import as the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -35,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dali_objcrop.constants import IMAGENET_MEAN, IMAGENET_STD
+from dali_objcrop.train.config import ConfigError, parse_configs
 
 
 @dataclass
@@ -288,55 +286,78 @@ def linear_probe_map(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
 def backbone_from(ckpt: str, arch: str = "resnet18", seed: int = 0) -> nn.Module:
     """The backbone of a pretraining checkpoint, or a random-init ``arch`` when ``ckpt`` is ``none``."""
     if ckpt.lower() == "none":
-        from train.heads import Backbone
+        from dali_objcrop.train.heads import Backbone
         torch.manual_seed(seed)
         return Backbone(arch)
-    from train.pretrain import load_backbone
+    from dali_objcrop.train.pretrain import load_backbone
     return load_backbone(ckpt)[0]
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, or 'none' for a random-init backbone")
-    p.add_argument("--arch", default="resnet18", help="backbone when --ckpt=none")
-    p.add_argument("--data", default="", help="COCO json or class-folder tree ('' = the embedded synthetic set)")
-    p.add_argument("--images-dir", default=None)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--test-frac", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="", help="write the result JSON here")
+@dataclass
+class EvalConfig:
+    """Which backbone, which images, which split (shared by linear and kNN evaluation)."""
+
+    ckpt: str = ""                    # pretraining checkpoint, or none: a random-init backbone of arch
+    arch: str = "resnet18"            # backbone when ckpt=none
+    data: str = ""                    # COCO json or class-folder tree ("" = the embedded synthetic set)
+    images_dir: str = ""              # image folder of a COCO json ("" = beside it)
+    size: int = 224                   # centre-crop side in pixels
+    test_frac: float = 0.3
+    seed: int = 0                     # split, random-init backbone and probe seed
+    batch_size: int = 64              # feature extraction
+    workers: int = 2                  # feature extraction DataLoader workers
+    device: str = "auto"              # auto (cuda when available) | cpu | cuda
+    out: str = ""                     # write the result JSON here
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def torch_device(self) -> str:
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
 
-def features_from_args(a: argparse.Namespace) -> tuple[ImageLabels, dict[str, torch.Tensor]]:
-    if not a.data:
+@dataclass
+class LinearConfig:
+    """The linear probe."""
+
+    solver: str = "lbfgs"             # lbfgs: full-batch, the regularised optimum; adamw: mini-batch epochs
+    epochs: int = 100                 # adamw only
+    lr: float = 1e-3                  # adamw only
+    weight_decay: float = 5e-4        # L2 strength (lbfgs) / decoupled decay (adamw)
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("lbfgs", "adamw"):
+            raise ConfigError(f"solver must be lbfgs or adamw, got {self.solver!r}")
+
+
+def features_from_config(ev: EvalConfig) -> tuple[ImageLabels, dict[str, torch.Tensor]]:
+    """Labels of ``ev.data`` and the backbone's features on its fixed split."""
+    if not ev.ckpt:
+        raise ConfigError("--ckpt is required: a pretraining checkpoint, or none for a random-init backbone")
+    data = ev.data
+    if not data:
         from dali_objcrop.synth import ensure_default_dataset
-        a.data = str(ensure_default_dataset())
-    labels = image_labels(a.data, a.images_dir)
-    feats = split_features(backbone_from(a.ckpt, a.arch, a.seed), labels, a.size, a.test_frac, a.seed,
-                           a.batch_size, a.workers, a.device)
+        data = str(ensure_default_dataset())
+    labels = image_labels(data, ev.images_dir or None)
+    feats = split_features(backbone_from(ev.ckpt, ev.arch, ev.seed), labels, ev.size, ev.test_frac, ev.seed,
+                           ev.batch_size, ev.workers, ev.torch_device)
     return labels, feats
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(p)
-    p.add_argument("--solver", choices=("lbfgs", "adamw"), default="lbfgs",
-                   help="lbfgs: full-batch, the regularised optimum; adamw: mini-batch epochs")
-    p.add_argument("--epochs", type=int, default=100, help="adamw only")
-    p.add_argument("--lr", type=float, default=1e-3, help="adamw only")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 strength (lbfgs) / decoupled decay (adamw)")
-    a = p.parse_args(argv)
-    labels, f = features_from_args(a)
-    res = linear_probe(f["train_x"], f["train_y"], f["test_x"], f["test_y"], labels.multilabel, a.epochs, a.lr,
-                       a.weight_decay, seed=a.seed, solver=a.solver)
+    """``python -m dali_objcrop.train.linear_eval --ckpt=... [--field=value ...]`` (``--help`` lists the fields)."""
+    ev, lin = parse_configs([EvalConfig, LinearConfig], argv)
+    labels, f = features_from_config(ev)
+    res = linear_probe(f["train_x"], f["train_y"], f["test_x"], f["test_y"], labels.multilabel, lin.epochs, lin.lr,
+                       lin.weight_decay, seed=ev.seed, solver=lin.solver)
     res.update({"classes": labels.classes, "dropped_classes": labels.dropped, "n_train": len(f["train_x"]),
-                "n_test": len(f["test_x"]), "args": vars(a)})
+                "n_test": len(f["test_x"]), "config": {**asdict(ev), **asdict(lin)}})
     metric = "map" if labels.multilabel else "top1"
     print(f"linear {metric}: {100 * res[metric]:.2f}  ({len(labels.classes)} classes, dropped {labels.dropped})")
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    if ev.out:
+        Path(ev.out).write_text(json.dumps(res, indent=1))
     return 0
 
 

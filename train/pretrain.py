@@ -4,28 +4,30 @@ One code path for the CPU, one GPU and many GPUs: DDP is detected from
 torchrun's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), with gloo on
 the CPU and NCCL on GPUs; only the master process logs and writes checkpoints.
 
-Launch::
+Launch (installed as ``dali_objcrop.train.pretrain``; ``dali-objcrop pretrain`` is the same entry point)::
 
     # one process (CPU or one GPU), embedded synthetic set, small and quick
-    python train/pretrain.py --method=mocov2 --crops=obj-obj-dilate --arch=resnet18 --size=96 --steps=200
+    dali-objcrop pretrain --method=mocov2 --crops=obj-obj-dilate --arch=resnet18 --size=96 --steps=200
 
     # 8 GPUs on one node, COCO with ground-truth boxes
-    torchrun --standalone --nproc_per_node=8 train/pretrain.py --method=byol --crops=obj-obj-dilate \\
+    torchrun --standalone --nproc_per_node=8 -m dali_objcrop.train.pretrain --method=byol --crops=obj-obj-dilate \\
         --data=coco/annotations/instances_train2017.json --boxes=gt --batch-size=64 --epochs=200 --out=runs/byol
 
     # BING proposals from a box store, settings from a JSON file, flags override it
-    torchrun --nproc_per_node=4 train/pretrain.py --config=cfg.json --boxes=coco.boxes --crops=obj-scene
+    torchrun --nproc_per_node=4 -m dali_objcrop.train.pretrain --config=cfg.json --boxes=coco.boxes --crops=obj-scene
 
     # two nodes (run on each, NODE_RANK 0 and 1)
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
-        --rdzv_endpoint=$MASTER:29500 train/pretrain.py --method=densecl ...
+        --rdzv_endpoint=$MASTER:29500 -m dali_objcrop.train.pretrain --method=densecl ...
 
     # continue exactly where a run stopped (its config comes from the flags; it must match the checkpoint)
-    python train/pretrain.py ... --resume=auto           # or --resume=runs/x/ckpt.pt
+    dali-objcrop pretrain ... --resume=auto           # or --resume=runs/x/ckpt.pt
 
 Configuration: the :class:`Config` dataclass; every field is a flag
 (``--batch-size=64`` or ``--batch_size 64``), typed from the dataclass, unknown
-keys rejected; ``--config=FILE.json`` loads a dict of fields first.  The
+keys rejected; ``--config=FILE.json`` loads a dict of fields first; ``--help``
+lists them (:mod:`dali_objcrop.train.config`, shared with the evaluations and
+the benchmarks).  The
 resolved config (method defaults filled in) is saved in every checkpoint and
 in ``config.json``.  ``batch_size`` is per process; learning rates scale with
 the global batch (``lr * batch_size * world_size / 256``).
@@ -50,23 +52,21 @@ import math
 import os
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (python/torchrun train/pretrain.py): import as the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from train.heads import Backbone, head_keys, preset
-from train.lars import LARS, param_groups
-from train.methods import byol, densecl, mocov2
-from train.methods.common import cosine_schedule, lr_at
+# absolute imports: this file also runs as a script (python / torchrun train/pretrain.py) of an installed checkout
+from dali_objcrop.train import config
+from dali_objcrop.train.heads import Backbone, head_keys, preset
+from dali_objcrop.train.lars import LARS, param_groups
+from dali_objcrop.train.methods import byol, densecl, mocov2
+from dali_objcrop.train.methods.common import cosine_schedule, lr_at
 
 METHODS = {"mocov2": mocov2, "byol": byol, "densecl": densecl}
 BN_MODES = ("shuffle", "sync", "local")
@@ -89,7 +89,7 @@ class Config:
     loader_device: str = "auto"       # cpu | gpu | auto
     prepare_ahead: int = 1            # batches whose inputs a loader thread prepares ahead (0: in the loop)
     # model
-    arch: str = "resnet50"            # any torchvision ResNet
+    arch: str = "resnet50"            # any torchvision ResNet, or resnet18-wW: ResNet-18 with widths x W (CPU-cheap)
     share_heads: bool = False         # one projection head for both views even with an object view
     same_head_init: bool = True       # separate heads start from the same weights (independent ones collapse)
     head_hidden: int = 0              # projector hidden width (0 = preset)
@@ -108,9 +108,10 @@ class Config:
     weight_decay: float = -1.0        # (-1 = method: 1e-4 MoCo/DenseCL, 1.5e-6 BYOL)
     warmup_steps: int = 0             # linear lr warm-up before the cosine decay
     # system
+    device: str = "auto"              # auto (cuda when available) | cpu | cuda
     seed: int = 0
     out: str = "runs/pretrain"
-    ckpt_every: int = 1000            # steps between checkpoints (0 = only at the end)
+    ckpt_every: int = 1000            # steps between checkpoints (0 = only at the end, -1 = none)
     keep_ckpts: bool = False          # also keep ckpt_STEP.pt for every checkpoint
     resume: str = ""                  # "" | auto (OUT/ckpt.pt if present) | path of a checkpoint
     log_every: int = 10
@@ -134,6 +135,8 @@ class Config:
         c.recipe = c.recipe or ("byol" if self.method == "byol" else "mocov2")
         if c.bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {c.bn!r}")
+        if c.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {c.device!r}")
         if c.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {c.amp!r}")
         for name in ("size", "batch_size", "log_every"):
@@ -151,68 +154,15 @@ RESUME_MUST_MATCH = ("method", "crops", "arch", "share_heads", "same_head_init",
                      "pred_hidden", "queue_size", "batch_size", "size", "seed", "data", "boxes", "recipe", "dilate")
 
 
-def _convert(name: str, typ: type, value) -> object:
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects a boolean (true/false), got {value!r}")
-    try:
-        if typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return typ(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--{name} expects {typ.__name__}, got {value!r}") from None
-
-
 def parse_config(argv: list[str] | None = None) -> Config:
     """A :class:`Config` from ``--config=FILE.json`` (optional) then ``--field=value`` flags.
 
     Flags may use ``-`` or ``_`` (``--batch-size`` = ``--batch_size``), ``--f=v``
     or ``--f v``; a bare boolean flag (``--compile``) means true.  Unknown
-    fields and badly typed values raise ``ValueError`` naming them.
+    fields and badly typed values raise ``ValueError`` naming them (the shared
+    style of :mod:`dali_objcrop.train.config`).
     """
-    types = typing.get_type_hints(Config)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pairs: list[tuple[str, object]] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if not a.startswith("--"):
-            raise ValueError(f"unexpected argument {a!r} (settings are --field=value)")
-        key, eq, val = a[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if types.get(key) is bool and (nxt is None or nxt.startswith("--")):
-                val = "true"
-            elif nxt is None:
-                raise ValueError(f"--{key} needs a value")
-            else:
-                val, i = nxt, i + 1
-        pairs.append((key, val))
-        i += 1
-    values: dict[str, object] = {}
-    for key, val in pairs:
-        if key == "config":
-            with open(val) as f:
-                loaded = json.load(f)
-            if not isinstance(loaded, dict):
-                raise ValueError(f"config file {val} must hold a JSON object")
-            for k, v in loaded.items():
-                if k not in types:
-                    raise ValueError(f"unknown config key {k!r} in {val}; known: {sorted(types)}")
-                values[k] = _convert(k, types[k], v)
-    for key, val in pairs:
-        if key == "config":
-            continue
-        if key not in types:
-            raise ValueError(f"unknown flag --{key}; known: {', '.join(sorted(types))}")
-        values[key] = _convert(key, types[key], val)
-    return Config(**values)
+    return config.parse_config(Config, argv)
 
 
 # ---- distributed set-up ---------------------------------------------------------------------------------------
@@ -229,10 +179,16 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+def setup_distributed(device: str = "auto") -> Dist:
+    """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU).
+
+    Args:
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
     ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
     if ddp:
         local_rank = int(os.environ["LOCAL_RANK"])
         device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
@@ -349,21 +305,25 @@ class _Logger:
                 self.tb.close()
 
 
-def train(cfg: Config, loader=None) -> dict:
+def train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
     """Run (or resume) one pretraining job; returns a summary (master's numbers).
 
     Args:
         cfg: the configuration (resolved here).
         loader: anything with ``__len__``, ``set_epoch`` and iteration yielding
             ``{"view1", "view2"}`` batches; default :func:`make_loader` (benchmarks
-            pass device-resident synthetic batches).
+            pass device-resident synthetic batches or a loader over their own split).
+        model: a model from :func:`build_model` to train in place (the caller keeps
+            it, e.g. to evaluate its backbone); default: built here after
+            ``torch.manual_seed(cfg.seed)``.
 
     Returns:
-        ``{"steps", "losses" (this call's logged losses), "images_per_s",
+        ``{"steps", "losses" (this call's logged losses), "epoch_losses" (this
+        call's mean loss per epoch, the master's batches), "images_per_s",
         "data_wait_frac", "checkpoint", "config"}``.
     """
     cfg = cfg.resolved()
-    env = setup_distributed()
+    env = setup_distributed(cfg.device)
     device, cuda = env.device, env.device.type == "cuda"
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
@@ -374,8 +334,9 @@ def train(cfg: Config, loader=None) -> dict:
     if cfg.bn == "sync" and not cuda:
         raise ValueError("bn='sync' needs CUDA (SyncBatchNorm); use bn='shuffle' on the CPU")
 
-    torch.manual_seed(cfg.seed)  # the same initial weights (and queues) on every rank
-    model = build_model(cfg)
+    if model is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights (and queues) on every rank
+        model = build_model(cfg)
     if hasattr(model, "shuffle_bn"):
         model.shuffle_bn = cfg.bn == "shuffle"
     if cfg.bn == "sync" and env.ddp:
@@ -437,6 +398,7 @@ def train(cfg: Config, loader=None) -> dict:
     win_time = win_wait = 0.0
     win_steps = 0
     losses: list[dict] = []
+    epoch_losses: list[float] = []
     epoch, skip = divmod(step, steps_per_epoch)
     model.train()
     while step < total:
@@ -445,6 +407,7 @@ def train(cfg: Config, loader=None) -> dict:
         for _ in range(skip):  # resume mid-epoch: the loader is keyed by (seed, epoch, index); read and drop
             next(it)
         skip = 0
+        ep_sum, ep_n = torch.zeros((), dtype=torch.float64, device=device), 0  # this rank's epoch mean loss
         t0 = time.perf_counter()
         while step < total:
             try:
@@ -472,6 +435,8 @@ def train(cfg: Config, loader=None) -> dict:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             model.after_step(aux, m)
+            ep_sum += loss.detach()
+            ep_n += 1
             step += 1
 
             t1 = time.perf_counter()
@@ -500,21 +465,25 @@ def train(cfg: Config, loader=None) -> dict:
                 win_steps = 0
             if bar is not None:
                 bar.update(1)
-            if env.master and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total):
+            if env.master and cfg.ckpt_every >= 0 and ((cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                                                       or step == total):
                 save_checkpoint(out / "ckpt.pt", model, opt, step, cfg, env.world_size)
                 if cfg.keep_ckpts:
                     save_checkpoint(out / f"ckpt_{step:07d}.pt", model, opt, step, cfg, env.world_size)
             t0 = time.perf_counter()  # logging and checkpoint I/O count neither as step nor as data time
+        if ep_n:
+            epoch_losses.append(float(ep_sum) / ep_n)
         epoch += 1
     if bar is not None:
         bar.close()
     logger.close()
     if env.ddp:
         dist.barrier()
-    return {"steps": step, "losses": losses,
+    return {"steps": step, "losses": losses, "epoch_losses": epoch_losses,
             "images_per_s": global_batch * meas_steps / meas_time if meas_time > 0 else math.nan,
             "data_wait_frac": meas_wait / meas_time if meas_time > 0 else math.nan,
-            "checkpoint": str(out / "ckpt.pt"), "config": asdict(cfg), "world_size": env.world_size}
+            "checkpoint": str(out / "ckpt.pt") if cfg.ckpt_every >= 0 else None, "config": asdict(cfg),
+            "world_size": env.world_size}
 
 
 def main(argv: list[str] | None = None) -> int:

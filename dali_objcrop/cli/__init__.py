@@ -7,6 +7,11 @@ callable taking the parsed ``argparse.Namespace`` and returning an exit code.
 Subcommand modules are imported only when needed and import the library lazily
 inside ``run``, so ``dali-objcrop synth`` does not pay for importing DALI or
 torch.  Nothing else in the package imports ``dali_objcrop.cli``.
+
+The trainer's entry points (``TRAINER_COMMANDS``) take typed ``--field=value``
+settings (:mod:`dali_objcrop.train.config`); their arguments go to the module's
+``main(argv)`` unparsed.  Under torchrun: ``torchrun --nproc_per_node=8 -m
+dali_objcrop pretrain --method=byol ...``.
 """
 from __future__ import annotations
 
@@ -26,6 +31,14 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("fetch-model", "dali_objcrop.cli.fetch_model"),
 ]
 
+# (subcommand, module with main(argv), help): dataclass-configured, --help lists the settings
+TRAINER_COMMANDS: list[tuple[str, str, str]] = [
+    ("pretrain", "dali_objcrop.train.pretrain",
+     "self-supervised pretraining (MoCo-v2, BYOL, DenseCL) on object-aware crops; torchrun-ready"),
+    ("linear-eval", "dali_objcrop.train.linear_eval", "linear probe of a frozen backbone (mAP or top-1)"),
+    ("knn-eval", "dali_objcrop.train.knn_eval", "weighted kNN evaluation of a frozen backbone (mAP or top-1)"),
+]
+
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dali-objcrop", description=__doc__.splitlines()[0])
@@ -35,11 +48,26 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module).add_parser(sub)
         else:  # a placeholder so --help lists it without importing it
             sub.add_parser(name, help=f"(see dali-objcrop {name} --help)", add_help=False)
+    for name, _, text in TRAINER_COMMANDS:
+        sub.add_parser(name, help=f"{text} (--field=value settings)", add_help=False)
     return parser
+
+
+def run_trainer_command(name: str, argv: list[str]) -> int:
+    """A trainer entry point with its own ``--field=value`` settings; a bad setting exits 2 with its message."""
+    from ..train.config import ConfigError
+    module = dict((n, m) for n, m, _ in TRAINER_COMMANDS)[name]
+    try:
+        return int(importlib.import_module(module).main(argv) or 0)
+    except ConfigError as e:
+        print(f"dali-objcrop {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in [n for n, _, _ in TRAINER_COMMANDS]:
+        return run_trainer_command(argv[0], argv[1:])
     first = next((a for a in argv if not a.startswith("-")), None)
     names = [n for n, _ in SUBCOMMANDS]
     parser = build_parser(first if first in names else None)

@@ -42,7 +42,7 @@ class BYOL(nn.Module):
         projector: projector widths (BYOL: 4096 -> 256).
         predictor: predictor widths (BYOL: 4096 -> 256).
         keys: ``(view1_key, view2_key)``.
-        same_head_init: separate heads start from the same weights (see :func:`train.heads.build_heads`).
+        same_head_init: separate heads start from the same weights (see :func:`dali_objcrop.train.heads.build_heads`).
     """
 
     def __init__(self, backbone: Backbone, projector: HeadSpec, predictor: HeadSpec, keys: tuple[str, str],

@@ -5,7 +5,7 @@ with a pixel-level InfoNCE: each query location's positive is the key location
 whose *backbone* feature is most similar (argmax cosine); negatives come from a
 second queue holding each image's mean dense key.  Loss
 ``(1 - lambda) * global + lambda * dense`` with lambda 0.5.  Symmetrised and with
-per-view queues and heads for the same reasons as :mod:`train.methods.mocov2`.
+per-view queues and heads for the same reasons as :mod:`dali_objcrop.train.methods.mocov2`.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class DenseCL(nn.Module):
         keys: ``(view1_key, view2_key)``.
         queue_size, temperature: as MoCo v2.
         lam: weight of the dense loss.
-        same_head_init: separate heads start from the same weights (see :func:`train.heads.build_heads`).
+        same_head_init: separate heads start from the same weights (see :func:`dali_objcrop.train.heads.build_heads`).
     """
 
     def __init__(self, backbone: Backbone, global_head: HeadSpec, dense_head: HeadSpec, keys: tuple[str, str],

@@ -35,7 +35,7 @@ def mocov2_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.
 
 
 class MoCoV2(nn.Module):
-    """MoCo v2 with one head per view key (see :func:`train.heads.head_keys`).
+    """MoCo v2 with one head per view key (see :func:`dali_objcrop.train.heads.head_keys`).
 
     Args:
         backbone: the trunk (its ``dim`` sets the head input).
@@ -43,7 +43,7 @@ class MoCoV2(nn.Module):
         keys: ``(view1_key, view2_key)``, e.g. ``("obj", "scene")``.
         queue_size: negatives per view queue.
         temperature: InfoNCE temperature.
-        same_head_init: separate heads start from the same weights (see :func:`train.heads.build_heads`).
+        same_head_init: separate heads start from the same weights (see :func:`dali_objcrop.train.heads.build_heads`).
     """
 
     def __init__(self, backbone: Backbone, head: HeadSpec, keys: tuple[str, str], queue_size: int = 65536,
