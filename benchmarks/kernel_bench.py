@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from dali_objcrop.constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
-from dali_objcrop.train.config import ConfigError, parse_config
+from dali_objcrop.train.config import ConfigError, parse_or_exit
 from dali_objcrop.windows import CropConfig, sample_windows
 
 MEAN_PX, STD_PX = list(IMAGENET_MEAN_PX), list(IMAGENET_STD_PX)
@@ -189,10 +189,7 @@ class KernelBenchConfig:
 
 # ---- rows ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    try:
-        args = parse_config(KernelBenchConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"kernel_bench.py: error: {e}") from None
+    args, = parse_or_exit([KernelBenchConfig], argv, "kernel_bench.py")
 
     t_start = time.perf_counter()
     B, S = args.batch, args.size

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dali_objcrop.loader import ObjCropLoader
-from dali_objcrop.train.config import ConfigError, parse_config
+from dali_objcrop.train.config import ConfigError, parse_or_exit
 
 
 def measure(loader: ObjCropLoader, batches: int, step_s: float) -> float:
@@ -61,10 +61,7 @@ class OverlapConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        a = parse_config(OverlapConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"loader_overlap.py: error: {e}") from None
+    a, = parse_or_exit([OverlapConfig], argv, "loader_overlap.py")
     if a.coco:
         data = a.coco
     else:

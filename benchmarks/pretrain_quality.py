@@ -481,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budget, args = parse_args(argv)
     except ConfigError as e:
-        raise SystemExit(f"pretrain_quality.py: error: {e}") from None
+        print(f"pretrain_quality.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     if args.torch_threads > 0:

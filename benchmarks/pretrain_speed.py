@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dali_objcrop.train.config import ConfigError, parse_configs
+from dali_objcrop.train.config import parse_or_exit
 from dali_objcrop.train.pretrain import Config, make_loader, train
 
 
@@ -94,10 +94,7 @@ def run_once(cfg: Config, feed: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
-    try:
-        cfg, opts = parse_configs([default_config(gpu), SpeedOptions], argv)
-    except ConfigError as e:
-        raise SystemExit(f"pretrain_speed.py: error: {e}") from None
+    cfg, opts = parse_or_exit([default_config(gpu), SpeedOptions], argv, "pretrain_speed.py")
     runs = []
     for r in range(opts.rounds):
         order = ("loader", "resident") if r % 2 == 0 else ("resident", "loader")

@@ -38,7 +38,7 @@ from dali_objcrop.proposals.common import load_for_proposals
 from dali_objcrop.proposals.evaluate import evaluate_store
 from dali_objcrop.proposals.methods import default_model_dir
 from dali_objcrop.proposals.run import ProposalJob, run_proposals
-from dali_objcrop.train.config import ConfigError, parse_config
+from dali_objcrop.train.config import parse_or_exit
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO.parent / "shared" / "data" / "coco_val2017_subset"
@@ -103,10 +103,7 @@ class ProposalsBenchConfig:
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_config(ProposalsBenchConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"proposals.py: error: {e}") from None
+    args, = parse_or_exit([ProposalsBenchConfig], argv, "proposals.py")
     if not ANN.exists():
         print(f"{ANN} not present", file=sys.stderr)
         return 1

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from dali_objcrop.constants import IMAGENET_MEAN, IMAGENET_STD
-from dali_objcrop.train.config import ConfigError, parse_config
+from dali_objcrop.train.config import ConfigError, parse_or_exit
 from dali_objcrop.windows import MODES
 
 
@@ -373,11 +373,8 @@ class ThroughputConfig:
 
 
 def parse_args(argv=None) -> ThroughputConfig:
-    """The settings from ``--field=value`` flags; a bad one exits with its message."""
-    try:
-        return parse_config(ThroughputConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"throughput.py: error: {e}") from None
+    """The settings from ``--field=value`` flags; a bad one exits 2 with its message."""
+    return parse_or_exit([ThroughputConfig], argv, "throughput.py")[0]
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dali_objcrop.train.config import ConfigError, parse_config
+from dali_objcrop.train.config import parse_or_exit
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
 
 
@@ -41,10 +41,7 @@ class WindowsSpeedConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        args = parse_config(WindowsSpeedConfig, argv)
-    except ConfigError as e:
-        raise SystemExit(f"windows_speed.py: error: {e}") from None
+    args, = parse_or_exit([WindowsSpeedConfig], argv, "windows_speed.py")
     sizes, boxes, offsets = fake_batch(args.n)
     rows = []
     for mode in MODES:

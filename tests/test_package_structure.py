@@ -76,14 +76,14 @@ def test_command_line_lists_every_subcommand_without_heavy_imports():
     """``dali-objcrop --help`` needs none of the heavy dependencies and names each registered subcommand."""
     res = _run_blocked("""
         import contextlib, io
-        from dali_objcrop.cli import SUBCOMMANDS, main
+        from dali_objcrop.cli import SUBCOMMANDS, TRAINER_COMMANDS, main
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             try:
                 main(["--help"])
             except SystemExit:
                 pass
-        for name, _ in SUBCOMMANDS:
+        for name in [n for n, _ in SUBCOMMANDS] + [n for n, _, _ in TRAINER_COMMANDS]:
             assert name in out.getvalue(), name
         print("ok")
     """)

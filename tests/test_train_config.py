@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dali_objcrop.train.config import ConfigError, HelpRequested, config_dict, parse_config, parse_configs
+from dali_objcrop.train.config import (ConfigError, HelpRequested, config_dict, parse_config, parse_configs,
+                                       parse_or_exit)
 
 
 @dataclass
@@ -66,6 +67,20 @@ def test_json_file_then_flags(tmp_path):
     f.write_text(json.dumps({"nope": 1}))
     with pytest.raises(ConfigError, match="unknown config key 'nope'"):
         parse_config(Run, [f"--config={f}"])
+    f.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        parse_config(Run, [f"--config={f}"])
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        parse_config(Run, [f"--config={tmp_path / 'missing.json'}"])
+
+
+def test_required_fields_and_the_main_helper(capsys):
+    with pytest.raises(ConfigError, match="--limit required"):
+        parse_configs([Run], ["--steps=2"], required=("limit",))
+    assert parse_configs([Run], ["--limit=4"], required=("limit",))[0].limit == 4
+    with pytest.raises(SystemExit) as e:         # a main's bad flag: the message, exit code 2, no traceback
+        parse_or_exit([Run], ["--stepz=2"], "prog")
+    assert e.value.code == 2 and "prog: error: unknown flag --stepz" in capsys.readouterr().err
 
 
 def test_a_field_in_two_classes_is_refused():
@@ -81,4 +96,5 @@ def test_help_lists_fields_with_defaults_and_comments(capsys):
         parse_configs([Run, Extra], ["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "--name=a  (str)  what to call it" in text and "--seeds=0" in text and "Extra: More settings." in text
+    assert "--name=a  (str)  what to call it" in text and "--seeds=0  (list[int])" in text
+    assert "Extra: More settings." in text

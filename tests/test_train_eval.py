@@ -115,6 +115,8 @@ def test_eval_commands_take_typed_settings(synth_set, tmp_path, capsys):
     assert knn["config"]["k"] == 3 and knn["config"]["arch"] == "resnet18-w0.125"
     assert 0 <= lin["map"] <= 1 and 0 <= knn["map"] <= 1
     capsys.readouterr()
-    assert main(["knn-eval", *common, "--neighbours=3"]) == 2
-    assert "unknown flag --neighbours" in capsys.readouterr().err
-    assert main(["linear-eval", "--size=32"]) == 2   # no --ckpt
+    for argv, msg in ((["knn-eval", *common, "--neighbours=3"], "unknown flag --neighbours"),
+                      (["linear-eval", "--size=32"], "--ckpt required")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err

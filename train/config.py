@@ -138,12 +138,14 @@ def _as_instance(c):
     return c() if isinstance(c, type) else c
 
 
-def parse_configs(configs: Sequence[Any], argv: Sequence[str] | None = None) -> list[Any]:
+def parse_configs(configs: Sequence[Any], argv: Sequence[str] | None = None,
+                  required: Sequence[str] = ()) -> list[Any]:
     """Several dataclass configurations from one command line.
 
     Args:
         configs: dataclass types (their defaults) or instances (their values as the defaults).
         argv: the flags (default ``sys.argv[1:]``).
+        required: fields that must be given (by a flag or the ``--config`` file).
 
     Returns:
         One new instance per entry of ``configs``, in order.
@@ -170,8 +172,11 @@ def parse_configs(configs: Sequence[Any], argv: Sequence[str] | None = None) -> 
     for key, val in pairs:
         if key != "config" or "config" in field_types:
             continue
-        with open(str(val)) as f:
-            loaded = json.load(f)
+        try:
+            with open(str(val)) as f:
+                loaded = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read config file {val}: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {val} must hold a JSON object")
         for k, v in loaded.items():
@@ -185,6 +190,9 @@ def parse_configs(configs: Sequence[Any], argv: Sequence[str] | None = None) -> 
             raise ConfigError(f"unknown flag --{key.replace('_', '-')}; known: "
                              f"{', '.join('--' + k.replace('_', '-') for k in sorted(field_types))}")
         values[key] = convert(key, field_types[key], val)
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in missing)} required")
     out = []
     for k, b in enumerate(bases):
         mine = {n: v for n, v in values.items() if owner[n] == k}
@@ -218,7 +226,8 @@ def _comments(cls) -> dict[str, str]:
 
 def config_help(configs: Sequence[Any]) -> str:
     """Every field of ``configs``: ``--name=default  (type)  comment``."""
-    lines = []
+    lines = ["usage: [--config=FILE.json] [--field=value ...]  ('-' or '_'; --field value; lists as a,b,c "
+             "or several arguments)"]
     for b in (_as_instance(c) for c in configs):
         cls = type(b)
         doc = (cls.__doc__ or "").strip().splitlines()
@@ -229,6 +238,14 @@ def config_help(configs: Sequence[Any]) -> str:
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             tname = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
             lines.append(f"  --{name.replace('_', '-')}={shown}  ({tname})  {notes.get(name, '')}".rstrip())
-    lines.append("Flags: --name=value or --name value ('-' or '_'); lists as a,b,c or several arguments; "
-                 "--config=FILE.json loads fields first.")
     return "\n".join(lines)
+
+
+def parse_or_exit(configs: Sequence[Any], argv: Sequence[str] | None = None, prog: str = "",
+                  required: Sequence[str] = ()) -> list[Any]:
+    """:func:`parse_configs` for a ``main``: a bad setting prints ``PROG: error: ...`` and exits 2 (no traceback)."""
+    try:
+        return parse_configs(configs, argv, required)
+    except ConfigError as e:
+        print(f"{prog or sys.argv[0]}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dali_objcrop.train.config import ConfigError, parse_configs
+from dali_objcrop.train.config import ConfigError, parse_or_exit
 from dali_objcrop.train.linear_eval import EvalConfig, features_from_config, mean_average_precision
 
 
@@ -77,7 +77,7 @@ class KnnConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dali_objcrop.train.knn_eval --ckpt=... [--field=value ...]`` (``--help`` lists the fields)."""
-    ev, kc = parse_configs([EvalConfig, KnnConfig], argv)
+    ev, kc = parse_or_exit([EvalConfig, KnnConfig], argv, "knn-eval", required=("ckpt",))
     labels, f = features_from_config(ev)
     res = knn_eval(f["train_x"], f["train_y"], f["test_x"], f["test_y"], kc.k, kc.temperature)
     res.update({"classes": labels.classes, "dropped_classes": labels.dropped, "config": {**asdict(ev), **asdict(kc)}})

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dali_objcrop.constants import IMAGENET_MEAN, IMAGENET_STD
-from dali_objcrop.train.config import ConfigError, parse_configs
+from dali_objcrop.train.config import ConfigError, parse_or_exit
 
 
 @dataclass
@@ -335,7 +335,7 @@ class LinearConfig:
 def features_from_config(ev: EvalConfig) -> tuple[ImageLabels, dict[str, torch.Tensor]]:
     """Labels of ``ev.data`` and the backbone's features on its fixed split."""
     if not ev.ckpt:
-        raise ConfigError("--ckpt is required: a pretraining checkpoint, or none for a random-init backbone")
+        raise ConfigError("--ckpt required: a pretraining checkpoint, or none for a random-init backbone")
     data = ev.data
     if not data:
         from dali_objcrop.synth import ensure_default_dataset
@@ -348,7 +348,7 @@ def features_from_config(ev: EvalConfig) -> tuple[ImageLabels, dict[str, torch.T
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dali_objcrop.train.linear_eval --ckpt=... [--field=value ...]`` (``--help`` lists the fields)."""
-    ev, lin = parse_configs([EvalConfig, LinearConfig], argv)
+    ev, lin = parse_or_exit([EvalConfig, LinearConfig], argv, "linear-eval", required=("ckpt",))
     labels, f = features_from_config(ev)
     res = linear_probe(f["train_x"], f["train_y"], f["test_x"], f["test_y"], labels.multilabel, lin.epochs, lin.lr,
                        lin.weight_decay, seed=ev.seed, solver=lin.solver)

@@ -487,7 +487,7 @@ def train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    cfg, = config.parse_or_exit([Config], argv, "pretrain")
     try:
         summary = train(cfg)
         if summary["losses"] and int(os.environ.get("RANK", 0)) == 0:
