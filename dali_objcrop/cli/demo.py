@@ -13,9 +13,10 @@ batch), then one whole timed epoch.  The demo prints one figure: CPU
 milliseconds per image over all modes' timed epochs, summed over every thread
 of the process (DALI's workers and the input-preparation thread included),
 which other load on a shared machine distorts far less than images/s.  Per
-mode it prints no speed: a few hundred images per mode vary by 20-30% from
-run to run (2-core machine), more than the modes differ, while the all-mode
-figure repeats within a few percent.  The per-mode CPU times are kept in the
+mode it prints no speed: a few hundred images per mode varied by 20-30% from
+run to run on a shared 2-core machine, more than the modes differ (images/s
+of the same runs ranked the modes differently each time); the all-mode figure
+stayed within 6.5-7.5 ms over four runs while the load changed.  The per-mode CPU times are kept in the
 JSON record; ``benchmarks/throughput.py`` is the measurement that compares
 modes.
 """
