@@ -16,10 +16,10 @@ which other load on a shared machine distorts far less than images/s.  Per
 mode it prints no speed: a few hundred images per mode varied by 20-30% from
 run to run on a shared 2-core machine, more than the modes differ (the earlier
 per-mode images/s put obj-obj-dilate at 0.50x and 1.27x of scene-scene in two
-runs; the benchmark measures 1.16x); the all-mode figure
-stayed within 6.5-7.5 ms over four runs while the load changed.  The per-mode CPU times are kept in the
-JSON record; ``benchmarks/throughput.py`` is the measurement that compares
-modes.
+runs; the benchmark measures 1.16x); the all-mode figure stayed within
+6.5-7.5 ms over four runs while the load changed.  The per-mode CPU times are
+kept in the JSON record; ``benchmarks/throughput.py`` is the measurement that
+compares modes.
 """
 from __future__ import annotations
 
