@@ -146,7 +146,11 @@ def draw_sample(image: np.ndarray, proposals: np.ndarray | None, box: np.ndarray
     return panel
 
 
-def _titled(panel: np.ndarray, title: str, colour=TEXT_RGB, pad: int = 18, scale: float = 0.42) -> np.ndarray:
+_TITLE_PAD = 18    # title strip above each panel
+_HEADER_PAD = 22   # title + legend strip above each row
+
+
+def _titled(panel: np.ndarray, title: str, colour=TEXT_RGB, pad: int = _TITLE_PAD, scale: float = 0.42) -> np.ndarray:
     """``panel`` under a dark strip holding ``title`` (text longer than the panel is cut at its edge)."""
     out = np.full((panel.shape[0] + pad, panel.shape[1], 3), BG_RGB, np.uint8)
     out[pad:] = panel
@@ -155,8 +159,11 @@ def _titled(panel: np.ndarray, title: str, colour=TEXT_RGB, pad: int = 18, scale
 
 
 def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float] = IMAGENET_MEAN_PX,
-               std: Sequence[float] = IMAGENET_STD_PX) -> np.ndarray:
-    """One grid row (see :func:`crop_grid` for the keys of ``row``), (H, W, 3) uint8 RGB."""
+               std: Sequence[float] = IMAGENET_STD_PX, layout: list[dict] | None = None) -> np.ndarray:
+    """One grid row (see :func:`crop_grid` for the keys of ``row``), (H, W, 3) uint8 RGB.
+
+    ``layout``, when given, receives one dict per panel (``name`` "image", "view1", "view2" and the
+    picture's ``x``, ``y``, ``w``, ``h`` inside the returned row, title strips excluded)."""
     for k in ("image", "windows", "crops"):
         if k not in row:
             raise ValueError(f"a crop_grid row needs key {k!r}, got keys {sorted(row)}")
@@ -175,6 +182,13 @@ def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float]
                               WINDOW_RGB[v]))
     hh = max(p.shape[0] for p in panels)
     sep = np.full((hh, gap, 3), BG_RGB, np.uint8)
+    if layout is not None:
+        x = 0
+        for name, p in zip(("image", "view1", "view2"), panels):
+            # the picture sits under its title strip (_titled) and the row's header strip (_header)
+            layout.append({"name": name, "x": x, "y": _HEADER_PAD + _TITLE_PAD, "w": int(p.shape[1]),
+                           "h": int(p.shape[0]) - _TITLE_PAD})
+            x += p.shape[1] + gap
     parts = []
     for p in panels:
         if p.shape[0] < hh:
@@ -184,7 +198,7 @@ def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float]
     return _header(body, row.get("title") or _default_title(row))
 
 
-def _header(body: np.ndarray, title: str, pad: int = 22, scale: float = 0.5) -> np.ndarray:
+def _header(body: np.ndarray, title: str, pad: int = _HEADER_PAD, scale: float = 0.5) -> np.ndarray:
     """``body`` under a strip: the title, then a colour legend (as far as the width allows)."""
     out = np.full((body.shape[0] + pad, body.shape[1], 3), BG_RGB, np.uint8)
     out[pad:] = body
@@ -206,7 +220,8 @@ def _default_title(row: dict) -> str:
 
 
 def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, height: int = 256, gap: int = 6,
-              mean: Sequence[float] = IMAGENET_MEAN_PX, std: Sequence[float] = IMAGENET_STD_PX) -> np.ndarray:
+              mean: Sequence[float] = IMAGENET_MEAN_PX, std: Sequence[float] = IMAGENET_STD_PX,
+              layout: list[dict] | None = None) -> np.ndarray:
     """Draw one row per sample and write the grid as a PNG.
 
     Args:
@@ -223,6 +238,9 @@ def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, he
         height: height of every panel in pixels.
         gap: pixels between panels and rows.
         mean, std: normalisation constants of float crops (see :func:`crop_to_uint8`).
+        layout: if a list, one dict per row is appended: the row's ``y`` and ``h`` in the grid and
+            its ``panels`` (``name``, ``x``, ``y``, ``w``, ``h`` of the image and of both views'
+            pictures, in grid pixels), so a caller can say what the picture shows.
 
     Returns:
         The grid, (H, W, 3) uint8 RGB.
@@ -231,10 +249,15 @@ def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, he
         raise ValueError("crop_grid needs at least one row")
     if height < 32:
         raise ValueError(f"height must be >= 32 pixels, got {height}")
-    drawn = [render_row(r, height, gap, mean, std) for r in rows]
+    panels: list[list[dict]] = [[] for _ in rows]
+    drawn = [render_row(r, height, gap, mean, std, p) for r, p in zip(rows, panels)]
     width = max(d.shape[1] for d in drawn)
     blocks = []
-    for d in drawn:
+    y = 0
+    for d, p in zip(drawn, panels):
+        if layout is not None:
+            layout.append({"y": y, "h": int(d.shape[0]), "panels": [{**q, "y": q["y"] + y} for q in p]})
+        y += d.shape[0] + gap
         if d.shape[1] < width:  # rows of portrait images are narrower
             d = np.concatenate([d, np.full((d.shape[0], width - d.shape[1], 3), BG_RGB, np.uint8)], axis=1)
         blocks += [d, np.full((gap, width, 3), BG_RGB, np.uint8)]

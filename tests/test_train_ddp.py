@@ -83,6 +83,11 @@ def test_resume_equals_uninterrupted(run, tmp_path):
 
 
 def test_linear_and_knn_eval_produce_map(run, synth_set):
+    """Linear and kNN evaluation from the checkpoint: the features separate the images, the probes fit
+    them, the mAP is the mean of the per-class APs over classes with a test positive.  (How the probes
+    score separable features and shuffled labels is pinned on larger synthetic features in
+    tests/test_train_eval.py::test_probe_map_separable_high_shuffled_near_chance.)"""
+    import numpy as np
     method, out = run
     if method != "mocov2":
         pytest.skip("evaluated once, on the MoCo-v2 checkpoint")
@@ -94,7 +99,16 @@ def test_linear_and_knn_eval_produce_map(run, synth_set):
     labels = image_labels(synth_set)
     assert labels.multilabel and labels.targets.shape == (24, len(labels.classes))
     f = split_features(backbone, labels, size=32, test_frac=0.3, seed=0, workers=0)
-    res = linear_probe_map(f["train_x"], f["train_y"], f["test_x"], f["test_y"], epochs=30)
-    assert 0.0 < res["map"] <= 1.0
-    knn = knn_eval(f["train_x"], f["train_y"], f["test_x"], f["test_y"], k=5)
-    assert 0.0 < knn["map"] <= 1.0
+    xtr, ytr, xte, yte = f["train_x"], f["train_y"], f["test_x"], f["test_y"]
+    assert len(xtr) + len(xte) == 24 and xtr.shape[1] == 512 and ytr.shape[1] == len(labels.classes)
+    assert torch.isfinite(xtr).all() and torch.isfinite(xte).all()
+    # not collapsed: no two images share a feature vector
+    assert torch.cdist(xtr, xtr).add(torch.eye(len(xtr)) * 1e9).min() > 1e-3
+    # the probes fit what they are given: 17 images in 512 dimensions are separable, each is its own neighbour
+    assert linear_probe_map(xtr, ytr, xtr, ytr, solver="lbfgs", max_iter=200)["map"] > 0.99
+    assert knn_eval(xtr, ytr, xtr, ytr, k=1)["map"] == pytest.approx(1.0)
+    for res in (linear_probe_map(xtr, ytr, xte, yte, epochs=30), knn_eval(xtr, ytr, xte, yte, k=5)):
+        ap = np.array([np.nan if a is None else a for a in res["per_class_ap"]], np.float64)
+        assert len(ap) == len(labels.classes)
+        assert np.array_equal(np.isnan(ap), ~yte.numpy().any(0).astype(bool))  # NaN: no test positive
+        assert res["map"] == pytest.approx(np.nanmean(ap)) and 0.0 < res["map"] <= 1.0

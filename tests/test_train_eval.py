@@ -71,6 +71,28 @@ def test_probes_on_separable_features():
         linear_probe(x[tr], y[tr], x[te], y[te], multilabel=False, solver="sgd")
 
 
+def test_probe_map_separable_high_shuffled_near_chance():
+    """Multi-label mAP, both probes: labels that are linear in the features score near 1; the same labels
+    shuffled across images score near chance (the test split's mean class prevalence)."""
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 600, 5, 24
+    y = (torch.rand(n, c, generator=g) < 0.3).float()
+    directions = torch.linalg.qr(torch.randn(d, c, generator=g))[0].T   # (c, d) orthonormal
+    x = 2.0 * y @ directions + 0.3 * torch.randn(n, d, generator=g)
+    tr, te = (torch.from_numpy(i) for i in split_indices(n, 0.3, seed=0))
+    probes = {"lbfgs": lambda a, b, cc, dd: linear_probe_map(a, b, cc, dd, solver="lbfgs", max_iter=100)["map"],
+              "adamw": lambda a, b, cc, dd: linear_probe_map(a, b, cc, dd, lr=3e-2, epochs=100)["map"],
+              "knn": lambda a, b, cc, dd: knn_eval(a, b, cc, dd, k=20)["map"]}
+    for name, probe in probes.items():
+        assert probe(x[tr], y[tr], x[te], y[te]) > 0.95, name
+    for seed in (0, 1):
+        ys = y[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+        chance = float(ys[te].mean(0).mean())   # expected AP of a random ranking, about the prevalence
+        for name, probe in probes.items():
+            m = probe(x[tr], ys[tr], x[te], ys[te])
+            assert abs(m - chance) < 0.08, (name, seed, m, chance)
+
+
 def test_mean_average_precision_known_values():
     t = np.array([[1, 0], [0, 0], [1, 0], [0, 1]])
     s = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.3], [0.2, 0.9]])
