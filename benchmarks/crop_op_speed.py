@@ -8,8 +8,8 @@ windows (``sample_windows``) and flips, the same augmentation draws (``reference
 
 * ``dali_graph``: the loader's DALI-ops stage: ``fn.resize`` of each view's ROI to uint8, cast,
   ``color_twist`` + clamp / two ``fn.filter`` blur passes / solarise under DALI conditionals,
-  ``crop_mirror_normalize`` (``loader.dali_crop`` + ``loader._finish_views``);
-* ``crop_op``: ``fn.objcrop.crop`` (CPU backend), ``contrast_center=0.5`` (the same pixels).
+  ``crop_mirror_normalize`` (``ops_graph.dali_crop`` + ``ops_graph.finish_views``);
+* ``crop_op``: ``fn.objcrop.crop`` (CPU backend; both pivot contrast at mid-grey).
 
 Decoding is left out (identical for both).  Reported: CPU milliseconds per image (user + system time
 of the process over all DALI threads, which other load distorts less than wall time) and images/s,
@@ -87,7 +87,7 @@ def build(kind: str, batches: list, size: int, recipe: str, threads: int):
     """A CPU pipeline cycling over ``batches`` (lists of per-field sample lists)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from dali_objcrop import augment, loader
+    from dali_objcrop import augment, ops_graph
     names = list(batches[0].keys())
     state = {"i": 0}
 
@@ -105,9 +105,9 @@ def build(kind: str, batches: list, size: int, recipe: str, threads: int):
         if kind == "crop_op":
             return tuple(fn.objcrop.crop(images, inp["windows"], inp["flip"], inp["aug"], size=size,
                                          mean=list(IMAGENET_MEAN_PX),
-                                         std=list(IMAGENET_STD_PX), contrast_center=0.5))
-        views = loader.dali_crop(images, inp, size)
-        return loader._finish_views(views, False, inp, augment.get_recipe(recipe), "cpu", types.FLOAT)
+                                         std=list(IMAGENET_STD_PX)))
+        views = ops_graph.dali_crop(images, inp, size)
+        return ops_graph.finish_views(views, False, inp, augment.get_recipe(recipe), "cpu", types.FLOAT)
 
     p = pipe()
     p.build()

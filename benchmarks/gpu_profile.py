@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import time
 import traceback
@@ -64,7 +62,7 @@ def build(stage: str, args, paths, config, recipe, store: str | None, rows: np.n
     from nvidia.dali import fn, pipeline_def, types
 
     from dali_objcrop import plugin
-    from dali_objcrop.loader import _finish_views, aug_stages, dali_crop
+    from dali_objcrop.ops_graph import aug_stages, dali_crop, finish_views
     gpu = args.device == "gpu"
     dec = "mixed" if gpu else "cpu"
     src = _source(paths, args.batch, args.seed)
@@ -86,7 +84,7 @@ def build(stage: str, args, paths, config, recipe, store: str | None, rows: np.n
         if stage == "decode-roi":
             return images
         if fused:
-            v1, v2 = fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=args.size, contrast_center=0.5,
+            v1, v2 = fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=args.size,
                                      mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375])
             return v1, v2
         inp: dict = {}
@@ -109,9 +107,9 @@ def build(stage: str, args, paths, config, recipe, store: str | None, rows: np.n
                                                                 ("solarize_p", "solarize" in keep)) if not on}})
             for va in recipe.views))
         if stage == "normalise":
-            return _finish_views(views, False, inp, partial, dec, types.FLOAT)
-        from dali_objcrop.loader import _augment_view
-        return tuple(_augment_view(fn.cast(views[v], dtype=types.FLOAT), inp, v, aug_stages(partial.views[v]), gpu)
+            return finish_views(views, False, inp, partial, dec, types.FLOAT)
+        from dali_objcrop.ops_graph import augment_view
+        return tuple(augment_view(fn.cast(views[v], dtype=types.FLOAT), inp, v, aug_stages(partial.views[v]), gpu)
                      for v in (0, 1))
 
     pipe = pipeline_def(graph, enable_conditionals=True)(batch_size=args.batch, num_threads=args.threads,
@@ -152,7 +150,8 @@ def main(argv=None) -> int:
 
     from dali_objcrop import ObjCropLoader, plugin
     from dali_objcrop.augment import get_recipe
-    from dali_objcrop.loader import crop_op_registered, resolve_data
+    from dali_objcrop.loader import resolve_data
+    from dali_objcrop.plugin import crop_op_registered
     from dali_objcrop.windows import CropConfig, box_scale_from_mean_area
     if args.coco:
         data, images_dir = args.coco, None

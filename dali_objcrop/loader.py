@@ -84,8 +84,9 @@ import numpy as np
 
 from . import augment as _augment
 from .boxstore import BoxStore
-from .constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
+from . import plugin
 from .dataset import ImageIndex, coco_images_dir
+from .ops_graph import aug_stages, dali_crop, finish_views
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
 
@@ -101,15 +102,6 @@ ROI_DECODE_FIELDS = ("anchor", "shape")
 CROP_FIELDS = ("roi_start0", "roi_end0", "roi_start1", "roi_end1", "window", "flip")
 AUG_FIELDS = tuple(f"{f}{v}" for v in (0, 1) for f in _AUG_FIELDS)
 INPUT_FIELDS = BASE_FIELDS + ROI_DECODE_FIELDS + CROP_FIELDS + AUG_FIELDS
-
-
-def aug_stages(aug: _augment.ViewAug) -> dict[str, str]:
-    """How the graph applies each augmentation of a view: ``off`` (p = 0: not in the graph),
-    ``always`` (p = 1: no batch split) or ``drawn`` (a DALI conditional on the per-sample draw)."""
-    def kind(p: float) -> str:
-        return "off" if p <= 0 else ("always" if p >= 1 else "drawn")
-    return {"colour": kind(1 - (1 - aug.jitter_p) * (1 - aug.gray_p)), "blur": kind(aug.blur_p),
-            "solarize": kind(aug.solarize_p)}
 
 
 def _aug_fields(recipe: _augment.Recipe) -> tuple[str, ...]:
@@ -322,25 +314,6 @@ def plugin_fields(with_store: bool) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 # the DALI graph
 # ---------------------------------------------------------------------------------------------
-def dali_crop(images, inp: dict, size: int):
-    """Crop backend ``dali``: ``fn.resize`` of each view's ROI to ``size`` x ``size`` (flip via the ROI).
-
-    Args:
-        images: decoded HWC uint8 images (CPU or GPU node).
-        inp: the external-source nodes by name (:data:`INPUT_FIELDS`).
-        size: output side in pixels.
-
-    Returns:
-        ``(view0, view1)`` HWC uint8 nodes (as torchvision's PIL crops; resizing to uint8 and then
-        casting measured ~5% less CPU per image end to end than resizing to float).
-    """
-    from nvidia.dali import fn, types
-    return tuple(fn.resize(images, size=[size, size], roi_start=inp[f"roi_start{v}"], roi_end=inp[f"roi_end{v}"],
-                           roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True,
-                           dtype=types.UINT8)
-                 for v in (0, 1))
-
-
 @dataclass(frozen=True)
 class CropBackend:
     """A crop stage: ``fn(images, inputs, size) -> (view0, view1)``, the input fields it reads, and
@@ -390,49 +363,6 @@ def _cupy_crop(images, inp: dict, size: int):
 register_crop_backend("cupy", _cupy_crop, ("window", "flip"), float_output=True)
 
 
-def _colour(img, inp: dict, v: int):
-    from nvidia.dali import fn
-    from nvidia.dali import math as dmath
-    # float in, float out: ~3x cheaper than color_twist's uint8 path on the CPU; clamp as torchvision does
-    return dmath.clamp(fn.color_twist(img, brightness=inp[f"brightness{v}"], contrast=inp[f"contrast{v}"],
-                                      saturation=inp[f"saturation{v}"], hue=inp[f"hue{v}"]), 0.0, 255.0)
-
-
-def _blur(img, inp: dict, v: int, gpu: bool):
-    from nvidia.dali import fn
-    kh, kv = inp[f"blur_h{v}"], inp[f"blur_v{v}"]
-    if gpu:  # filters beside GPU data (a GPU filter input is accepted in any case)
-        kh, kv = kh.gpu(), kv.gpu()
-    # two 1-D passes of fn.filter with per-sample kernels: same pixels as gaussian_blur, ~7x cheaper on the CPU
-    return fn.filter(fn.filter(img, kh), kv)
-
-
-def _solarize(img):
-    return img + (img >= 128.0) * (255.0 - 2.0 * img)
-
-
-def _augment_view(img, inp: dict, v: int, stages: dict[str, str], gpu: bool = False):
-    """Colour twist / grayscale, blur and solarise on float HWC pixels in [0, 255], each only on the
-    samples drawn for it (DALI conditionals split the batch; the predicates are CPU nodes).  A stage
-    with probability 0 is left out of the graph and one with probability 1 runs without a split."""
-    if stages["colour"] == "always":
-        img = _colour(img, inp, v)
-    elif stages["colour"] == "drawn":
-        if inp[f"colour{v}"]:
-            img = _colour(img, inp, v)
-    if stages["blur"] == "always":
-        img = _blur(img, inp, v, gpu)
-    elif stages["blur"] == "drawn":
-        if inp[f"blur{v}"]:
-            img = _blur(img, inp, v, gpu)
-    if stages["solarize"] == "always":
-        img = _solarize(img)
-    elif stages["solarize"] == "drawn":
-        if inp[f"solarize{v}"]:
-            img = _solarize(img)
-    return img
-
-
 def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend: str, out_dtype,
                    decoder_kwargs: dict, roi_decode: bool, recipe: _augment.Recipe):
     from nvidia.dali import fn, types
@@ -450,32 +380,7 @@ def _objcrop_graph(source: Callable, size: int, decode_device: str, crop_backend
                                    adjust_orientation=False, **decoder_kwargs)
     backend = CROP_BACKENDS[crop_backend]
     views = backend.fn(images, inp, size)
-    return (*_finish_views(views, backend.float_output, inp, recipe, decode_device, out_dtype), inp["index"])
-
-
-def _finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe, decode_device: str, out_dtype,
-                  mean=None, std=None):
-    """Augment both views (float chain, stages per :func:`aug_stages`) and normalise them to NCHW
-    (``mean``/``std`` in pixel units, default ImageNet's)."""
-    from nvidia.dali import fn, types
-    outs = []
-    for v in (0, 1):
-        stages = aug_stages(recipe.views[v])
-        img = views[v]
-        if not float_output and any(k != "off" for k in stages.values()):
-            img = fn.cast(img, dtype=types.FLOAT)  # the augmentations run on float; normalise takes either
-        img = _augment_view(img, inp, v, stages, gpu=decode_device == "mixed")
-        outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
-                                             mean=mean or list(IMAGENET_MEAN_PX),
-                                             std=std or list(IMAGENET_STD_PX)))
-    return outs[0], outs[1]
-
-
-def crop_op_registered(device: str) -> bool:
-    """Whether ``fn.objcrop.crop`` has a backend for decoded images on ``device`` (``cpu`` / ``gpu``)."""
-    from nvidia.dali import backend
-    ops = backend.RegisteredGPUOps() if device == "gpu" else backend.RegisteredCPUOps()
-    return "objcrop__Crop" in ops
+    return (*finish_views(views, backend.float_output, inp, recipe, decode_device, out_dtype), inp["index"])
 
 
 def _plugin_graph(source: Callable, size: int, device: str, out_dtype: str, decoder_kwargs: dict,
@@ -484,7 +389,6 @@ def _plugin_graph(source: Callable, size: int, device: str, out_dtype: str, deco
     """The operators' pipeline: file names in, DALI reads the files, then
     :func:`dali_objcrop.plugin.object_views` (windows operator, ROI decode, crop)."""
     from nvidia.dali import fn
-    from . import plugin
     inp = dict(zip(fields, fn.external_source(source=source, num_outputs=len(fields), batch=True)))
     jpegs = fn.io.file.read(inp["paths"])
     v1, v2 = plugin.object_views(jpegs, inp["index"], epoch=inp["epoch"], config=config, recipe=recipe, seed=key_seed,
@@ -517,8 +421,8 @@ def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, d
         raise ValueError(f"out_dtype must be 'float32' or 'float16', got {out_dtype!r}")
     kwargs = dict(decoder_kwargs or {}) if device == "gpu" else {}
     if crop_op is None:
-        crop_op = crop_op_registered(device)
-    elif crop_op and not crop_op_registered(device):
+        crop_op = plugin.crop_op_registered(device)
+    elif crop_op and not plugin.crop_op_registered(device):
         raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
     pipe = pipeline_def(_plugin_graph, enable_conditionals=not crop_op)(
         source, size, device, out_dtype, kwargs, _augment.get_recipe(recipe), config, seed, boxes_store,
@@ -807,8 +711,8 @@ class ObjCropLoader:
             self._prepare, self._fields = self._src.handover, plugin_fields(self._boxes_store is not None)
         self._plugin_crop = None
         if self.uses_plugin:
-            self._plugin_crop = crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
-            if self._plugin_crop and not crop_op_registered(device):
+            self._plugin_crop = plugin.crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
+            if self._plugin_crop and not plugin.crop_op_registered(device):
                 raise RuntimeError(f"plugin_crop=True but fn.objcrop.crop has no {device} backend")
         self.stats["pipeline"] = (("plugin:crop-op" if self._plugin_crop else "plugin:dali-ops-crop")
                                   if self.uses_plugin else "dali-ops")
@@ -827,7 +731,6 @@ class ObjCropLoader:
             if use_plugin:
                 raise ValueError(f"use_plugin=True does not combine with {why}")
             return False
-        from . import plugin
         if plugin.load():
             return True
         if use_plugin:

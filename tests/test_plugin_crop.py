@@ -84,7 +84,7 @@ def _windows(ims, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _aug(keys, recipe: str, seed: int) -> np.ndarray:
     """The recipe's draws for these keys, with colour / blur / solarise forced on for some views so that
     every stage is exercised in a small batch (and left off for others)."""
-    from dali_objcrop.loader import aug_stages
+    from dali_objcrop.ops_graph import aug_stages
     aug = reference.aug_table(keys, recipe)
     rec = augment.get_recipe(recipe)
     rng = np.random.default_rng(seed)
@@ -262,8 +262,7 @@ def _recipe_aug(n: int, recipe: str, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_op_equals_dali_graph_exactly_on_identity_windows(op, recipe, dtype):
     """Windows covering the whole S x S image at size S (both resamplers are the identity there, flipped
-    or not): the op with contrast_center=0.5 (what fn.color_twist does on the graph's float views) ==
-    the DALI-ops graph within 1/255 per pixel, every pixel, every stage, both recipes, all dtypes."""
+    or not): the op (contrast pivot 128) == the DALI-ops graph within 1/255 per pixel, every pixel, every stage, both recipes, all dtypes."""
     rng = np.random.default_rng(7)
     sizes = (48, 48, 48, 48, 5)  # 5 px: blur kernels wider than the view (reflect-101 folds again)
     for size in sorted(set(sizes)):
@@ -276,7 +275,7 @@ def test_op_equals_dali_graph_exactly_on_identity_windows(op, recipe, dtype):
         flip = np.stack([np.arange(n) % 2, 1 - np.arange(n) % 2], 1).astype(np.uint8)
         aug = _recipe_aug(n, recipe, seed=size)
         g0, g1 = _graph_views(ims, win, flip, aug, size, recipe)
-        o0, o1 = _run_op(ims, win, flip, aug, size, dtype, contrast_center=0.5)
+        o0, o1 = _run_op(ims, win, flip, aug, size, dtype)
         _within_a_level(o0, _as_dtype(g0, dtype))
         _within_a_level(o1, _as_dtype(g1, dtype))
 
@@ -305,7 +304,7 @@ def test_op_matches_dali_graph_on_real_windows(op, recipe):
     aug = _aug(keys, recipe, seed=12)
     size = 64
     g = _graph_views(ims, win, flip, aug, size, recipe)
-    o = _run_op(ims, win, flip, aug, size, contrast_center=0.5)
+    o = _run_op(ims, win, flip, aug, size)
     diffs = []
     for v in (0, 1):
         for i in range(len(ims)):

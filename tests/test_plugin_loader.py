@@ -86,7 +86,7 @@ def test_plugin_loader_set_epoch_and_ddp_shards(synth_set):
 
 def test_plugin_loader_refuses_what_it_cannot_do(synth_set):
     with pytest.raises(ValueError, match="roi_decode"):
-        ObjCropLoader(str(synth_set), boxes="gt", device="cpu", roi_decode=False, use_plugin=True)
+        ObjCropLoader(str(synth_set), boxes="gt", batch_size=8, device="cpu", roi_decode=False, use_plugin=True)
 
 
 def test_loader_falls_back_without_compiler(synth_set, tmp_path):

@@ -94,7 +94,9 @@ class BoxStoreMap {
     struct stat st;
     fstat(fd, &st);
     size_ = static_cast<size_t>(st.st_size);
-    static const char kMagic[12] = {'O', 'B', 'J', 'C', 'R', 'O', 'P', 'B', 'O', 'X', 0, 1};
+    // format 2 (checksummed: a sha256 of magic + length + header follows the header) and format 1;
+    // the checksums are verified by BoxStore.load, which the loader calls before handing the path over
+    static const char kMagic[11] = {'O', 'B', 'J', 'C', 'R', 'O', 'P', 'B', 'O', 'X', 0};
     if (size_ < 20) {
       close(fd);
       DALI_FAIL(dali::make_string("objcrop: ", path, " is not a dali_objcrop box store (too short)"));
@@ -103,13 +105,14 @@ class BoxStoreMap {
     close(fd);
     DALI_ENFORCE(base_ != MAP_FAILED, dali::make_string("objcrop: cannot map box store ", path));
     const char *p = static_cast<const char *>(base_);
-    DALI_ENFORCE(std::memcmp(p, kMagic, 12) == 0,
+    DALI_ENFORCE(std::memcmp(p, kMagic, 11) == 0 && (p[11] == 1 || p[11] == 2),
                  dali::make_string("objcrop: ", path, " is not a dali_objcrop box store (bad magic)"));
+    const size_t digest = p[11] == 2 ? 32 : 0;
     uint64_t hlen;
     std::memcpy(&hlen, p + 12, 8);
     DALI_ENFORCE(hlen < size_ - 20, dali::make_string("objcrop: box store ", path, ": bad header length"));
     std::string header(p + 20, hlen);
-    size_t data_start = ((20 + hlen + 63) / 64) * 64;
+    size_t data_start = ((20 + hlen + digest + 63) / 64) * 64;
     // The arrays table is the header's last top-level key ({"meta": ..., "arrays": ...}).
     size_t arrays = header.rfind("\"arrays\"");
     DALI_ENFORCE(arrays != std::string::npos, dali::make_string("objcrop: box store ", path, ": no arrays table"));

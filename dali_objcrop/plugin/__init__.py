@@ -204,6 +204,14 @@ def windows(shape, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", 
     return WindowsOutputs(*out, **extra)
 
 
+def crop_op_registered(device: str) -> bool:
+    """Whether ``fn.objcrop.crop`` has a backend for decoded images on ``device`` (``cpu`` / ``gpu``)."""
+    from nvidia.dali import backend
+    ops = backend.RegisteredGPUOps() if device == "gpu" else backend.RegisteredCPUOps()
+    return "objcrop__Crop" in ops
+
+
+
 def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", seed: int = 0,
                  size: int = 224, device: str = "cpu", dtype: str = "float32", mean=None, std=None,
                  boxes_store: str | os.PathLike | None = None, store_row=None, decoder_kwargs: dict | None = None,
@@ -238,7 +246,7 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
     """
     from nvidia.dali import fn, types
     from ..constants import IMAGENET_MEAN, IMAGENET_STD
-    from ..loader import _finish_views, crop_op_registered, dali_crop
+    from ..ops_graph import dali_crop, finish_views
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if not load():
@@ -257,9 +265,8 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
                                      normalized_shape=False, device=decode_device, output_type=types.RGB,
                                      adjust_orientation=False, **(decoder_kwargs or {}))
     if crop_op:
-        # contrast_center=0.5: what fn.color_twist does on the DALI-ops graph's float views (same pixels)
-        v1, v2 = fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=size, mean=mean, std=std,
-                                 contrast_center=0.5, dtype=dtype)
+        # the op's contrast pivot is mid-grey (128), as the DALI-ops stage's colour twist
+        v1, v2 = fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=size, mean=mean, std=std, dtype=dtype)
         return v1, v2
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype {dtype!r} needs fn.objcrop.crop; the DALI-ops stage gives float32 / float16")
@@ -273,5 +280,5 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
         inp[f"blur_v{v}"] = fn.expand_dims(w.blur_kernels[v], axes=[1])    # (W, 1): along y
     from ..augment import get_recipe
     out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
-    return _finish_views(dali_crop(images, inp, size), False, inp, get_recipe(recipe), decode_device, out_dtype,
+    return finish_views(dali_crop(images, inp, size), False, inp, get_recipe(recipe), decode_device, out_dtype,
                          mean, std)
