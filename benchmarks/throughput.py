@@ -3,7 +3,11 @@
 Measures images/s (two 224 px views per image, MoCo-v2 recipe by default) of
 
 * ``ObjCropLoader`` for every mode (``--modes``), every registered crop backend
-  (``--backends``), on the CPU and, when torch sees CUDA, on the GPU;
+  (``--backends``) of the DALI-ops graph fed by the NumPy callback (``use_plugin=False``),
+  and the loader on dali_objcrop's C++ operators: backend ``plugin`` (DALI reads the files,
+  ``fn.objcrop.windows`` + ROI decode + ``fn.objcrop.crop``) and, when asked for,
+  ``plugin-dali-crop`` (the windows operator feeding DALI's own crop stage), on the CPU and,
+  when torch sees CUDA, on the GPU;
 * a torchvision ``DataLoader`` doing the same two-view MoCo-v2 recipe with
   ``--threads`` worker processes (PIL decode, RandomResizedCrop(scale 0.2-1),
   ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, RandomGrayscale p 0.2, PIL Gaussian
@@ -26,6 +30,8 @@ Usage::
 Output JSON: ``{"results": [{"loader": "dali" | "torchvision", "mode", "backend",
 "device": "cpu" | "gpu", "batch_size", "threads", "images_per_s", ...extras}, ...],
 "machine": {...}, "ratios": {...}}``; the torchvision rows carry ``"mode": "scene-scene"``.
+Ratios include ``cpu: <device>/plugin/<mode> / dali``: the plugin loader's CPU ms per image over
+the DALI-ops graph's (lower is better) in the same run.
 """
 from __future__ import annotations
 
@@ -200,7 +206,7 @@ def build_configs(args, data: str, images_dir: str | None) -> list[tuple[dict, o
     except Exception as e:  # noqa: BLE001 - an optional backend must not stop the benchmark
         print(f"[throughput] kernels not loaded: {e}", file=sys.stderr)
     devices = args.devices or (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
-    backends = args.backends or list(CROP_BACKENDS)
+    backends = args.backends or list(CROP_BACKENDS) + (["plugin"] if _plugin_available() else [])
     boxes = args.boxes or ("gt" if data.endswith(".json") else None)
     configs = []
     for device in devices:
@@ -208,13 +214,17 @@ def build_configs(args, data: str, images_dir: str | None) -> list[tuple[dict, o
             for mode in args.modes:
                 row = {"loader": "dali", "mode": mode, "backend": backend, "device": device,
                        "batch_size": args.batch_size, "threads": args.threads}
+                plugin = backend.startswith("plugin")
                 try:
                     ld = ObjCropLoader(data, boxes=boxes if mode != "scene-scene" or boxes else None, mode=mode,
                                        batch_size=args.batch_size, size=args.size, recipe=args.recipe,
-                                       num_threads=args.threads, device=device, crop_backend=backend,
+                                       num_threads=args.threads, device=device,
+                                       crop_backend="dali" if plugin else backend,
                                        seed=args.seed, images_dir=images_dir, rank=0, world_size=1,
-                                       max_images=args.max_images or None)
-                except ValueError as e:
+                                       max_images=args.max_images or None, use_plugin=plugin,
+                                       plugin_crop=(backend == "plugin") if plugin else None)
+                    row["pipeline"] = ld.stats["pipeline"]
+                except (ValueError, RuntimeError) as e:
                     print(f"[throughput] skip {row}: {e}", file=sys.stderr)
                     continue
                 configs.append((row, ld))
@@ -226,6 +236,15 @@ def build_configs(args, data: str, images_dir: str | None) -> list[tuple[dict, o
                "batch_size": args.batch_size, "threads": args.threads}
         configs.append((row, torchvision_loader(paths, args.batch_size, args.threads, args.size)))
     return configs
+
+
+def _plugin_available() -> bool:
+    try:
+        from dali_objcrop import plugin
+        return plugin.load()
+    except Exception as e:  # noqa: BLE001 - the benchmark runs without the operators
+        print(f"[throughput] plugin not available: {e}", file=sys.stderr)
+        return False
 
 
 def run(args) -> dict:
@@ -296,6 +315,12 @@ def ratios(results: list[dict]) -> dict:
                 out[f"{key} / {name}"] = round(r["images_per_s"] / ref["images_per_s"], 3)
                 if r["cpu_ms_per_image"]:
                     out[f"cpu: {key} / {name}"] = round(ref["cpu_ms_per_image"] / r["cpu_ms_per_image"], 3)
+        graph = next((s for s in results if s["loader"] == "dali" and s["backend"] == "dali"
+                      and s["mode"] == r["mode"] and s["device"] == r["device"]), None)
+        if r["backend"].startswith("plugin") and graph and graph["cpu_ms_per_image"]:
+            # the issue's goal reads this way round: plugin CPU ms per image / the DALI-ops graph's
+            out[f"cpu ms: {key} / dali"] = round(r["cpu_ms_per_image"] / graph["cpu_ms_per_image"], 3)
+            out[f"{key} / dali"] = round(r["images_per_s"] / graph["images_per_s"], 3)
     return out
 
 
@@ -341,7 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="rounds (median and spread over them)")
     p.add_argument("--warmup", type=int, default=3, help="batches discarded at the start of each round")
     p.add_argument("--modes", default="all", help="comma-separated crop modes or 'all'")
-    p.add_argument("--backends", default="", help="comma-separated crop backends (default: every registered)")
+    p.add_argument("--backends", default="",
+                   help="comma-separated crop backends: those of the DALI-ops graph (dali, cupy), plugin, "
+                        "plugin-dali-crop (default: every registered one of the graph, plus plugin where it builds)")
     p.add_argument("--devices", default="", help="comma-separated cpu,gpu (default: cpu, plus gpu if present)")
     p.add_argument("--recipe", default="mocov2", choices=("mocov2", "byol"))
     p.add_argument("--size", type=int, default=224)

@@ -1,5 +1,13 @@
 """The DALI pipeline and the drop-in PyTorch iterator (:class:`ObjCropLoader`).
 
+Two pipelines.  Where dali_objcrop's C++ operators build (:mod:`dali_objcrop.plugin`,
+docs/plugin.md), the loader hands DALI only file names, positions, box-store rows and the
+epoch per batch (:meth:`_Source.handover`); DALI reads the files, ``fn.objcrop.windows``
+draws windows, flips and augmentations (equal to ``sample_windows`` / ``sample_aug_params``),
+the ROI is decoded and ``fn.objcrop.crop`` makes both views (:func:`build_plugin_pipeline`,
+:func:`dali_objcrop.plugin.object_views`).  Otherwise -- and with ``use_plugin=False`` -- the
+DALI-ops graph below runs, fed by the NumPy callback; its description follows.
+
 Architecture (sample in NumPy per batch, apply in DALI)::
 
     our sampler (seed, epoch, rank) --> batch of dataset positions

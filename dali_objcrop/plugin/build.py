@@ -150,6 +150,13 @@ def library_path(cuda: bool | None = None, sources: Path | None = None, verbose:
         PluginBuildError: no C++ compiler (or, with ``cuda=True``, no nvcc), no CUDA headers, or a
             compile/link error (with the compiler's message).
     """
+    if sources is None and cuda is False:
+        # a CUDA build already loaded in this process holds the CPU operators too: loading a second
+        # library that registers the same schemas would clash
+        loaded = sys.modules.get("dali_objcrop.plugin")
+        path = getattr(loaded, "_state", {}).get("path") if loaded else None
+        if path is not None and Path(path).is_file():
+            return Path(path)
     compiler = cxx()
     if compiler is None:
         raise PluginBuildError(f"no C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r})")
