@@ -42,10 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dali_objcrop.constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX  # noqa: E402
 from dali_objcrop.windows import CropConfig, sample_windows  # noqa: E402
 
-MEAN_PX = [m * 255 for m in (0.485, 0.456, 0.406)]
-STD_PX = [s * 255 for s in (0.229, 0.224, 0.225)]
+MEAN_PX, STD_PX = list(IMAGENET_MEAN_PX), list(IMAGENET_STD_PX)
 
 
 # ---- data ---------------------------------------------------------------------------------------

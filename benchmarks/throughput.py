@@ -47,7 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("scene-scene", "obj-scene", "obj-obj", "obj-obj-dilate", "obj-obj-shift")
+from dali_objcrop.constants import IMAGENET_MEAN, IMAGENET_STD
+from dali_objcrop.windows import MODES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def mocov2_transform(size: int = 224):
         T.RandomApply([_PILGaussianBlur((0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
 
 

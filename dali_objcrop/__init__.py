@@ -1,17 +1,31 @@
 """dali_objcrop: object-aware cropping for self-supervised learning, as a DALI data loader.
 
 The public API is the explicit list below; everything else is private.
+
+``import dali_objcrop`` needs only NumPy: the crop-window maths, the augmentation
+draws, the box store and the image index are imported here; the names that
+need OpenCV, DALI, torch or CuPy (the loader, the synthetic set, the crop grid,
+the CuPy kernel) are imported on first use (PEP 562 ``__getattr__``).
 """
+from __future__ import annotations
+
+import importlib
+
+from .augment import RECIPES, Recipe, ViewAug, get_recipe, sample_aug_params
 from .boxstore import BoxStore, BoxStoreMismatchError, ValidationReport, validate_boxes
 from .dataset import ImageIndex, load_coco, scan_image
-from .synth import ensure_default_dataset, make_synthetic
-from .augment import RECIPES, Recipe, ViewAug, get_recipe, sample_aug_params
-from .loader import CROP_BACKENDS, ObjCropLoader, build_pipeline, register_crop_backend, shard_batches
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
-from .visualize import crop_grid, cut_crop
-from .kernels.cupy_backend import crop_views
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it, imported on first access
+_LAZY = {
+    "CROP_BACKENDS": ".loader", "ObjCropLoader": ".loader", "build_pipeline": ".loader",
+    "register_crop_backend": ".loader", "shard_batches": ".loader",
+    "ensure_default_dataset": ".synth", "make_synthetic": ".synth",   # OpenCV
+    "crop_grid": ".visualize", "cut_crop": ".visualize",              # OpenCV
+    "crop_views": ".kernels.cupy_backend",                            # CuPy at call time
+}
 
 __all__ = [
     "BoxStore", "BoxStoreMismatchError", "ValidationReport", "validate_boxes",
@@ -24,3 +38,16 @@ __all__ = [
     "crop_views",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

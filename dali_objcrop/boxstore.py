@@ -18,7 +18,6 @@ images costs only its header, and ``boxes_of(i)`` is O(1).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -28,21 +27,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .dataset import fingerprint, load_coco
+
 MAGIC = b"OBJCROPBOX\x00\x01"
 _ALIGN = 64
 
 
 class BoxStoreMismatchError(ValueError):
     """The box store does not describe the dataset it is used with."""
-
-
-def fingerprint(keys: Sequence[str]) -> str:
-    """sha256 of the ordered image-key list (one key per line)."""
-    h = hashlib.sha256()
-    for k in keys:
-        h.update(k.encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
 
 
 @dataclass
@@ -174,7 +166,6 @@ class BoxStore:
     def from_coco(cls, annotations: str | os.PathLike, top_k: int | None = None,
                   include_crowd: bool = True) -> "BoxStore":
         """Ground-truth boxes of a COCO-format JSON as proposals (largest first)."""
-        from .dataset import load_coco
         coco = load_coco(annotations)
         boxes = []
         for img in coco.images:

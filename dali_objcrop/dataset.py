@@ -8,6 +8,7 @@ files are found before the decoder meets them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,12 +17,19 @@ from typing import Sequence
 
 import numpy as np
 
-from .boxstore import fingerprint
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # scan_image statuses
 OK, EMPTY, UNREADABLE, TRUNCATED, MISSING = "ok", "empty", "unreadable", "truncated", "missing"
+
+
+def fingerprint(keys: Sequence[str]) -> str:
+    """sha256 of the ordered image-key list (one key per line)."""
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 @dataclass

@@ -83,11 +83,10 @@ import numpy as np
 
 from . import augment as _augment
 from .boxstore import BoxStore
+from .constants import IMAGENET_MEAN, IMAGENET_MEAN_PX, IMAGENET_STD, IMAGENET_STD_PX  # noqa: F401 (re-exported)
 from .dataset import ImageIndex
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Inputs the batch callback can emit (the external source emits the base fields, the crop
 # backend's own fields and the per-view augmentation draws, in this order).
@@ -462,8 +461,8 @@ def _finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe,
             img = fn.cast(img, dtype=types.FLOAT)  # the augmentations run on float; normalise takes either
         img = _augment_view(img, inp, v, stages, gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
-                                             mean=mean or [m * 255 for m in IMAGENET_MEAN],
-                                             std=std or [s * 255 for s in IMAGENET_STD]))
+                                             mean=mean or list(IMAGENET_MEAN_PX),
+                                             std=std or list(IMAGENET_STD_PX)))
     return outs[0], outs[1]
 
 

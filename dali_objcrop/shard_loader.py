@@ -47,6 +47,29 @@ def is_shard_set(data) -> bool:
     return (p.is_dir() and (p / MANIFEST).is_file()) or (p.name == MANIFEST and p.is_file())
 
 
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """As ``loader.resolve_rank`` (not imported: ``loader`` imports this module): the arguments,
+    else torch.distributed, else torchrun's ``RANK``/``WORLD_SIZE``, else (0, 1)."""
+    if rank is None or world_size is None:
+        r, w = 0, 1
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            r, w = dist.get_rank(), dist.get_world_size()
+        elif "WORLD_SIZE" in os.environ:
+            r, w = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def _crop_op_registered(device: str) -> bool:
+    from nvidia.dali import backend
+    ops = backend.RegisteredGPUOps() if device == "gpu" else backend.RegisteredCPUOps()
+    return "objcrop__Crop" in ops
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.Generator(np.random.PCG64([seed, epoch, 0x5AAD])).integers(0, 2**31 - 1))
 
@@ -73,7 +96,6 @@ class ShardLoader:
                  **ignored) -> None:
         import torch
         from . import plugin
-        from .loader import crop_op_registered, resolve_rank
         unknown = set(ignored) - {"prepare_ahead", "on_bad_image", "images_dir", "max_images"}
         if unknown:
             raise TypeError(f"unexpected argument(s) for a shard set: {', '.join(sorted(unknown))}")
@@ -101,7 +123,7 @@ class ShardLoader:
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
         if not plugin.load():
             raise RuntimeError(f"reading shard sets needs dali_objcrop's DALI operators: {plugin.error()}")
-        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.shards = ShardSet.open(data)
         self.usable, damaged = sound_shards(self.shards, on_bad_shard)
         if not self.usable:
@@ -123,7 +145,7 @@ class ShardLoader:
         if device == "gpu" and device_id is None:
             self._device_id = torch.cuda.current_device()
         self._prefetch, self._decoder_kwargs = prefetch_queue_depth, decoder_kwargs
-        self._plugin_crop = crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
+        self._plugin_crop = _crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
         self._next_epoch = 0
         self.uses_plugin = True
         self.stats: dict = {"shards": len(self.shards.shards), "damaged_shards": damaged,

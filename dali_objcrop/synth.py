@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .constants import home_dir
+
 CATEGORIES = ["disc", "square", "triangle", "ellipse", "ring", "cross", "star", "diamond"]
 # a base colour per class (BGR), jittered per object, so classes are learnable
 _CLASS_BGR = np.array([[40, 40, 220], [40, 200, 40], [220, 60, 40], [30, 200, 230],
@@ -143,8 +145,7 @@ def make_synthetic(out: str | os.PathLike, n: int = 256, seed: int = 0, quality:
 
 def default_dataset_dir() -> Path:
     """Where the embedded default set lives (``$DALI_OBJCROP_HOME`` or ``~/.cache/dali_objcrop``)."""
-    home = os.environ.get("DALI_OBJCROP_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dali_objcrop")
-    return Path(home) / "synthetic"
+    return home_dir() / "synthetic"
 
 
 def ensure_default_dataset(n: int = 512, seed: int = 0) -> Path:

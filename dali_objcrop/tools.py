@@ -62,8 +62,8 @@ def load_tool_data(coco: str | os.PathLike, images: str | os.PathLike | None = N
     return ToolData(index=index, store=store, rows=rows, gt_boxes=gt_px, gt_offsets=go)
 
 
-def crop_config(store: BoxStore, mode: str, top_k: int = 10, dilate: float = 0.1,
-                shift_range: tuple[float, float] = (80.0, 120.0), min_box_size: int = 224,
+def crop_config(store: BoxStore, mode: str, top_k: int = CropConfig.top_k, dilate: float = CropConfig.dilate,
+                shift_range: tuple[float, float] = CropConfig.shift_range, min_box_size: int = CropConfig.min_box_size,
                 box_scale: tuple[float, float] | None = None) -> CropConfig:
     """The loader's crop configuration: box-crop scale from the store's mean top-k proposal area
     (``box_scale`` overrides it, e.g. to try the paper's COCO BING value (0.51, 1) with other boxes)."""

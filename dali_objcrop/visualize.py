@@ -16,14 +16,14 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
+
 # RGB colours (the canvas is RGB until it is written)
 PROPOSAL_RGB = (255, 230, 60)     # thin yellow
 BOX_RGB = (255, 40, 40)           # thick red: the chosen proposal
 WINDOW_RGB = ((40, 170, 255), (60, 230, 90))   # view 1 blue, view 2 green
 TEXT_RGB = (255, 255, 255)
 BG_RGB = (32, 32, 32)
-IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 def _size_wh(size: int | Sequence[int]) -> tuple[int, int]:
@@ -64,8 +64,8 @@ def cut_crop(image: np.ndarray, window: Sequence[int], flip: bool = False,
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
 
 
-def crop_to_uint8(crop: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN_255,
-                  std: Sequence[float] = IMAGENET_STD_255) -> np.ndarray:
+def crop_to_uint8(crop: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN_PX,
+                  std: Sequence[float] = IMAGENET_STD_PX) -> np.ndarray:
     """Any crop as displayable (H, W, 3) uint8 RGB.
 
     Args:
@@ -154,8 +154,8 @@ def _titled(panel: np.ndarray, title: str, colour=TEXT_RGB, pad: int = 18, scale
     return out
 
 
-def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float] = IMAGENET_MEAN_255,
-               std: Sequence[float] = IMAGENET_STD_255) -> np.ndarray:
+def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float] = IMAGENET_MEAN_PX,
+               std: Sequence[float] = IMAGENET_STD_PX) -> np.ndarray:
     """One grid row (see :func:`crop_grid` for the keys of ``row``), (H, W, 3) uint8 RGB."""
     for k in ("image", "windows", "crops"):
         if k not in row:
@@ -206,7 +206,7 @@ def _default_title(row: dict) -> str:
 
 
 def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, height: int = 256, gap: int = 6,
-              mean: Sequence[float] = IMAGENET_MEAN_255, std: Sequence[float] = IMAGENET_STD_255) -> np.ndarray:
+              mean: Sequence[float] = IMAGENET_MEAN_PX, std: Sequence[float] = IMAGENET_STD_PX) -> np.ndarray:
     """Draw one row per sample and write the grid as a PNG.
 
     Args:

@@ -1,5 +1,5 @@
 """cupy_backend's Python side on the CPU: a stand-in ``cupy`` module whose RawModule launches the CUDA
-kernels through their serial CPU emulation (csrc/objcrop_emulate.cpp).
+kernels through their serial CPU emulation (tests/csrc/objcrop_emulate.cpp).
 
 This checks what the GPU tests would otherwise be the first to see: the argument order of every
 kernel launch, the grid, dtype handling, dense and ragged batches, the returned windows, and the DALI
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from dali_objcrop.kernels import reference
-from dali_objcrop.kernels.host import compiler, load_emulator
 from dali_objcrop.windows import CropConfig, sample_windows
+from kernel_host import compiler, load_emulator
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler")
 

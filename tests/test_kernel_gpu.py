@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dali_objcrop.constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
 from dali_objcrop.kernels import reference
 from dali_objcrop.kernels.cupy_backend import gpu_available
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
@@ -92,7 +93,7 @@ def test_gpu_half_outputs_and_normalisation():
     boxes, offsets = boxes_for(len(ims), 2)
     cfg = CropConfig(mode="obj-obj-dilate", box_scale=(0.3, 1.0))
     dev = [cupy.asarray(im) for im in ims]
-    mean, std = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
+    mean, std = np.array(IMAGENET_MEAN_PX), np.array(IMAGENET_STD_PX)
     f32 = [v.get() for v in crop_views(dev, None, boxes, offsets, np.arange(len(ims)), 0, 0, cfg, 64, mean, std)]
     r0, r1, _ = reference.crop_views_reference(ims, boxes, offsets, np.arange(len(ims)), 0, 0, cfg, 64, mean, std)
     tol = (1.0 / std)[None, :, None, None]
@@ -160,7 +161,7 @@ def test_gpu_matches_host_build():
     """The GPU and the g++ build of the same source agree to float32 rounding (FMA contraction only)."""
     import cupy
     from dali_objcrop.kernels.cupy_backend import crop_views
-    from dali_objcrop.kernels.host import compiler, host_crop_views, load_host_library
+    from kernel_host import compiler, host_crop_views, load_host_library
     if compiler() is None:
         pytest.skip("no C++ compiler")
     lib = load_host_library()
@@ -192,7 +193,7 @@ def test_gpu_loader_cupy_backend_matches_dali_backend(request):
         out[backend] = next(iter(loader))
     a, b = out["dali"], out["cupy"]
     assert torch.equal(a["index"].cpu(), b["index"].cpu())
-    std = torch.tensor([0.229, 0.224, 0.225], device=a["view1"].device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD_PX, device=a["view1"].device).view(1, 3, 1, 1)
     for k in ("view1", "view2"):
         assert a[k].shape == b[k].shape == (8, 3, 96, 96)
         diff = ((a[k] - b[k]).abs() * std)           # pixel units

@@ -11,7 +11,8 @@ import torch
 
 from dali_objcrop import augment
 from dali_objcrop.boxstore import BoxStore
-from dali_objcrop.loader import IMAGENET_MEAN, IMAGENET_STD, ObjCropLoader, shard_batches, window_rois
+from dali_objcrop.constants import IMAGENET_MEAN, IMAGENET_STD
+from dali_objcrop.loader import ObjCropLoader, shard_batches, window_rois
 from dali_objcrop.windows import MODES, sample_windows
 
 NO_AUG = augment.Recipe("none", (augment.ViewAug(jitter_p=0, gray_p=0, blur_p=0),) * 2)

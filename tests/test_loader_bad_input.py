@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dali_objcrop.constants import IMAGENET_MEAN, IMAGENET_STD
 from dali_objcrop.loader import ObjCropLoader
 
 
@@ -116,8 +117,8 @@ def test_grayscale_jpeg_gives_equal_channels(tmp_path):
     ld, batches = run_all(ann, recipe=none, shuffle=False)
     b = batches[0]
     row = int((b["index"] == 1).nonzero()[0])
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     px = b["view1"][row] * std + mean
     assert (px[0] - px[1]).abs().max() < 0.01 and (px[1] - px[2]).abs().max() < 0.01
 

@@ -3,8 +3,9 @@
 * :mod:`.common`: where the CUDA sources are, the source string NVRTC compiles,
   the float64 parameter block shared by the kernel and the CPU builds.
 * :mod:`.reference`: a vectorised NumPy reference of the kernel's resampling.
-* :mod:`.host`: for CPU tests, the kernel body compiled with g++ (``objcrop_host.cpp``)
-  and the CUDA kernels themselves run serially (``objcrop_emulate.cpp``), through ctypes.
 * :mod:`.cupy_backend`: the kernel on the GPU through ``cupy.RawModule``
   (imports CuPy lazily; nothing here needs a GPU to be imported).
+
+The CPU test harness (the kernel body built with g++ and the CUDA kernels run
+serially) is test code: ``tests/kernel_host.py`` and ``tests/csrc/``.
 """

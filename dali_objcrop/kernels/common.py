@@ -1,9 +1,9 @@
-"""What the CUDA kernel, its CPU build and the Python wrappers share.
+"""What the CUDA kernel, its CPU test build and the Python wrappers share.
 
 The kernel sources are found in the source checkout (``<repo>/csrc``) or, in an
 installed package, in ``dali_objcrop/kernels/csrc`` (``setup.py`` copies
-``csrc/*.cu``, ``*.h``, ``*.cpp`` there at build time, so there is one copy in
-git and no symlink).
+``csrc/*.cu`` and ``*.h`` there at build time, so there is one copy in git and
+no symlink).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from ..windows import CropConfig
 
 KERNEL_FILE = "objcrop_kernel.cu"
 CORE_FILE = "objcrop_core.h"
-HOST_FILE = "objcrop_host.cpp"
 
 # view kinds and the parameter block: must equal the OC_KIND_* / OC_P_* macros of objcrop_core.h
 KIND_CODES = {"scene": 0, "box": 1, "dilated": 2, "shifted": 3}

@@ -29,11 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
 from ..windows import CropConfig
 from .common import check_batch_arrays, kernel_params, kernel_source, norm_params
 
-IMAGENET_MEAN_PX = tuple(m * 255 for m in (0.485, 0.456, 0.406))
-IMAGENET_STD_PX = tuple(s * 255 for s in (0.229, 0.224, 0.225))
 _DTYPES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
            "bfloat16": "bf16", "bf16": "bf16"}
 _BLOCK = 256

@@ -108,9 +108,3 @@ def random_boxes_recall(annotations: str | os.PathLike, k: int = 10, seed: int =
         xy = np.sort(rng.uniform(0, 1, size=(k, 2, 2)), axis=1)  # sorted corners per axis
         props[key] = np.stack([xy[:, 0, 0], xy[:, 0, 1], xy[:, 1, 0], xy[:, 1, 1]], 1)
     return recall_table(props, gt, ns, ious)
-
-
-def add_parser(sub) -> None:
-    """``dali-objcrop eval-proposals`` (defined in :mod:`.cli`)."""
-    from .cli import add_eval_proposals
-    add_eval_proposals(sub)

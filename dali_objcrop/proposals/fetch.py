@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..constants import home_dir
+
 OPENCV_CONTRIB_TAG = "5.0.0"
 BASE_URL = (f"https://raw.githubusercontent.com/opencv/opencv_contrib/{OPENCV_CONTRIB_TAG}/"
             "modules/saliency/samples/ObjectnessTrainedModel")
@@ -37,8 +39,7 @@ class FetchError(RuntimeError):
 
 def default_cache_dir() -> Path:
     """``$DALI_OBJCROP_HOME/models/bing-opencv`` (default home: ``~/.cache/dali_objcrop``)."""
-    home = os.environ.get("DALI_OBJCROP_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dali_objcrop")
-    return Path(home) / "models" / "bing-opencv"
+    return home_dir() / "models" / "bing-opencv"
 
 
 def _sha256(path: Path) -> str:
@@ -95,9 +96,3 @@ def fetch_bing(cache_dir: str | os.PathLike | None = None, colors=("MAXBGR", "HS
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return cache
-
-
-def add_parser(sub) -> None:
-    """``dali-objcrop fetch-model`` (defined in :mod:`.cli`)."""
-    from .cli import add_fetch_model
-    add_fetch_model(sub)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..boxstore import BoxStore, fingerprint
-from ..dataset import ImageIndex
+from ..boxstore import BoxStore
+from ..dataset import ImageIndex, fingerprint
 from .common import PROPOSAL_MAX_SIDE, load_for_proposals
 from .methods import METHODS, make_detector, model_digest, propose_image, resolve_model_dir
 
@@ -302,9 +302,3 @@ def load_index(source: str | os.PathLike, images: str | os.PathLike | None = Non
     if source.is_dir():
         return ImageIndex.from_folder(source, check=check)
     raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")
-
-
-def add_parser(sub) -> None:
-    """``dali-objcrop proposals`` (defined in :mod:`.cli`)."""
-    from .cli import add_proposals
-    add_proposals(sub)

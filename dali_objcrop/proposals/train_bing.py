@@ -201,9 +201,3 @@ def train_bing(annotations: str | os.PathLike, images_dir: str | os.PathLike | N
     (Path(out_dir) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     log(f"wrote {out_dir} ({time.perf_counter() - t0:.1f} s)")
     return model
-
-
-def add_parser(sub) -> None:
-    """``dali-objcrop train-bing`` (defined in :mod:`.cli`)."""
-    from .cli import add_train_bing
-    add_train_bing(sub)

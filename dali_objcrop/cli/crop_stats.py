@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from .show_cli import add_tool_arguments
-from .windows import MODES
+from ..windows import MODES
+from .show import add_tool_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .tools import crop_config, crop_stats, load_tool_data
+    from ..tools import crop_config, crop_stats, load_tool_data
     if args.samples < 1:
         raise SystemExit(f"--samples must be >= 1, got {args.samples}")
     t0 = time.perf_counter()

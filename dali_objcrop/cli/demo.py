@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .windows import MODES
+from ..windows import MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def ensure_demo_data(n: int = 512, seed: int = 0) -> tuple[Path, Path]:
     """The synthetic set's annotations and its GT box store (both created if missing)."""
-    from .boxstore import BoxStore
-    from .synth import ensure_default_dataset
+    from ..boxstore import BoxStore
+    from ..synth import ensure_default_dataset
     ann = Path(ensure_default_dataset(n=n, seed=seed))
     boxes = ann.parent / "gt.boxes"
     if not boxes.exists():
@@ -65,8 +65,8 @@ def grid_rows(loader, batch: dict, k: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loader import ObjCropLoader
-    from .visualize import crop_grid
+    from ..loader import ObjCropLoader
+    from ..visualize import crop_grid
     modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:

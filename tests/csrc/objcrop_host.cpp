@@ -1,7 +1,7 @@
 // objcrop_host.cpp -- the kernel body of objcrop_core.h compiled for the CPU.
 //
 // Not used in production: the tests build it with g++ into a shared library
-// (dali_objcrop/kernels/host.py) and call it through ctypes, so the exact
+// (tests/kernel_host.py) and call it through ctypes, so the exact
 // arithmetic of the CUDA kernels is checked on machines without a GPU.  Each
 // function is the serial loop over what one kernel launch does in parallel.
 #include "objcrop_core.h"

@@ -1,8 +1,11 @@
-"""The CUDA kernel's body (``csrc/objcrop_core.h``) compiled for the CPU with g++, called through ctypes.
+"""Test harness: the CUDA kernel's body (``csrc/objcrop_core.h``) compiled for the CPU with g++, through ctypes.
 
 For tests on machines without a GPU: the functions here run exactly the
 arithmetic of the CUDA kernels (the same source text), serially.  Not a
-production backend (no threads, no SIMD).
+production backend (no threads, no SIMD), so it lives with the tests: the
+wrappers are ``tests/csrc/objcrop_host.cpp`` (the core's functions, looped)
+and ``tests/csrc/objcrop_emulate.cpp`` (the CUDA kernels themselves, run
+block by block), compiled against the package's ``csrc/``.
 
     lib = load_host_library()          # compiles once per source hash into a cache folder
     out = host_windows(lib, sizes, boxes, offsets, index, seed, epoch, config)
@@ -19,9 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..windows import CropConfig
-from .common import HOST_FILE, check_batch_arrays, csrc_dir, kernel_params, norm_params
+from dali_objcrop.kernels.common import check_batch_arrays, csrc_dir, kernel_params, norm_params
+from dali_objcrop.kernels.cupy_backend import _BLOCK, _grid
+from dali_objcrop.windows import CropConfig
 
+HARNESS_DIR = Path(__file__).resolve().parent / "csrc"
+HOST_FILE = "objcrop_host.cpp"
 EMULATE_FILE = "objcrop_emulate.cpp"
 
 _P = ctypes.c_void_p
@@ -47,13 +53,14 @@ def compiler() -> str | None:
 
 
 def _build(source: str, build_dir, signatures: dict) -> ctypes.CDLL:
-    """Compile ``csrc/<source>`` into a shared library (cached by the hash of every csrc file) and load it."""
+    """Compile ``tests/csrc/<source>`` against ``csrc/`` into a shared library (cached by the hash of every
+    source file) and load it."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set $CXX or install g++)")
     src = csrc_dir()
     h = hashlib.sha256(source.encode())
-    for f in sorted(src.glob("*")):
+    for f in sorted(src.glob("*")) + [HARNESS_DIR / source]:
         if f.suffix in (".h", ".cu", ".cpp"):
             h.update(f.name.encode() + f.read_bytes())
     out_dir = Path(build_dir) if build_dir else Path(tempfile.gettempdir()) / f"dali_objcrop_host_{os.getuid()}"
@@ -62,7 +69,8 @@ def _build(source: str, build_dir, signatures: dict) -> ctypes.CDLL:
     if not lib_path.exists():
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
         # -ffp-contract=off: no FMA contraction, as the device code (__dmul_rn/__dadd_rn) and NumPy
-        cmd = [cxx, "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-o", str(tmp), str(src / source)]
+        cmd = [cxx, "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", f"-I{src}", "-o", str(tmp),
+               str(HARNESS_DIR / source)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"host build failed: {' '.join(cmd)}\n{res.stderr}")
@@ -75,7 +83,7 @@ def _build(source: str, build_dir, signatures: dict) -> ctypes.CDLL:
 
 
 def load_host_library(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Compile ``csrc/objcrop_host.cpp`` (``-O2 -ffp-contract=off``) and load it.
+    """Compile ``tests/csrc/objcrop_host.cpp`` (``-O2 -ffp-contract=off``) and load it.
 
     Args:
         build_dir: where to put the library (default: a per-user temp folder);
@@ -88,10 +96,10 @@ def load_host_library(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL
 
 
 def load_emulator(build_dir: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Compile ``csrc/objcrop_emulate.cpp``: the CUDA kernels themselves, run serially on the CPU.
+    """Compile ``tests/csrc/objcrop_emulate.cpp``: the CUDA kernels themselves, run serially on the CPU.
 
     Use with :func:`emulate_crop_views` / :func:`emulate_windows` / :func:`emulate_apply`,
-    which launch them with the grid of :mod:`.cupy_backend`.
+    which launch them with the grid of :mod:`dali_objcrop.kernels.cupy_backend`.
     """
     return _build(EMULATE_FILE, build_dir, _EMU_SIGNATURES)
 
@@ -216,7 +224,6 @@ def emulate_crop_views(lib: ctypes.CDLL, images: list[np.ndarray], boxes, offset
         dict with ``view0``, ``view1`` (N, 3, size, size) float32 / float16 / uint16 (bfloat16 bits),
         ``windows`` (N, 2, 4) int32, ``flip`` (N, 2) bool.
     """
-    from .cupy_backend import _BLOCK, _grid
     kind = {"float32": 0, "float16": 1, "bfloat16": 2}[dtype]
     ptrs, sizes, keep = _image_pointers(images)
     sizes, boxes, offsets, index = check_batch_arrays(sizes, boxes, offsets, index)
@@ -240,7 +247,6 @@ def emulate_apply(lib: ctypes.CDLL, images: list[np.ndarray], windows, flip, siz
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The ``objcrop_apply_{u8,f32}`` kernels run on the CPU with cupy_backend's grid and block:
     two (N, size, size, 3) uint8 or float32 batches."""
-    from .cupy_backend import _BLOCK, _grid
     kind = {"uint8": 0, "float32": 1}[dtype]
     ptrs, sizes, keep = _image_pointers(images)
     n = len(ptrs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .windows import MODES
+from ..windows import MODES, CropConfig
 
 
 def add_tool_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,11 +13,14 @@ def add_tool_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, help="image folder (default: images/ beside the JSON)")
     p.add_argument("--boxes", default=None, help="box store (.boxes); default: ground-truth boxes as proposals")
     p.add_argument("--seed", type=int, default=0, help="random seed of the windows (default 0)")
-    p.add_argument("--top-k", type=int, default=10, help="proposals considered per image (default 10)")
-    p.add_argument("--dilate", type=float, default=0.1, help="delta of obj-obj-dilate (default 0.1, COCO)")
-    p.add_argument("--shift-range", type=float, nargs=2, default=(80.0, 120.0), metavar=("LO", "HI"),
-                   help="shift radius range in pixels of obj-obj-shift (default 80 120)")
-    p.add_argument("--min-box-size", type=int, default=224, help="regions smaller than this are widened (224)")
+    p.add_argument("--top-k", type=int, default=CropConfig.top_k,
+                   help="proposals considered per image (default %(default)s)")
+    p.add_argument("--dilate", type=float, default=CropConfig.dilate,
+                   help="delta of obj-obj-dilate (default %(default)s, COCO)")
+    p.add_argument("--shift-range", type=float, nargs=2, default=CropConfig.shift_range, metavar=("LO", "HI"),
+                   help="shift radius range in pixels of obj-obj-shift (default %(default)s)")
+    p.add_argument("--min-box-size", type=int, default=CropConfig.min_box_size,
+                   help="regions smaller than this are widened (default %(default)s)")
     p.add_argument("--box-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="area range of box crops (default: (0.2 / mean top-k proposal area, 1), capped to 1)")
 
@@ -40,8 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .tools import crop_config, load_tool_data, show_rows
-    from .visualize import crop_grid
+    from ..tools import crop_config, load_tool_data, show_rows
+    from ..visualize import crop_grid
     if args.n < 1:
         raise SystemExit(f"-n must be >= 1, got {args.n}")
     t0 = time.perf_counter()
@@ -52,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     # which images: a seeded draw, shown in dataset order
     positions = np.sort(np.random.default_rng(args.seed).choice(len(data.index), n, replace=False))
     if args.loader:
-        from .loader import ObjCropLoader
-        from .tools import show_rows_from_loader
+        from ..loader import ObjCropLoader
+        from ..tools import show_rows_from_loader
         loader = ObjCropLoader(args.coco, boxes=args.boxes or "gt", mode=args.mode, batch_size=n, size=args.size,
                                seed=args.seed, device="cpu", drop_last=False, images_dir=args.images,
                                dilate=args.dilate, shift_range=tuple(args.shift_range), box_scale=config.box_scale,

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .synth import make_synthetic
+    from ..synth import make_synthetic
     t0 = time.perf_counter()
     ann = make_synthetic(args.out, n=args.n, seed=args.seed, quality=args.quality, progress=True)
     dt = time.perf_counter() - t0

@@ -1,10 +1,12 @@
 """The ``dali-objcrop`` command line (also ``python -m dali_objcrop``).
 
-Each subcommand lives beside the code it drives: a module listed in
-``SUBCOMMANDS`` exposes ``add_parser(subparsers)``, which registers its parser
-and sets ``func`` to a callable taking the parsed ``argparse.Namespace`` and
-returning an exit code.  Modules are imported only when needed, so
-``dali-objcrop synth`` does not pay for importing DALI or torch.
+The one home of the command line: one module per subcommand in this package,
+registered in ``SUBCOMMANDS`` below.  Each module exposes
+``add_parser(subparsers)``, which registers its parser and sets ``func`` to a
+callable taking the parsed ``argparse.Namespace`` and returning an exit code.
+Subcommand modules are imported only when needed and import the library lazily
+inside ``run``, so ``dali-objcrop synth`` does not pay for importing DALI or
+torch.  Nothing else in the package imports ``dali_objcrop.cli``.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import sys
 
 # (subcommand, module that implements it); the module's add_parser registers it.
 SUBCOMMANDS: list[tuple[str, str]] = [
-    ("synth", "dali_objcrop.synth_cli"),
-    ("show", "dali_objcrop.show_cli"),
-    ("crop-stats", "dali_objcrop.cropstats_cli"),
-    ("demo", "dali_objcrop.demo"),
-    ("proposals", "dali_objcrop.proposals.run"),
-    ("eval-proposals", "dali_objcrop.proposals.evaluate"),
-    ("train-bing", "dali_objcrop.proposals.train_bing"),
-    ("fetch-model", "dali_objcrop.proposals.fetch"),
+    ("synth", "dali_objcrop.cli.synth"),
+    ("show", "dali_objcrop.cli.show"),
+    ("crop-stats", "dali_objcrop.cli.crop_stats"),
+    ("demo", "dali_objcrop.cli.demo"),
+    ("proposals", "dali_objcrop.cli.proposals"),
+    ("eval-proposals", "dali_objcrop.cli.eval_proposals"),
+    ("train-bing", "dali_objcrop.cli.train_bing"),
+    ("fetch-model", "dali_objcrop.cli.fetch_model"),
 ]
 
 
