@@ -206,3 +206,23 @@ def test_ranks_get_disjoint_slices_and_equal_batch_counts(data, tmp_path):
         for r in range(world):
             for q in range(r):
                 assert not got[r] & got[q]
+
+
+def test_cli_pack_and_verify(data, tmp_path):
+    index, _, store_path = data
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    src = str(index.root.parent / "annotations.json")
+    cmd = [sys.executable, "-m", "dali_objcrop", "pack", src, "--out", str(tmp_path), "--boxes", str(store_path),
+           "--shard-size", "150k", "--no-progress"]
+    p = subprocess.run(cmd + ["--max-shards", "1"], env=env, capture_output=True, text=True)
+    assert p.returncode == 3 and "rerun" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "1 already there" in p.stdout, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-m", "dali_objcrop", "pack", src, "--out", str(tmp_path), "--verify"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "0 damaged" in p.stdout
+    tar = tmp_path / "shard-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    p = subprocess.run([sys.executable, "-m", "dali_objcrop", "pack", src, "--out", str(tmp_path), "--verify"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 1 and "shard-000000.tar" in p.stderr

@@ -28,10 +28,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the per-file header scan of the image index")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to go on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # several machines / processes (dali_objcrop.proposals.distributed), then `dali-objcrop merge`
+    p.add_argument("--part", default=None, help="compute only this part: a number (with --num-parts), or 'auto' "
+                                                "(SLURM_ARRAY_TASK_ID of _COUNT, else torchrun's RANK of WORLD_SIZE)")
+    p.add_argument("--num-parts", type=int, default=None, help="how many parts the image list is cut into")
+    p.add_argument("--block", type=int, default=64, help="images per block dealt round-robin to parts (default 64)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.part is not None or _is_shard_set(args.source):
+        from .merge import run_part
+        return run_part(args)
     from ..boxstore import BoxStore
     from ..proposals.run import ProposalJob, load_index, run_proposals
     if args.method == "gt":
@@ -59,3 +67,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped: {key}: {why}", file=sys.stderr)
     print(f"wrote {args.out}: {store.summary()}; {rep.failed} failed")
     return 0
+
+
+def _is_shard_set(source: str) -> bool:
+    from pathlib import Path
+    return (Path(source) / "shards.json").is_file()
