@@ -96,7 +96,7 @@ class ShardLoader:
                  **ignored) -> None:
         import torch
         from . import plugin
-        unknown = set(ignored) - {"prepare_ahead", "on_bad_image", "images_dir", "max_images"}
+        unknown = set(ignored) - {"prepare_ahead", "on_bad_image", "images_dir", "max_images", "allow_outside_root"}
         if unknown:
             raise TypeError(f"unexpected argument(s) for a shard set: {', '.join(sorted(unknown))}")
         if not (boxes is None or (isinstance(boxes, str) and boxes in ("gt", "shards"))):
