@@ -453,18 +453,3 @@ def sound_shards(shards: ShardSet, on_bad: str = "skip") -> tuple[list[dict], di
         raise ShardError("damaged shard(s) in " + str(shards.root) + ": "
                          + "; ".join(f"{k}: {v}" for k, v in bad.items()))
     return [s for s in shards.shards if s["name"] not in bad], bad
-
-
-def to_store(shards: ShardSet, method: str | None = None) -> BoxStore:
-    """The box store that a shard set carries (rows in position order; for checks and ``windows_for``)."""
-    keys, sizes, boxes, scores = [], [], [], []
-    for s in shards.shards:
-        for smp in shards.samples(s):
-            keys.append(smp["key"])
-            sizes.append((smp["width"], smp["height"]))
-            boxes.append(np.array(smp["boxes"]))
-            scores.append(smp["scores"])
-    has = all(x is not None for x in scores) and bool(scores)
-    st = shards.manifest.get("store") or {}
-    return BoxStore.from_arrays(keys, np.array(sizes, np.int32).reshape(-1, 2), boxes, scores if has else None,
-                                method=method or st.get("method") or "shards", params=st.get("params") or {})
