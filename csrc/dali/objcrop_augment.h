@@ -1,6 +1,6 @@
 // objcrop_augment.h -- the per-pixel augmentation arithmetic of the fused crop operator.
 //
-// Shared by the CPU backend (objcrop_crop.cc, g++) and the CUDA kernels (objcrop_crop_kernels.cuh,
+// Shared by the CPU backend (objcrop_crop.cc, g++) and the CUDA kernels (objcrop_crop_kernels.h,
 // nvcc): every function is OC_HD (see ../objcrop_core.h).  The NumPy specification is
 // dali_objcrop/kernels/reference.py (augment_views_reference); the semantics are those of the DALI
 // operators the loader's "dali" graph chains:

@@ -19,6 +19,7 @@ struct Buffers {
   std::vector<float> rows;      // horizontal sums: (window height, S, 3)
   std::vector<float> view;      // (S, S, 3) pixel units
   std::vector<float> tmp;       // (S, S, 3) after the horizontal blur
+  std::vector<float> plane;     // (S, S) one normalised output channel
   std::vector<int> tap_start;   // per output x: first tap, number of taps, offset into tap_w
   std::vector<int> tap_count;
   std::vector<int> tap_off;
@@ -71,12 +72,12 @@ void resample_view(const OcViewParams &p, int S, Buffers &b) {
   b.view.assign(static_cast<size_t>(S) * row_len, 0.0f);
   for (int oy = 0; oy < S; ++oy) {
     OcAxis ay = oc_axis(oy, y1, y2, S);
-    float *acc = b.view.data() + static_cast<size_t>(oy) * row_len;
+    float *__restrict acc = b.view.data() + static_cast<size_t>(oy) * row_len;
     float wsy = 0.0f;
     for (int y = ay.t0; y <= ay.t1; ++y) {
       float wy = oc_tap(ay, y);
       if (wy <= 0.0f) continue;
-      const float *r = b.rows.data() + static_cast<size_t>(y - y1) * row_len;
+      const float *__restrict r = b.rows.data() + static_cast<size_t>(y - y1) * row_len;
       for (int j = 0; j < row_len; ++j) acc[j] += wy * r[j];
       wsy += wy;
     }
@@ -98,29 +99,57 @@ void augment_view(const OcViewParams &p, const float *taps, const float *norm, i
   if (p.blur_size) {
     const int k = p.blur_size, half = k / 2, row_len = 3 * S;
     b.tmp.resize(npix * 3);
+    // interior columns [half, S - half): every tap inside the row, so element j = 3x + c sums
+    // taps[t] * line[j + 3 (t - half)] over t in order (oc_blur_at's sums), vectorisable over j
+    const int in_lo = std::min(half, S), in_hi = std::max(in_lo, S - half);
     for (int y = 0; y < S; ++y) {  // along x
-      const float *line = view + static_cast<size_t>(y) * row_len;
-      float *dst = b.tmp.data() + static_cast<size_t>(y) * row_len;
-      for (int x = 0; x < S; ++x)
+      const float *__restrict line = view + static_cast<size_t>(y) * row_len;
+      float *__restrict dst = b.tmp.data() + static_cast<size_t>(y) * row_len;
+      for (int x = 0; x < S; ++x) {
+        if (x == in_lo && in_hi > in_lo) x = in_hi;  // the interior is done below
+        if (x >= S) break;
         for (int c = 0; c < 3; ++c) dst[3 * x + c] = oc_blur_at(line + c, 3, S, x, taps, k);
+      }
+      if (in_hi > in_lo) {
+        float *__restrict d = dst + 3 * in_lo;
+        const int len = 3 * (in_hi - in_lo);
+        std::fill(d, d + len, 0.0f);
+        for (int t = 0; t < k; ++t) {
+          const float *__restrict s = line + 3 * (in_lo + t - half);
+          const float w = taps[t];
+          for (int j = 0; j < len; ++j) d[j] += w * s[j];
+        }
+      }
     }
     for (int y = 0; y < S; ++y) {  // along y, rows accumulated in tap order (as oc_blur_at)
-      float *acc = view + static_cast<size_t>(y) * row_len;
+      float *__restrict acc = view + static_cast<size_t>(y) * row_len;
       std::fill(acc, acc + row_len, 0.0f);
       for (int t = 0; t < k; ++t) {
-        const float *r = b.tmp.data() + static_cast<size_t>(oc_reflect101(y + t - half, S)) * row_len;
+        const float *__restrict r = b.tmp.data() + static_cast<size_t>(oc_reflect101(y + t - half, S)) * row_len;
         const float w = taps[t];
         for (int j = 0; j < row_len; ++j) acc[j] += w * r[j];
       }
     }
     src = view;
   }
-  void *out = reinterpret_cast<void *>(p.out);
-  for (size_t i = 0; i < npix; ++i) {
-    for (int c = 0; c < 3; ++c) {
-      float v = src[3 * i + c];
-      if (p.do_solarize) v = oc_solarize(v);
-      oc_store_out(out, static_cast<oc_i64>(c) * npix + static_cast<oc_i64>(i), oc_normalize(v, norm, c), out_kind);
+  // solarise, normalise, store plane by plane (branches hoisted out of the pixel loops)
+  for (int c = 0; c < 3; ++c) {
+    const float *__restrict s = src + c;
+    b.plane.resize(npix);
+    float *__restrict f = b.plane.data();
+    if (p.do_solarize) {
+      for (size_t i = 0; i < npix; ++i) f[i] = oc_normalize(oc_solarize(s[3 * i]), norm, c);
+    } else {
+      for (size_t i = 0; i < npix; ++i) f[i] = oc_normalize(s[3 * i], norm, c);
+    }
+    if (out_kind == OC_OUT_F32) {
+      std::memcpy(reinterpret_cast<float *>(p.out) + c * npix, f, npix * sizeof(float));
+    } else {
+      unsigned short *o = reinterpret_cast<unsigned short *>(p.out) + c * npix;
+      if (out_kind == OC_OUT_F16)
+        for (size_t i = 0; i < npix; ++i) o[i] = oc_f32_to_f16(f[i]);
+      else
+        for (size_t i = 0; i < npix; ++i) o[i] = oc_f32_to_bf16(f[i]);
     }
   }
 }

@@ -2,7 +2,7 @@
 //
 // One class template for both backends: argument parsing, input validation and the per-view parameter
 // blocks (OcViewParams, objcrop_augment.h) are shared; RunImpl is specialised in objcrop_crop.cc (CPU:
-// per view on DALI's thread pool) and objcrop_crop.cu (GPU: the kernels of objcrop_crop_kernels.cuh on
+// per view on DALI's thread pool) and objcrop_crop.cu (GPU: the kernels of objcrop_crop_kernels.h on
 // ws.stream() for the whole batch).  The schema is in objcrop_crop.cc.
 #ifndef OBJCROP_CROP_H
 #define OBJCROP_CROP_H
