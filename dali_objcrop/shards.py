@@ -174,7 +174,8 @@ def _image_ext(key: str) -> str:
 
 def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = None, shard_bytes: int = 256 << 20,
          max_samples: int | None = None, prefix: str = "shard", restart: bool = False, progress: bool = True,
-         max_shards: int | None = None, verify_existing: bool = True) -> PackReport:
+         max_shards: int | None = None, verify_existing: bool = True, part: int = 0,
+         num_parts: int = 1) -> PackReport:
     """Pack a dataset (and its box store) into WebDataset shards in the folder ``out``.
 
     Args:
@@ -188,6 +189,9 @@ def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = Non
         progress: tqdm bar over samples.
         max_shards: write at most this many shards in this call (a bounded run; rerun to go on).
         verify_existing: check a finished shard against its index before skipping it.
+        part, num_parts: write only shards ``part, part + num_parts, ...`` (several processes or
+            machines packing one set; every part writes the same ``shards.json``, and the set is
+            complete when every part has finished: ``ShardSet.verify()`` says which shards are not).
 
     Returns:
         a :class:`PackReport`.
@@ -195,6 +199,8 @@ def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = Non
     Raises:
         ValueError: ``out`` holds shards of another plan (dataset, store or limits), unless ``restart``.
     """
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise ValueError(f"need 0 <= part < num_parts, got part={part}, num_parts={num_parts}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -237,19 +243,21 @@ def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = Non
         _write_text_atomic(mpath, json.dumps(manifest, indent=1))
 
     from tqdm import tqdm
-    rep = PackReport(shards=len(plan), skipped=dict(index.bad))
+    mine = manifest["shards"][part::num_parts]
+    rep = PackReport(shards=len(mine), skipped=dict(index.bad))
     done = []
-    for s in manifest["shards"]:
+    for s in mine:
         p = out / s["name"]
         ok = p.exists() and p.with_suffix(".idx").exists()
         if ok and verify_existing:
             ok = not check_shard(p, expect=(s["first"], s["count"]))
         done.append(ok)
     rep.resumed = sum(done)
-    bar = tqdm(total=len(index), initial=sum(s["count"] for s, d in zip(manifest["shards"], done) if d),
-               unit="img", desc="pack", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=sum(s["count"] for s in mine), initial=sum(s["count"] for s, d in zip(mine, done) if d),
+               unit="img", desc="pack" if num_parts == 1 else f"pack {part}/{num_parts}", disable=not progress,
+               smoothing=0.1)
     try:
-        for s, d in zip(manifest["shards"], done):
+        for s, d in zip(mine, done):
             if d:
                 continue
             if max_shards is not None and rep.written >= max_shards:

@@ -99,6 +99,16 @@ def test_killed_pack_resumes_to_the_same_bytes(data, tmp_path):
     assert _files(tmp_path / "a") == _files(b)
 
 
+def test_parts_pack_the_same_set(data, tmp_path):
+    """Three processes packing one set (every third shard each) give the one-process bytes."""
+    index, store, _ = data
+    S.pack(index, tmp_path / "one", store, shard_bytes=150_000, progress=False)
+    reps = [S.pack(index, tmp_path / "three", store, shard_bytes=150_000, progress=False, part=p, num_parts=3)
+            for p in (2, 0, 1)]
+    assert sum(r.written for r in reps) == len(S.ShardSet.open(tmp_path / "one").shards)
+    assert _files(tmp_path / "one") == _files(tmp_path / "three")
+
+
 def test_other_plan_is_refused_unless_restart(data, tmp_path):
     index, store, _ = data
     S.pack(index, tmp_path, store, shard_bytes=150_000, progress=False)

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shards", type=int, default=None, help="write at most this many shards (rerun to go on)")
     p.add_argument("--no-check", action="store_true", help="skip the per-file header scan of the image index")
     p.add_argument("--verify", action="store_true", help="only check the shards in --out (deep) and report")
+    p.add_argument("--part", default=None, help="write only this part's shards (every num-parts-th): a number with "
+                                                "--num-parts, or 'auto' (Slurm array task / torchrun rank)")
+    p.add_argument("--num-parts", type=int, default=None, help="how many processes pack the set together")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -47,11 +50,21 @@ def run(args: argparse.Namespace) -> int:
         store = BoxStore.from_coco(args.source)
     elif args.boxes:
         store = BoxStore.load(args.boxes)
+    part, num = 0, 1
+    if args.part is not None:
+        from ..proposals.distributed import resolve_part
+        if args.part == "auto":
+            if args.num_parts is not None:
+                raise SystemExit("--part auto reads the part and the count from the environment; drop --num-parts")
+            part, num = resolve_part(None, None)
+        else:
+            part, num = resolve_part(int(args.part), args.num_parts)
     rep = pack(index, args.out, store, shard_bytes=args.shard_size, max_samples=args.max_samples,
-               prefix=args.prefix, restart=args.restart, progress=not args.no_progress, max_shards=args.max_shards)
+               prefix=args.prefix, restart=args.restart, progress=not args.no_progress, max_shards=args.max_shards,
+               part=part, num_parts=num)
     for key, why in list(rep.skipped.items())[:10]:
         print(f"  skipped by the index scan: {key}: {why}", file=sys.stderr)
-    print(f"{args.out}: {rep.shards} shards ({rep.written} written, {rep.resumed} already there), "
+    print(f"{args.out}: {rep.shards} shards{'' if num == 1 else f' of part {part}/{num}'} ({rep.written} written, {rep.resumed} already there), "
           f"{rep.samples} samples, {rep.bytes / 2**20:.1f} MiB in {rep.seconds:.1f} s; {len(rep.skipped)} skipped")
     if rep.resumed + rep.written < rep.shards:
         print("stopped early (--max-shards); rerun the same command to continue", file=sys.stderr)
