@@ -120,3 +120,24 @@ def test_proposals_from_shards_into_new_shards(one_run, tmp_path):
             np.testing.assert_array_equal(smp["boxes"], ref.boxes_of(i))
             np.testing.assert_array_equal(smp["scores"], ref.scores[ref.offsets[i]:ref.offsets[i + 1]])
     assert dst.manifest["store"]["mean_area_by_top_k"]["5"] == pytest.approx(ref.mean_area_fraction(5), abs=0)
+
+
+def test_cli_proposals_from_shards_then_merge(one_run, tmp_path):
+    from dali_objcrop import shards as S
+    index, one = one_run
+    S.pack(index, tmp_path / "src", None, shard_bytes=150_000, progress=False)
+    base = [sys.executable, "-m", "dali_objcrop"]
+    for part in ("0", "1"):
+        p = subprocess.run(base + ["proposals", str(tmp_path / "src"), "--out", str(tmp_path / "dst"), "--top-k", "5",
+                                   "--part", part, "--num-parts", "2", "--no-progress"],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run(base + ["merge", str(tmp_path / "src"), "--shards", "--out", str(tmp_path / "dst")],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref = BoxStore.load(one)
+    dst = S.ShardSet.open(tmp_path / "dst")
+    got = {smp["position"]: smp["boxes"] for s in dst.shards for smp in dst.samples(s)}
+    assert sorted(got) == list(range(len(index)))
+    for i, b in got.items():
+        np.testing.assert_array_equal(b, ref.boxes_of(i))
