@@ -556,7 +556,9 @@ class ObjCropLoader:
                 q, k = batch["view1"], batch["view2"]     # (N, 3, 224, 224)
 
     Args:
-        data: COCO json path, image folder, or :class:`~dali_objcrop.ImageIndex`.
+        data: COCO json path, image folder, or :class:`~dali_objcrop.ImageIndex`; a shard set
+            (a folder with ``shards.json``, see :mod:`dali_objcrop.shards`) gives a
+            :class:`~dali_objcrop.shard_loader.ShardLoader` instead (same iteration API).
         boxes: :class:`~dali_objcrop.BoxStore`, path of a ``.boxes`` store,
             ``"gt"`` (the ground-truth boxes of the COCO json) or None (only
             ``scene-scene``).
@@ -608,6 +610,14 @@ class ObjCropLoader:
     Images without boxes in a box mode fall back to scene crops; the constructor says so once
     (a :class:`FallbackWarning` with the counts) and ``stats`` keeps them.
     """
+
+    def __new__(cls, data=None, *args, **kwargs):
+        # a shard set (a folder with shards.json) is read by fn.readers.webdataset: see shard_loader
+        if cls is ObjCropLoader and data is not None:
+            from .shard_loader import ShardLoader, is_shard_set
+            if is_shard_set(data):
+                return ShardLoader(data, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, data, boxes="gt", mode: str = "obj-obj-dilate", batch_size: int = 64, size: int = 224,
                  recipe="mocov2", seed: int = 0, num_threads: int = 2, device: str = "auto", dtype=None,

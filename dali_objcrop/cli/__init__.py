@@ -29,6 +29,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("eval-proposals", "dali_objcrop.cli.eval_proposals"),
     ("train-bing", "dali_objcrop.cli.train_bing"),
     ("fetch-model", "dali_objcrop.cli.fetch_model"),
+    ("pack", "dali_objcrop.cli.pack"),
+    ("merge", "dali_objcrop.cli.merge"),
 ]
 
 # (subcommand, module with main(argv), help): dataclass-configured, --help lists the settings

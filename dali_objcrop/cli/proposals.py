@@ -33,10 +33,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="accept COCO file_name entries that are absolute or climb out of the image folder (refused "
                         "by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # several machines / processes (dali_objcrop.proposals.distributed), then `dali-objcrop merge`
+    p.add_argument("--part", default=None, help="compute only this part: a number (with --num-parts), or 'auto' "
+                                                "(SLURM_ARRAY_TASK_ID of _COUNT, else torchrun's RANK of WORLD_SIZE)")
+    p.add_argument("--num-parts", type=int, default=None, help="how many parts the image list is cut into")
+    p.add_argument("--block", type=int, default=64, help="images per block dealt round-robin to parts (default 64)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.part is not None or _is_shard_set(args.source):
+        from .merge import run_part
+        return run_part(args)
     from ..boxstore import BoxStore
     from ..dataset import check_keys
     from ..proposals.run import ProposalJob, load_index, output_lock, run_proposals
@@ -68,3 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped: {key}: {why}", file=sys.stderr)
     print(f"wrote {args.out}: {store.summary()}; {rep.failed} failed")
     return 0
+
+
+def _is_shard_set(source: str) -> bool:
+    from pathlib import Path
+    return (Path(source) / "shards.json").is_file()

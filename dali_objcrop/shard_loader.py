@@ -1,0 +1,254 @@
+"""The loader over WebDataset shards (:mod:`dali_objcrop.shards`), on the plugin's operators.
+
+``ObjCropLoader("path/to/shards")`` (a folder with ``shards.json``) builds this loader::
+
+    fn.readers.webdataset   (C++ threads read the tars; this rank's slice of the epoch's shard order,
+        |                    a shuffle buffer seeded by (seed, epoch))
+        |  jpg, boxes.f32 -> (K, 4), pos.i64
+        v
+    plugin.object_views(jpg, pos, boxes)   fn.objcrop.windows keyed by (seed, epoch, position),
+                                           ROI decode, fn.objcrop.crop (or the DALI-ops stage)
+
+Per epoch (everything keyed by ``(seed, epoch)``, the same on every rank):
+
+* the sound shards are permuted (``shuffle``) and given to DALI's reader in that order on every
+  rank; the reader's ``shard_id=rank, num_shards=world_size`` gives each rank a disjoint,
+  contiguous slice of that sample sequence (so global rank decides the data), and its
+  shuffle buffer (``shuffle_buffer`` samples, seeded by (seed, epoch)) mixes the slice;
+* every rank delivers ``len(loader) = samples // (world_size * batch_size)`` batches (the
+  ranks' slices differ by at most one sample; the rest of an epoch is dropped, as
+  ``drop_last``), then the pipeline is dropped, so nothing is prefetched across epochs and
+  :meth:`set_epoch` always takes effect.
+
+A sample's windows depend only on (seed, epoch, position): the same image gives the same
+windows and pixels from shards as from files, and :meth:`ShardLoader.windows_for` recomputes
+them from the shard's own boxes.  Damaged shards (truncated, a component missing) are found
+from the index files before the first epoch, named in ``stats["damaged_shards"]`` and left out
+(``on_bad_shard="skip"``) or refused (``"raise"``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import augment as _augment
+from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardSet, sound_shards
+from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
+
+
+def is_shard_set(data) -> bool:
+    """Whether ``data`` names a shard set (a folder holding ``shards.json``, or that file)."""
+    if not isinstance(data, (str, os.PathLike)):
+        return False
+    p = Path(data)
+    return (p.is_dir() and (p / MANIFEST).is_file()) or (p.name == MANIFEST and p.is_file())
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """As ``loader.resolve_rank`` (not imported: ``loader`` imports this module): the arguments,
+    else torch.distributed, else torchrun's ``RANK``/``WORLD_SIZE``, else (0, 1)."""
+    if rank is None or world_size is None:
+        r, w = 0, 1
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            r, w = dist.get_rank(), dist.get_world_size()
+        elif "WORLD_SIZE" in os.environ:
+            r, w = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.Generator(np.random.PCG64([seed, epoch, 0x5AAD])).integers(0, 2**31 - 1))
+
+
+class ShardLoader:
+    """Two object-aware views per sample of a shard set, as torch tensors (see the module doc).
+
+    Arguments as :class:`~dali_objcrop.ObjCropLoader` where they apply; in addition:
+
+    Args:
+        shuffle_buffer: samples in DALI's shuffle buffer (``initial_fill``).
+        on_bad_shard: ``skip`` (leave damaged shards out, named in ``stats``) or ``raise``.
+        boxes: the shards carry their boxes; only None, ``"gt"`` or ``"shards"`` are accepted.
+    """
+
+    def __init__(self, data, boxes="shards", mode: str = "obj-obj-dilate", batch_size: int = 64,
+                 size: int = 224, recipe="mocov2", seed: int = 0, num_threads: int = 2, device: str = "auto",
+                 dtype=None, rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
+                 drop_last: bool = True, dilate: float = 0.1, shift_range: tuple[float, float] = (80, 120),
+                 box_scale: tuple[float, float] | None = None, top_k: int = 10, min_box_size: int = 224,
+                 device_id: int | None = None, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
+                 plugin_crop: bool | None = None, shuffle_buffer: int = 1024, on_bad_shard: str = "skip",
+                 use_plugin: bool | None = None, crop_backend: str = "dali", roi_decode: bool = True,
+                 **ignored) -> None:
+        import torch
+        from . import plugin
+        unknown = set(ignored) - {"prepare_ahead", "on_bad_image", "images_dir", "max_images", "allow_outside_root"}
+        if unknown:
+            raise TypeError(f"unexpected argument(s) for a shard set: {', '.join(sorted(unknown))}")
+        if not (boxes is None or (isinstance(boxes, str) and boxes in ("gt", "shards"))):
+            raise ValueError("a shard set carries its own boxes: pass boxes=None or 'shards', not a store")
+        if use_plugin is False or crop_backend != "dali" or not roi_decode:
+            raise ValueError("shard sets are read with the plugin's operators (use_plugin, crop_backend='dali', "
+                             "roi_decode=True)")
+        if not drop_last:
+            raise ValueError("a shard set loader delivers equal full batches per rank (drop_last=True)")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if batch_size < 1 or size < 1 or num_threads < 1 or seed < 0 or shuffle_buffer < 1:
+            raise ValueError("batch_size, size, num_threads, shuffle_buffer must be >= 1 and seed >= 0")
+        if on_bad_shard not in ("skip", "raise"):
+            raise ValueError(f"on_bad_shard must be 'skip' or 'raise', got {on_bad_shard!r}")
+        if device not in ("cpu", "gpu", "auto"):
+            raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
+        if device == "auto":
+            device = "gpu" if torch.cuda.is_available() else "cpu"
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ValueError("device='gpu' but torch sees no CUDA device")
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+        if not plugin.load():
+            raise RuntimeError(f"reading shard sets needs dali_objcrop's DALI operators: {plugin.error()}")
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.shards = ShardSet.open(data)
+        self.usable, damaged = sound_shards(self.shards, on_bad_shard)
+        if not self.usable:
+            raise ValueError(f"no usable shard in {self.shards.root}: {damaged}")
+        self.num_samples = sum(s["count"] for s in self.usable)
+        self.mode, self.batch_size, self.size, self.device, self.dtype = mode, batch_size, size, device, dtype
+        self.seed, self.shuffle, self.num_threads, self.shuffle_buffer = seed, shuffle, num_threads, shuffle_buffer
+        self.recipe = _augment.get_recipe(recipe)
+        st = self.shards.manifest.get("store") or {}
+        areas = st.get("mean_area_by_top_k") or {}
+        if box_scale is None and areas:
+            box_scale = box_scale_from_mean_area(areas.get(str(top_k), areas["all"]))
+        if mode != "scene-scene" and not areas:
+            raise ValueError(f"mode {mode!r} needs boxes, and the shards in {self.shards.root} carry none")
+        self.config = CropConfig(mode=mode, box_scale=box_scale, dilate=dilate,
+                                 shift_range=tuple(float(s) for s in shift_range), top_k=top_k,
+                                 min_box_size=min_box_size)
+        self._device_id = device_id
+        if device == "gpu" and device_id is None:
+            self._device_id = torch.cuda.current_device()
+        self._prefetch, self._decoder_kwargs = prefetch_queue_depth, decoder_kwargs
+        self._plugin_crop = plugin.crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
+        self._next_epoch = 0
+        self.uses_plugin = True
+        self.stats: dict = {"shards": len(self.shards.shards), "damaged_shards": damaged,
+                            "samples_in_usable_shards": self.num_samples, "samples": 0, "epochs": 0,
+                            "pipeline": "plugin:webdataset:" + ("crop-op" if self._plugin_crop else "dali-ops-crop")}
+
+    # ---- public API ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.num_samples // (self.world_size * self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next iteration (without a call, each iteration uses the previous + 1)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+        self._next_epoch = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._next_epoch
+
+    def shard_order(self, epoch: int) -> list[dict]:
+        """The epoch's order of the usable shards (the same on every rank)."""
+        if not self.shuffle:
+            return list(self.usable)
+        perm = np.random.Generator(np.random.PCG64([self.seed, epoch, 0x5A4D])).permutation(len(self.usable))
+        return [self.usable[i] for i in perm]
+
+    def rank_positions(self, epoch: int) -> np.ndarray:
+        """The positions this rank reads in ``epoch`` (before the shuffle buffer and the batch cut), as
+        DALI's reader slices the epoch's sample sequence: ``[N * r // W, N * (r + 1) // W)``."""
+        seq = np.concatenate([np.arange(s["first"], s["first"] + s["count"]) for s in self.shard_order(epoch)])
+        n, r, w = len(seq), self.rank, self.world_size
+        return seq[n * r // w: n * (r + 1) // w]
+
+    def windows_for(self, index, epoch: int) -> CropWindows:
+        """The windows the loader uses for dataset positions ``index`` at ``epoch`` (from the shards' boxes)."""
+        index = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        smp = [self.shards.read_sample(int(i)) for i in index]
+        sizes = np.array([[s["width"], s["height"]] for s in smp], np.int64).reshape(-1, 2)
+        boxes = [s["boxes"] for s in smp]
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
+        flat = np.concatenate(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32)
+        return sample_windows(sizes, flat.reshape(-1, 4), offsets, index, self.seed, epoch, self.config)
+
+    def key_of(self, position: int) -> str:
+        return self.shards.read_sample(int(position))["key"]
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        pipe = self._build(epoch)
+        try:
+            for b in range(len(self)):
+                try:
+                    outs = pipe.run()
+                except Exception as e:  # name what was being read
+                    names = ", ".join(s["name"] for s in self.shard_order(epoch)[:8])
+                    raise RuntimeError(f"reading shards of {self.shards.root} failed in epoch {epoch}, batch {b} "
+                                       f"(rank {self.rank}; this epoch's shard order begins {names}): {e}") from e
+                batch = self._to_torch(outs)
+                self.stats["samples"] += len(batch["index"])
+                yield batch
+            self.stats["epochs"] += 1
+        finally:
+            del pipe   # an epoch's pipeline is never reused: nothing crosses epochs
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _build(self, epoch: int):
+        from nvidia.dali import fn, pipeline_def, types
+        from . import plugin
+        order = [self.shards.tar(s) for s in self.shard_order(epoch)]
+        import torch
+        out_dtype = "float16" if (self.device == "gpu" and self.dtype == torch.float16) else "float32"
+        self._out_dtype = out_dtype
+
+        def graph():
+            jpg, boxes, pos = fn.readers.webdataset(
+                paths=[str(p) for p in order], index_paths=[str(p.with_suffix(".idx")) for p in order],
+                ext=[";".join(IMAGE_EXTS), BOXES, POS], dtypes=[types.UINT8, types.FLOAT, types.INT64],
+                missing_component_behavior="error", shard_id=self.rank, num_shards=self.world_size,
+                random_shuffle=self.shuffle, initial_fill=self.shuffle_buffer, seed=_epoch_seed(self.seed, epoch),
+                stick_to_shard=True, pad_last_batch=False, name="shards")
+            boxes = fn.reshape(boxes, shape=[-1, 4])
+            v1, v2 = plugin.object_views(jpg, pos, boxes, epoch=epoch, config=self.config, recipe=self.recipe,
+                                         seed=self.seed, size=self.size, device=self.device, dtype=out_dtype,
+                                         decoder_kwargs=self._decoder_kwargs if self.device == "gpu" else None,
+                                         crop_op=self._plugin_crop)
+            return v1, v2, pos
+
+        pipe = pipeline_def(graph, enable_conditionals=not self._plugin_crop)(
+            batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=self._device_id if self.device == "gpu" else None, seed=self.seed,
+            prefetch_queue_depth=self._prefetch)
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, outs) -> dict:
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        v1, v2, index = outs
+        idx = torch.from_numpy(np.array(index.as_tensor()).reshape(-1).astype(np.int64))
+        views = []
+        for tl in (v1, v2):
+            if self.device == "gpu":
+                t = tl.as_tensor()
+                dt = torch.float16 if self._out_dtype == "float16" else torch.float32
+                out = torch.empty(t.shape(), dtype=dt, device=f"cuda:{self._device_id}")
+                feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self._device_id))
+            else:
+                out = torch.from_numpy(np.array(tl.as_tensor()))
+            views.append(out if out.dtype == self.dtype else out.to(self.dtype))
+        return {"view1": views[0], "view2": views[1], "index": idx.to(views[0].device)}
