@@ -86,6 +86,7 @@ from . import augment as _augment
 from .boxstore import BoxStore
 from . import plugin
 from .dataset import ImageIndex, coco_images_dir
+from .iteration import resolve_rank, views_to_torch
 from .ops_graph import aug_stages, dali_crop, finish_views
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
@@ -126,25 +127,6 @@ def input_fields(crop_backend: str, roi_decode: bool = True, recipe="mocov2") ->
 # ---------------------------------------------------------------------------------------------
 # sampler
 # ---------------------------------------------------------------------------------------------
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """``(rank, world_size)``: the arguments, else torch.distributed, else torchrun's env, else (0, 1)."""
-    if rank is None or world_size is None:
-        r, w = 0, 1
-        try:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized():
-                r, w = dist.get_rank(), dist.get_world_size()
-            elif "WORLD_SIZE" in os.environ:
-                r, w = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-        except ImportError:  # torch is optional for the pure sampler
-            pass
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return int(rank), int(world_size)
-
-
 def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                   shuffle: bool = True, drop_last: bool = True) -> list[np.ndarray]:
     """This rank's batches of dataset positions for one epoch.
@@ -974,18 +956,4 @@ class ObjCropLoader:
         return self._build()
 
     def _to_torch(self, outs) -> dict:
-        import torch
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        v1, v2, index = outs
-        idx = torch.from_numpy(np.array(index.as_tensor()).reshape(-1).astype(np.int64))
-        views = []
-        for tl in (v1, v2):
-            if self.device == "gpu":
-                t = tl.as_tensor()
-                dt = torch.float16 if self._out_dtype == "float16" else torch.float32
-                out = torch.empty(t.shape(), dtype=dt, device=f"cuda:{self._device_id}")
-                feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self._device_id))
-            else:
-                out = torch.from_numpy(np.array(tl.as_tensor()))
-            views.append(out if out.dtype == self.dtype else out.to(self.dtype))
-        return {"view1": views[0], "view2": views[1], "index": idx.to(views[0].device)}
+        return views_to_torch(outs, self.device, self._device_id, self._out_dtype, self.dtype)

@@ -35,6 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from . import augment as _augment
+from .iteration import resolve_rank, views_to_torch
 from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardSet, sound_shards
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
@@ -45,23 +46,6 @@ def is_shard_set(data) -> bool:
         return False
     p = Path(data)
     return (p.is_dir() and (p / MANIFEST).is_file()) or (p.name == MANIFEST and p.is_file())
-
-
-def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """As ``loader.resolve_rank`` (not imported: ``loader`` imports this module): the arguments,
-    else torch.distributed, else torchrun's ``RANK``/``WORLD_SIZE``, else (0, 1)."""
-    if rank is None or world_size is None:
-        r, w = 0, 1
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            r, w = dist.get_rank(), dist.get_world_size()
-        elif "WORLD_SIZE" in os.environ:
-            r, w = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return int(rank), int(world_size)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -117,7 +101,7 @@ class ShardLoader:
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
         if not plugin.load():
             raise RuntimeError(f"reading shard sets needs dali_objcrop's DALI operators: {plugin.error()}")
-        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.shards = ShardSet.open(data)
         self.usable, damaged = sound_shards(self.shards, on_bad_shard)
         if not self.usable:
@@ -237,18 +221,4 @@ class ShardLoader:
         return pipe
 
     def _to_torch(self, outs) -> dict:
-        import torch
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        v1, v2, index = outs
-        idx = torch.from_numpy(np.array(index.as_tensor()).reshape(-1).astype(np.int64))
-        views = []
-        for tl in (v1, v2):
-            if self.device == "gpu":
-                t = tl.as_tensor()
-                dt = torch.float16 if self._out_dtype == "float16" else torch.float32
-                out = torch.empty(t.shape(), dtype=dt, device=f"cuda:{self._device_id}")
-                feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self._device_id))
-            else:
-                out = torch.from_numpy(np.array(tl.as_tensor()))
-            views.append(out if out.dtype == self.dtype else out.to(self.dtype))
-        return {"view1": views[0], "view2": views[1], "index": idx.to(views[0].device)}
+        return views_to_torch(outs, self.device, self._device_id, self._out_dtype, self.dtype)
