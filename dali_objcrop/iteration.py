@@ -26,6 +26,22 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     return int(rank), int(world_size)
 
 
+def resolve_device_dtype(device: str, dtype) -> tuple[str, object]:
+    """``(device, dtype)`` as an iterator uses them: ``auto`` becomes ``gpu`` where torch sees CUDA, else
+    ``cpu``; a None dtype is float32.  Raises ``ValueError`` naming a bad value."""
+    import torch
+    if device not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("device='gpu' but torch sees no CUDA device")
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+    return device, dtype
+
+
 def views_to_torch(outs, device: str, device_id: int | None, out_dtype: str, dtype) -> dict:
     """``{"view1", "view2", "index"}`` torch tensors from a pipeline's ``(view1, view2, index)`` outputs.
 

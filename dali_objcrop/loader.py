@@ -86,7 +86,7 @@ from . import augment as _augment
 from .boxstore import BoxStore
 from . import plugin
 from .dataset import ImageIndex, coco_images_dir
-from .iteration import resolve_rank, views_to_torch
+from .iteration import resolve_device_dtype, resolve_rank, views_to_torch
 from .ops_graph import aug_stages, dali_crop, finish_views
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
@@ -612,7 +612,6 @@ class ObjCropLoader:
                  max_images: int | None = None, roi_decode: bool = True, prepare_ahead: int = 1,
                  use_plugin: bool | None = None, plugin_crop: bool | None = None,
                  allow_outside_root: bool = False) -> None:
-        import torch
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if batch_size < 1:
@@ -627,15 +626,7 @@ class ObjCropLoader:
             raise ValueError(f"prepare_ahead must be >= 0, got {prepare_ahead!r}")
         if on_bad_image not in ("skip", "raise"):
             raise ValueError(f"on_bad_image must be 'skip' or 'raise', got {on_bad_image!r}")
-        if device not in ("cpu", "gpu", "auto"):
-            raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
-        if device == "auto":
-            device = "gpu" if torch.cuda.is_available() else "cpu"
-        if device == "gpu" and not torch.cuda.is_available():
-            raise ValueError("device='gpu' but torch sees no CUDA device")
-        dtype = torch.float32 if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+        device, dtype = resolve_device_dtype(device, dtype)
         if crop_backend not in CROP_BACKENDS:
             raise ValueError(f"crop_backend must be one of {tuple(CROP_BACKENDS)}, got {crop_backend!r}")
         if crop_backend == "cupy" and device != "gpu":

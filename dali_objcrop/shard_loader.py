@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from . import augment as _augment
-from .iteration import resolve_rank, views_to_torch
+from .iteration import resolve_device_dtype, resolve_rank, views_to_torch
 from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardSet, sound_shards
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
@@ -90,15 +90,7 @@ class ShardLoader:
             raise ValueError("batch_size, size, num_threads, shuffle_buffer must be >= 1 and seed >= 0")
         if on_bad_shard not in ("skip", "raise"):
             raise ValueError(f"on_bad_shard must be 'skip' or 'raise', got {on_bad_shard!r}")
-        if device not in ("cpu", "gpu", "auto"):
-            raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
-        if device == "auto":
-            device = "gpu" if torch.cuda.is_available() else "cpu"
-        if device == "gpu" and not torch.cuda.is_available():
-            raise ValueError("device='gpu' but torch sees no CUDA device")
-        dtype = torch.float32 if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+        device, dtype = resolve_device_dtype(device, dtype)
         if not plugin.load():
             raise RuntimeError(f"reading shard sets needs dali_objcrop's DALI operators: {plugin.error()}")
         self.rank, self.world_size = resolve_rank(rank, world_size)
