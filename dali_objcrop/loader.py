@@ -403,7 +403,7 @@ def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, d
         raise ValueError(f"out_dtype must be 'float32' or 'float16', got {out_dtype!r}")
     kwargs = dict(decoder_kwargs or {}) if device == "gpu" else {}
     if crop_op is None:
-        crop_op = plugin.crop_op_registered(device)
+        crop_op = plugin.crop_op_usable(device, device_id if device == "gpu" else None)[0]
     elif crop_op and not plugin.crop_op_registered(device):
         raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
     pipe = pipeline_def(_plugin_graph, enable_conditionals=not crop_op)(
@@ -693,12 +693,18 @@ class ObjCropLoader:
             self._boxes_store = self._plugin_boxes_store(boxes)
             self._prepare, self._fields = self._src.handover, plugin_fields(self._boxes_store is not None)
         self._plugin_crop = None
+        why_not = ""
         if self.uses_plugin:
-            self._plugin_crop = plugin.crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
+            if plugin_crop is None:   # on a GPU: only after its first-use self-test passed on this device
+                self._plugin_crop, why_not = plugin.crop_op_usable(device, device_id)
+            else:
+                self._plugin_crop = bool(plugin_crop)
             if self._plugin_crop and not plugin.crop_op_registered(device):
                 raise RuntimeError(f"plugin_crop=True but fn.objcrop.crop has no {device} backend")
         self.stats["pipeline"] = (("plugin:crop-op" if self._plugin_crop else "plugin:dali-ops-crop")
                                   if self.uses_plugin else "dali-ops")
+        if why_not and plugin.crop_op_registered(device):    # built, but refused by the self-test: say so
+            self.stats["pipeline"] += f" ({why_not})"
 
     # ---- setup helpers -------------------------------------------------------------------
     @staticmethod

@@ -115,12 +115,17 @@ class ShardLoader:
         if device == "gpu" and device_id is None:
             self._device_id = torch.cuda.current_device()
         self._prefetch, self._decoder_kwargs = prefetch_queue_depth, decoder_kwargs
-        self._plugin_crop = plugin.crop_op_registered(device) if plugin_crop is None else bool(plugin_crop)
+        why_not = ""
+        if plugin_crop is None:       # on a GPU: only after its first-use self-test passed on this device
+            self._plugin_crop, why_not = plugin.crop_op_usable(device, self._device_id)
+        else:
+            self._plugin_crop = bool(plugin_crop)
         self._next_epoch = 0
         self.uses_plugin = True
         self.stats: dict = {"shards": len(self.shards.shards), "damaged_shards": damaged,
                             "samples_in_usable_shards": self.num_samples, "samples": 0, "epochs": 0,
-                            "pipeline": "plugin:webdataset:" + ("crop-op" if self._plugin_crop else "dali-ops-crop")}
+                            "pipeline": "plugin:webdataset:" + ("crop-op" if self._plugin_crop else "dali-ops-crop")
+                            + (f" ({why_not})" if why_not and plugin.crop_op_registered(device) else "")}
 
     # ---- public API ---------------------------------------------------------------------------
     def __len__(self) -> int:

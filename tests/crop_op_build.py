@@ -2,8 +2,9 @@
 
 The operators are built and loaded by the package itself (``dali_objcrop.plugin.load``: g++ and, where
 nvcc is found, nvcc against the installed DALI, cached by DALI version and source hash), so every test
-module of a session registers the same library once.  The emulator (csrc/objcrop_crop_emulate.cpp) is
-compiled with g++ into ``$DALI_OBJCROP_HOME/test-crop/emu-<sha>/`` (default ``~/.cache/dali_objcrop``).
+module of a session registers the same library once.  The emulator
+(csrc/check/crop_emulate.cpp, with the operator's own launch plan csrc/dali/objcrop_crop_plan.h) is compiled
+with g++ into ``$DALI_OBJCROP_HOME/test-crop/emu-<sha>/`` (default ``~/.cache/dali_objcrop``).
 """
 from __future__ import annotations
 
@@ -32,17 +33,18 @@ def load_crop_op() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def load_gpu_emulator():
-    """ctypes handle of csrc/objcrop_crop_emulate.cpp (the GPU kernels run serially on the CPU), cached."""
+    """ctypes handle of csrc/check/crop_emulate.cpp (the GPU kernels run serially on the CPU), cached."""
     import ctypes
-    src = REPO / "csrc" / "objcrop_crop_emulate.cpp"
-    deps = [src, DALI_SRC / "objcrop_crop_kernels.h", DALI_SRC / "objcrop_augment.h", REPO / "csrc" / "objcrop_core.h"]
+    src = REPO / "csrc" / "check" / "crop_emulate.cpp"
+    deps = [src, REPO / "csrc" / "check" / "crop_check.h", *sorted(DALI_SRC.glob("*.h")), REPO / "csrc" / "objcrop_core.h"]
     h = hashlib.sha256(b"".join(d.read_bytes() for d in deps)).hexdigest()[:16]
     home = Path(os.environ.get("DALI_OBJCROP_HOME", Path.home() / ".cache" / "dali_objcrop"))
     lib = home / "test-crop" / f"emu-{h}" / "liboc_crop_emu.so"
     if not lib.is_file():
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.parent / f"tmp-{os.getpid()}.so"
-        res = subprocess.run(["g++", "-std=c++17", "-O2", "-fPIC", "-shared", str(src), "-o", str(tmp)],
+        res = subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{DALI_SRC}",
+                              f"-I{src.parent}", str(src), "-o", str(tmp)],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"g++ failed on {src}:\n{res.stderr[-4000:]}")
@@ -50,10 +52,9 @@ def load_gpu_emulator():
     return ctypes.CDLL(str(lib))
 
 
-def emulate_gpu_crop(ims, windows, flips, aug, size: int, norm, kind: int, contrast_center: float = 128.0,
-                     row_threads: int = 128, col_threads: int = 256):
-    """Both views as the GPU backend's kernels compute them (emulated): two (N, 3, S, S) arrays, float32
-    for kind 0, uint16 bit patterns for 1 (float16) / 2 (bfloat16)."""
+def emulate_gpu_crop(ims, windows, flips, aug, size: int, norm, kind: int, contrast_center: float = 128.0):
+    """Both views as the GPU backend's kernels compute them with its launch plan (emulated): two
+    (N, 3, S, S) arrays, float32 for kind 0, uint16 bit patterns for 1 (float16) / 2 (bfloat16)."""
     import ctypes
 
     import numpy as np
@@ -72,8 +73,9 @@ def emulate_gpu_crop(ims, windows, flips, aug, size: int, norm, kind: int, contr
     p = ctypes.c_void_p
     rc = emu.oc_emu_crop_aug(ctypes.c_int(n), p(ptrs.ctypes.data), p(sizes.ctypes.data), p(win.ctypes.data),
                              p(fl.ctypes.data), p(au.ctypes.data), ctypes.c_int(size), p(nm.ctypes.data),
-                             ctypes.c_float(contrast_center), ctypes.c_int(kind), p(out_ptrs.ctypes.data),
-                             ctypes.c_int(row_threads), ctypes.c_int(col_threads))
+                             ctypes.c_float(contrast_center), ctypes.c_int(kind), p(out_ptrs.ctypes.data))
+    if rc == -1:
+        raise ValueError("the launch plan refuses the batch (size or batch over the GPU limits)")
     if rc != 0:
         raise ValueError(f"invalid aug row for view {rc - 1}")
     return outs

@@ -340,9 +340,9 @@ def test_bad_inputs_are_named(op):
 # ---- the CUDA backend -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_kernels_emulated_equal_cpu_op(op, dtype):
-    """The GPU backend's two kernels (objcrop_crop_kernels.h, run serially on the CPU with their grids:
-    rows, shared-memory row blur, scratch slots, flattened column blur) == the CPU operator and the NumPy
-    reference, odd block sizes included (threads striding over a row, partial column blocks)."""
+    """The GPU backend's two kernels (objcrop_crop_kernels.h, run serially on the CPU with the operator's
+    launch plan: rows, shared-memory row blur, scratch slots, flattened column blur, the packed parameter
+    block) == the CPU operator and the NumPy reference."""
     from dali_objcrop.kernels.common import norm_params
     ims = _images(1)
     win, flip, keys = _windows(ims, seed=21)
@@ -351,16 +351,14 @@ def test_gpu_kernels_emulated_equal_cpu_op(op, dtype):
     size = 40
     cpu = _run_op(ims, win, flip, aug, size, dtype)
     ref = reference.crop_augment_reference(ims, win, flip, aug, size, MEAN_PX, STD_PX)
-    for rows, cols in ((128, 256), (32, 96)):
-        emu = emulate_gpu_crop(ims, win, flip, aug, size, norm_params(MEAN_PX, STD_PX), kind,
-                               row_threads=rows, col_threads=cols)
-        for v in (0, 1):
-            e = emu[v]
-            if kind:
-                e = (e.astype(np.uint32) << 16).view(np.float32) if kind == 2 else e.view(np.float16)
-            e = e.astype(np.float32)
-            np.testing.assert_allclose(e, cpu[v], rtol=0, atol=1e-5 if kind == 0 else 0.02)
-            _within_a_level(e, ref[v])
+    emu = emulate_gpu_crop(ims, win, flip, aug, size, norm_params(MEAN_PX, STD_PX), kind)
+    for v in (0, 1):
+        e = emu[v]
+        if kind:
+            e = (e.astype(np.uint32) << 16).view(np.float32) if kind == 2 else e.view(np.float16)
+        e = e.astype(np.float32)
+        np.testing.assert_allclose(e, cpu[v], rtol=0, atol=1e-5 if kind == 0 else 0.02)
+        _within_a_level(e, ref[v])
 
 
 @pytest.mark.skipif(build.nvcc() is None, reason="nvcc not installed")

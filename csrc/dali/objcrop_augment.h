@@ -34,6 +34,10 @@
 #define OC_AUG_SOLARIZE 8    // solarise applied (0/1)
 #define OC_AUG_K 9
 
+// Taps per blur pass at most (a wider window is refused by name, not run for hours): the recipes' windows are
+// 2 * ceil(3 sigma) + 1, 13 taps for sigma 2.
+#define OC_MAX_BLUR_WINDOW 1023
+
 // ---- colour -------------------------------------------------------------------------------------
 // 3x3 (row-major) times 3x3, double.
 OC_HD void oc_mat3_mul(const double* a, const double* b, double* out) {
@@ -78,14 +82,14 @@ OC_HD void oc_apply_colour(const float* m, float* rgb) {
 }
 
 // ---- blur ---------------------------------------------------------------------------------------
-// fn.filter's default border "reflect_101" (OpenCV BORDER_REFLECT_101): index i of a line of n.
+// fn.filter's default border "reflect_101" (OpenCV BORDER_REFLECT_101): index i of a line of n, in closed
+// form (the reflection is periodic with period 2n - 2), so a window far wider than the line costs no loop.
 OC_HD int oc_reflect101(int i, int n) {
   if (n == 1) return 0;
-  while (i < 0 || i >= n) {
-    if (i < 0) i = -i;
-    if (i >= n) i = 2 * n - 2 - i;
-  }
-  return i;
+  const int period = 2 * n - 2;
+  i %= period;
+  if (i < 0) i += period;
+  return i < n ? i : period - i;
 }
 
 // The normalised 1-D Gaussian of augment.gaussian_kernels: taps[k] for k < size, centred on size / 2,
@@ -149,8 +153,8 @@ struct OcViewParams {
 };
 
 // Fill the colour / blur / solarise fields of p from one row of `aug` (OC_AUG_K floats).  Returns 0,
-// or the number (1-based) of the first invalid column: blur_window must be odd, >= 1 and sigma > 0
-// when the blur is applied.
+// or the number (1-based) of the first invalid column: blur_window must be odd, in [1, OC_MAX_BLUR_WINDOW],
+// and sigma > 0 when the blur is applied.
 OC_HD int oc_view_from_aug(const float* aug, double contrast_center, OcViewParams* p) {
   p->do_colour = aug[OC_AUG_COLOUR] != 0.0f;
   if (p->do_colour)
@@ -162,7 +166,8 @@ OC_HD int oc_view_from_aug(const float* aug, double contrast_center, OcViewParam
   if (aug[OC_AUG_BLUR] != 0.0f) {
     float w = aug[OC_AUG_BLUR_WINDOW];
     if (!(aug[OC_AUG_SIGMA] > 0.0f)) return OC_AUG_SIGMA + 1;
-    if (!(w >= 1.0f && w < 1e6f) || (float)(int)w != w || ((int)w) % 2 == 0) return OC_AUG_BLUR_WINDOW + 1;
+    if (!(w >= 1.0f && w <= (float)OC_MAX_BLUR_WINDOW) || (float)(int)w != w || ((int)w) % 2 == 0)
+      return OC_AUG_BLUR_WINDOW + 1;
     p->blur_size = (int)w;
   }
   p->do_solarize = aug[OC_AUG_SOLARIZE] != 0.0f;

@@ -1,18 +1,23 @@
 // objcrop_crop.h -- the fused crop-and-augment DALI operator objcrop__Crop (fn.objcrop.crop).
 //
 // One class template for both backends: argument parsing, input validation and the per-view parameter
-// blocks (OcViewParams, objcrop_augment.h) are shared; RunImpl is specialised in objcrop_crop.cc (CPU:
-// per view on DALI's thread pool) and objcrop_crop.cu (GPU: the kernels of objcrop_crop_kernels.h on
+// blocks (OcViewParams, built by objcrop_crop_plan.h, the DALI-free launch plan) are shared; RunImpl is specialised in objcrop_crop.cc (CPU:
+// per view on DALI's thread pool) and objcrop_crop_gpu.cc (GPU: the kernels of objcrop_crop_kernels.h on
 // ws.stream() for the whole batch).  The schema is in objcrop_crop.cc.
 #ifndef OBJCROP_CROP_H
 #define OBJCROP_CROP_H
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dali/pipeline/operator/checkpointing/stateless_operator.h"
 #include "dali/pipeline/operator/operator.h"
-#include "objcrop_augment.h"
+#include "objcrop_crop_plan.h"
+
+// objcrop_crop_kernels.cu: the two kernels of a finished plan on `stream` (objcrop_crop_launch.h), compiled by nvcc.
+cudaError_t oc_crop_launch_kernels(const OcCropPlan &plan, const void *d_packed, float *d_scratch,
+                                   cudaStream_t stream);
 
 namespace objcrop {
 
@@ -49,6 +54,10 @@ class ObjCropCrop : public dali::StatelessOperator<Backend> {
       norm_[c] = mean[c];
       norm_[3 + c] = 1.0f / stdev[c];
     }
+    if (std::is_same<Backend, dali::GPUBackend>::value) {  // the kernels' limits, at pipeline build
+      std::string err = oc_check_limits(spec.GetArgument<int>("max_batch_size"), size_);
+      DALI_ENFORCE(err.empty(), "objcrop.crop (GPU): " + err);
+    }
   }
 
  protected:
@@ -66,8 +75,7 @@ class ObjCropCrop : public dali::StatelessOperator<Backend> {
                                    windows.type(), ", ", flips.type(), ", ", aug.type()));
     DALI_ENFORCE(windows.num_samples() == n && flips.num_samples() == n && aug.num_samples() == n,
                  "objcrop.crop: images, windows, flip and aug need the same batch size");
-    params_.resize(2 * n);
-    taps_.clear();
+    oc_plan_begin(plan_, n, size_, out_kind_, norm_);
     for (int i = 0; i < n; ++i) {
       auto sh = images.tensor_shape(i);
       DALI_ENFORCE(sh.size() == 3 && sh[2] == 3 && sh[0] >= 1 && sh[1] >= 1,
@@ -80,28 +88,10 @@ class ObjCropCrop : public dali::StatelessOperator<Backend> {
       const int *w = windows.template tensor<int>(i);
       const uint8_t *f = flips.template tensor<uint8_t>(i);
       const float *a = aug.template tensor<float>(i);
-      int img_h = static_cast<int>(sh[0]), img_w = static_cast<int>(sh[1]);
       for (int v = 0; v < 2; ++v) {
-        OcViewParams &p = params_[2 * i + v];
-        const int *wv = w + 4 * v;
-        DALI_ENFORCE(0 <= wv[0] && wv[0] < wv[2] && wv[2] <= img_w && 0 <= wv[1] && wv[1] < wv[3] &&
-                         wv[3] <= img_h,
-                     dali::make_string("objcrop.crop: sample ", i, " view ", v, ": window [", wv[0], ", ", wv[1],
-                                       ", ", wv[2], ", ", wv[3], ") is not inside the ", img_w, "x", img_h,
-                                       " image (windows are [x1, y1, x2, y2) in the decoded image)"));
-        for (int k = 0; k < 4; ++k) p.win[k] = wv[k];
-        p.img_w = img_w;
-        p.img_h = img_h;
-        p.flip = f[v] != 0;
-        int bad = oc_view_from_aug(a + OC_AUG_K * v, contrast_center_, &p);
-        DALI_ENFORCE(bad == 0, dali::make_string("objcrop.crop: sample ", i, " view ", v, ": invalid aug column ",
-                                                 bad - 1, " (blur needs sigma > 0 and an odd blur_window >= 1)"));
-        p.blur_offset = static_cast<int>(taps_.size());
-        p.scratch = -1;
-        if (p.blur_size) {
-          taps_.resize(taps_.size() + p.blur_size);
-          oc_gaussian_taps(a[OC_AUG_K * v + OC_AUG_SIGMA], p.blur_size, taps_.data() + p.blur_offset);
-        }
+        std::string err = oc_plan_view(plan_, i, v, static_cast<int>(sh[1]), static_cast<int>(sh[0]), w + 4 * v,
+                                       f[v], a + OC_AUG_K * v, contrast_center_);
+        DALI_ENFORCE(err.empty(), "objcrop.crop: " + err);
       }
     }
     output_desc.resize(2);
@@ -118,8 +108,7 @@ class ObjCropCrop : public dali::StatelessOperator<Backend> {
   int out_kind_ = OC_OUT_F32;
   float contrast_center_ = 128.0f;
   float norm_[6] = {0, 0, 0, 1, 1, 1};
-  std::vector<OcViewParams> params_;   // 2 per sample, filled in SetupImpl, addresses in RunImpl
-  std::vector<float> taps_;            // every blurred view's Gaussian taps
+  OcCropPlan plan_;  // per-view blocks and taps from SetupImpl; addresses, grids and the packed block in RunImpl
 };
 
 }  // namespace objcrop

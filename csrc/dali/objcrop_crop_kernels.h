@@ -3,7 +3,8 @@
 //
 // The arithmetic is the OC_HD code of ../objcrop_core.h (oc_resample_pixel, the fused kernel's
 // resampler) and objcrop_augment.h (colour, reflect-101 Gaussian blur, solarise, normalise, stores), the
-// same functions the CPU backend calls.  Two launches per batch, both on the operator's stream:
+// same functions the CPU backend calls.  Two launches per batch, both on the operator's stream, with the grids,
+// shared memory and parameter layout of objcrop_crop_plan.h (launched by objcrop_crop_launch.h):
 //
 // oc_crop_rows_kernel  grid (S, 2, N): one block per output row of one view.  Each thread resamples
 //   pixels x = tid, tid + blockDim.x, ... of the row (3 channels), applies the colour twist + clamp;
@@ -15,10 +16,7 @@
 #ifndef OBJCROP_CROP_KERNELS_H
 #define OBJCROP_CROP_KERNELS_H
 
-#include "objcrop_augment.h"
-
-#define OC_ROW_THREADS 128
-#define OC_COL_THREADS 256
+#include "objcrop_crop_plan.h"  // OcViewParams, OC_ROW_THREADS, OC_COL_THREADS
 
 __device__ __forceinline__ void oc_finish_pixel(const OcViewParams& p, const float* __restrict__ norm, int S,
                                                 int pix, const float* rgb, int out_kind) {
@@ -30,7 +28,7 @@ __device__ __forceinline__ void oc_finish_pixel(const OcViewParams& p, const flo
 }
 
 // The row kernel's two phases around its barrier (separate functions so that the CPU emulation in
-// csrc/objcrop_crop_emulate.cpp can run every thread's first phase before any second phase).
+// csrc/check/crop_emulate.cpp can run every thread's first phase before any second phase).
 // Phase 1: resample + colour pixel x = tid, tid + blockDim.x, ...; finished here when not blurred, else
 // kept in the shared row.  Returns whether the view is blurred (uniform over the block).
 __device__ __forceinline__ int oc_rows_phase1(const OcViewParams& p, const float* __restrict__ norm, int S,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from .build import PluginBuildError, library_path
 
 __all__ = ["PluginBuildError", "library_path", "load", "available", "has_op", "windows", "windows_arguments",
-           "WindowsOutputs", "AUG_COLUMNS", "object_views", "error"]
+           "WindowsOutputs", "AUG_COLUMNS", "object_views", "error", "crop_op_registered", "crop_op_usable"]
 
 # Column order of the windows operator's ``aug`` output (PLUGIN_CONTRACT.md).
 AUG_COLUMNS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
@@ -211,6 +211,22 @@ def crop_op_registered(device: str) -> bool:
     return "objcrop__Crop" in ops
 
 
+def crop_op_usable(device: str, device_id: int | None = None) -> tuple[bool, str]:
+    """Whether the default pipelines should use ``fn.objcrop.crop`` on ``device``: ``(ok, why not)``.
+
+    On the GPU the backend must also pass its first-use self-test on ``device_id`` (GPU vs CPU operator on
+    a tiny batch, cached per library build and GPU model: :mod:`.selftest`); a failure warns once and the
+    callers use the DALI-ops crop stage.
+    """
+    if not crop_op_registered(device):
+        return False, f"fn.objcrop.crop has no {device} backend in the loaded operators"
+    if device != "gpu":
+        return True, ""
+    from .selftest import gpu_crop_verified
+    ok, why = gpu_crop_verified(device_id)
+    return ok, ("" if ok else f"GPU self-test failed: {why}")
+
+
 
 def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", seed: int = 0,
                  size: int = 224, device: str = "cpu", dtype: str = "float32", mean=None, std=None,
@@ -239,7 +255,8 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
         mean, std: per channel in [0, 1] units (default ImageNet's).
         boxes_store, store_row: see :func:`windows`.
         decoder_kwargs: extra decoder arguments (``hw_decoder_load``, preallocation hints; GPU).
-        crop_op: use ``fn.objcrop.crop``; None: where it is built for ``device``.
+        crop_op: use ``fn.objcrop.crop``; None: where it is built for ``device`` (and, on a GPU, has
+            passed its first-use self-test: :func:`crop_op_usable`).
 
     Returns:
         ``(view1, view2)`` nodes, (3, size, size) per sample (CHW).
@@ -251,8 +268,10 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if not load():
         raise RuntimeError(f"dali_objcrop's operators are not available: {error()}")
-    if crop_op is None:
-        crop_op = crop_op_registered(device)
+    if crop_op is None:   # on a GPU only once the backend has passed its self-test on this device
+        from nvidia.dali.pipeline import Pipeline
+        current = Pipeline.current()
+        crop_op = crop_op_usable(device, current.device_id if current is not None else None)[0]
     elif crop_op and not crop_op_registered(device):
         raise RuntimeError(f"fn.objcrop.crop has no {device} backend in the loaded operators")
     mean = [m * 255 for m in (IMAGENET_MEAN if mean is None else mean)]

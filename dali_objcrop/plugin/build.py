@@ -2,15 +2,20 @@
 
 Every ``csrc/dali/*.cc`` is compiled with the C++ compiler (``$CXX`` or g++)
 and, where CUDA's compiler is found (``$NVCC``, ``$CUDA_HOME/bin/nvcc`` or
-``nvcc`` on the PATH), every ``csrc/dali/*.cu`` with nvcc, against the
-installed DALI's headers and ``libdali`` (``nvidia.dali.sysconfig`` flags).
+``nvcc`` on the PATH), the CUDA part too: ``*_gpu.cc`` (the GPU operator's host
+code, g++) and ``*.cu`` (the kernels alone, no DALI header, nvcc for every
+architecture the installed CUDA supports from Turing, sm_75, up, plus PTX of the
+newest so later GPUs JIT it; ``$DALI_OBJCROP_CUDA_ARCHS=90`` or ``75,90``
+narrows the list), against the installed DALI's headers and ``libdali``
+(``nvidia.dali.sysconfig`` flags).  Files compile in parallel.
 The result lives in::
 
     $DALI_OBJCROP_HOME/plugin/<dali version>-<sha>/libdali_objcrop_ops.so
 
 (default home ``~/.cache/dali_objcrop``), where ``sha`` hashes the sources
-(``csrc/dali/*`` and ``csrc/*.h``), the flags and the compilers, so an edited
-source, another DALI release or another toolchain builds a fresh library and
+(``csrc/dali/*`` and ``csrc/*.h``), the flags, the compilers' paths and their
+versions, so an edited source, another DALI release or another toolchain (also
+one upgraded in place) builds a fresh library and
 never loads a stale one: DALI does not promise a stable C++ ABI across
 releases (setup.py pins the range this is built and tested against).
 
@@ -26,21 +31,24 @@ so that parallel processes (DDP ranks, test workers) build it only once.
 from __future__ import annotations
 
 import fcntl
+import functools
 import glob
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 LIB_NAME = "libdali_objcrop_ops.so"
 CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w")
 # -ffp-contract=off: no FMA contraction, so the window arithmetic rounds as NumPy does.
-NVCC_FLAGS = ("-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-fmad=false", "-w",
-              "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-              "-gencode=arch=compute_90,code=compute_90")
+# -fmad=false: the kernels round as the CPU operator does (the kernel check finds them bit-identical)
+NVCC_FLAGS = ("-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-fmad=false", "-w")
+MIN_CUDA_ARCH = 75   # Turing: the oldest architecture CUDA 13 still builds for
 
 
 class PluginBuildError(RuntimeError):
@@ -82,6 +90,42 @@ def nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+@functools.lru_cache(maxsize=None)
+def _tool_version(path: str) -> str:
+    """The last line of ``path --version`` (nvcc: the release and build; g++: the first line), cached."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({e})"
+    lines = out.splitlines()
+    return (lines[-1] if "nvcc" in Path(path).name else lines[0]) if lines else "unknown"
+
+
+def cuda_archs(nvcc_path: str | None = None) -> list[int]:
+    """The architectures the CUDA build targets: ``$DALI_OBJCROP_CUDA_ARCHS`` (e.g. ``90`` or ``75,90``),
+    else every real one ``nvcc --list-gpu-code`` names from sm_75 up (no ``a``/``f`` variants)."""
+    env = os.environ.get("DALI_OBJCROP_CUDA_ARCHS", "").strip()
+    if env:
+        try:
+            archs = sorted({int(a.strip().removeprefix("sm_")) for a in env.split(",") if a.strip()})
+        except ValueError:
+            raise PluginBuildError(f"DALI_OBJCROP_CUDA_ARCHS={env!r}: give numbers such as 90 or 75,90") from None
+        return archs
+    nvcc_path = nvcc_path or nvcc()
+    try:
+        out = subprocess.run([nvcc_path, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError, TypeError):
+        out = ""
+    archs = sorted({int(m) for m in re.findall(r"^sm_(\d+)$", out, re.M) if int(m) >= MIN_CUDA_ARCH})
+    return archs or [80, 90]   # an nvcc too old to list its targets
+
+
+def gencode_flags(archs: list[int]) -> list[str]:
+    """nvcc ``-gencode`` flags: machine code for each architecture, PTX of the newest (JIT on later GPUs)."""
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs] + \
+        [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
 def _complete(include: Path) -> bool:
     return (include / "cuda_runtime.h").is_file() and (include / "crt" / "host_config.h").is_file()
 
@@ -118,12 +162,16 @@ def _dali_flags() -> tuple[list[str], list[str]]:
 def build_key(cuda: bool, sources: Path | None = None) -> tuple[str, list[Path]]:
     """``(<dali version>-<sha16>, source files)`` of a build: the cache folder's name and what is compiled."""
     src = sources or sources_dir()
-    files = sorted(src.glob("*.cc")) + (sorted(src.glob("*.cu")) if cuda else [])
+    # *_gpu.cc: the GPU operator's host code, which calls the kernels of *.cu: part of the CUDA build only
+    files = sorted(f for f in src.glob("*.cc") if cuda or not f.name.endswith("_gpu.cc"))
+    files += sorted(src.glob("*.cu")) if cuda else []
     headers = sorted(src.glob("*.h")) + sorted(src.parent.glob("*.h"))
     h = hashlib.sha256()
     cflags, lflags = _dali_flags()
     compilers = [cxx() or "", (nvcc() or "") if cuda else ""]
-    for part in [*CXX_FLAGS, *(NVCC_FLAGS if cuda else ()), *cflags, *lflags, *compilers, str(cuda)]:
+    versions = [_tool_version(c) for c in compilers if c]
+    nvcc_flags = [*NVCC_FLAGS, *gencode_flags(cuda_archs())] if cuda else []
+    for part in [*CXX_FLAGS, *nvcc_flags, *cflags, *lflags, *compilers, *versions, str(cuda)]:
         h.update(part.encode() + b"\0")
     for f in files + headers:
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -181,18 +229,23 @@ def library_path(cuda: bool | None = None, sources: Path | None = None, verbose:
         if lib.is_file():
             return lib
         cflags, lflags = _dali_flags()
+        nvcc_flags = [*NVCC_FLAGS, *gencode_flags(cuda_archs())] if cuda else []
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            objs = []
+            cmds = []
             for f in files:
                 obj = Path(tmp) / (f.name + ".o")
                 if f.suffix == ".cu":
-                    cmd = [nvcc(), *NVCC_FLAGS, *cflags, f"-I{inc}", "-c", str(f), "-o", str(obj)]
+                    cmd = [nvcc(), *nvcc_flags, *cflags, f"-I{inc}", "-c", str(f), "-o", str(obj)]
                 else:
                     cmd = [compiler, *CXX_FLAGS, *cflags, f"-I{inc}", "-c", str(f), "-o", str(obj)]
                 if verbose:
                     print(" ".join(cmd), file=sys.stderr)
-                _run(cmd, f"compiling {f.name}")
-                objs.append(str(obj))
+                cmds.append((cmd, f"compiling {f.name}", str(obj)))
+            # the files are independent: one compiler per core (each takes ~10 s of DALI headers)
+            with ThreadPoolExecutor(max_workers=max(1, min(len(cmds), os.cpu_count() or 1))) as pool:
+                for fut in [pool.submit(_run, cmd, what) for cmd, what, _ in cmds]:
+                    fut.result()
+            objs = [obj for _, _, obj in cmds]
             link = [compiler, "-shared", "-o", str(Path(tmp) / LIB_NAME), *objs, *lflags]
             if cuda:  # the kernels' launches need CUDA's runtime: its static library, beside the headers
                 root = inc.resolve().parent

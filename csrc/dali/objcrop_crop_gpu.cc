@@ -1,0 +1,52 @@
+// objcrop_crop_gpu.cc -- GPU backend of objcrop__Crop (fn.objcrop.crop); the schema is in objcrop_crop.cc.
+//
+// Host code only (g++, part of the CUDA build: build.py compiles *_gpu.cc only with the *.cu): the kernels
+// and their launch are in objcrop_crop_kernels.cu, the one file nvcc compiles for every architecture, kept
+// free of DALI's heavy headers so that a build for sm_75 ... sm_120 + PTX stays quick.
+//
+// Per batch: the launch plan (objcrop_crop_plan.h; its per-view blocks were built in SetupImpl from the CPU
+// inputs windows / flip / aug) gets the image and output addresses, scratch slots, grids and shared memory;
+// its packed block (parameters, Gaussian taps, blurred views, normalisation) goes to the device in one copy
+// through DALI's scratchpad, the blur's intermediate buffer (S x S x 3 floats per blurred view) comes from
+// the same scratchpad (stream-ordered), and objcrop_crop_launch.h launches the two kernels on ws.stream().
+// The standalone kernel check (csrc/check/) runs the same plan and launch code with no DALI.
+#include <vector>
+
+#include "dali/core/cuda_error.h"
+#include "dali/kernels/dynamic_scratchpad.h"
+#include "objcrop_crop.h"
+
+namespace objcrop {
+
+template <>
+void ObjCropCrop<dali::GPUBackend>::RunImpl(dali::Workspace &ws) {
+  const auto &images = ws.Input<dali::GPUBackend>(0);
+  auto &out0 = ws.Output<dali::GPUBackend>(0);
+  auto &out1 = ws.Output<dali::GPUBackend>(1);
+  out0.SetLayout("CHW");
+  out1.SetLayout("CHW");
+  const int n = images.num_samples();
+  if (n == 0) return;
+  cudaStream_t stream = ws.stream();
+  for (int i = 0; i < n; ++i) {
+    for (int v = 0; v < 2; ++v) {
+      OcViewParams &p = plan_.params[2 * i + v];
+      p.image = reinterpret_cast<unsigned long long>(images.raw_tensor(i));
+      p.out = reinterpret_cast<unsigned long long>((v == 0 ? out0 : out1).raw_mutable_tensor(i));
+    }
+  }
+  std::string err = oc_plan_finish(plan_);
+  DALI_ENFORCE(err.empty(), "objcrop.crop (GPU): " + err);
+  dali::kernels::DynamicScratchpad scratchpad(dali::AccessOrder{stream});
+  const unsigned long long *d_packed = std::get<0>(scratchpad.ToContiguousGPU(stream, plan_.packed));
+  float *d_scratch = plan_.scratch_floats ? scratchpad.AllocateGPU<float>(plan_.scratch_floats, 256) : nullptr;
+  CUDA_CALL(oc_crop_launch_kernels(plan_, d_packed, d_scratch, stream));
+}
+
+}  // namespace objcrop
+
+namespace dali {
+
+DALI_REGISTER_OPERATOR(objcrop__Crop, objcrop::ObjCropCrop<GPUBackend>, GPU);
+
+}  // namespace dali
