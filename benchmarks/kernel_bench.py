@@ -11,6 +11,10 @@ decode excluded (decoded images already in GPU memory):
   * ``dali-ops``: DALI ``fn.resize`` (ROI per view, antialias) + ``crop_mirror_normalize``
     on the same GPU images fed by ``external_source`` (DALI only).
   * ``numpy-windows``: ``sample_windows`` alone for the batch (CPU), for scale.
+  * ``objcrop-crop-op``: ``fn.objcrop.crop(device="gpu")`` (the plugin's fused operator) on the same GPU
+    images, every view colour-jittered and blurred (DALI and the operators needed).
+  * ``dali-ops+colour+blur``: DALI's own stages doing the same work: ROI ``fn.resize`` + ``fn.color_twist``
+    + ``fn.gaussian_blur`` (per-sample sigma and window) + ``crop_mirror_normalize``.
 decode included (JPEG bytes in host memory):
   * ``dali-ops``: DALI ``decoders.image(device="mixed")`` + ROI resize + normalise.
   * ``cupy-in-dali``: DALI decode + ``python_function`` (the loader's ``cupy`` backend) + normalise.
@@ -311,6 +315,73 @@ def main(argv=None) -> int:
         pipe = dali_pipe(graph)
         return timed(lambda it: pipe.run(), lambda: None, B, args.seconds, args.warmup)
 
+    def full_aug(it):
+        """windows (B, 2, 4), flips (B, 2), aug (B, 2, 9) with colour and blur on for every view."""
+        cw = sample_windows(sizes, boxes, offsets, index, 0, it, cfg)
+        r = np.random.default_rng(it)
+        aug = np.zeros((B, 2, 9), np.float32)
+        sigma = r.uniform(0.1, 2.0, (B, 2))
+        aug[..., 0], aug[..., 1:4] = 1, r.uniform(0.6, 1.4, (B, 2, 3))
+        aug[..., 4], aug[..., 5], aug[..., 6] = r.uniform(-36, 36, (B, 2)), 1, sigma
+        aug[..., 7] = 2 * np.ceil(3 * sigma) + 1
+        return cw, aug
+
+    def objcrop_crop_op():
+        _need_dali()
+        _need_gpu()
+        from dali_objcrop import plugin
+        from nvidia.dali import fn
+        if not (plugin.load() and plugin.crop_op_registered("gpu")):
+            raise RuntimeError(f"fn.objcrop.crop has no GPU backend here: {plugin.error()}")
+        dev = gpu_images()[1]
+        counter = {"it": 0}
+
+        def inputs():
+            counter["it"] += 1
+            cw, aug = full_aug(counter["it"])
+            return list(cw.windows.astype(np.int32)), list(cw.flip.astype(np.uint8)), list(aug)
+
+        def graph():
+            ims = fn.external_source(source=lambda: dev, batch=True, device="gpu", layout="HWC", no_copy=True)
+            w, f, a = fn.external_source(source=inputs, num_outputs=3, batch=True)
+            return tuple(fn.objcrop.crop(ims, w, f, a, size=S, mean=MEAN_PX, std=STD_PX, device="gpu"))
+        pipe = dali_pipe(graph)
+        return timed(lambda it: pipe.run(), lambda: None, B, args.seconds, args.warmup)
+
+    def dali_ops_full():
+        _need_dali()
+        from dali_objcrop.loader import window_rois
+        dev = gpu_images()[1] if dali_gpu else rgb
+        from nvidia.dali import fn, types
+        counter = {"it": 0}
+
+        def inputs():
+            counter["it"] += 1
+            cw, aug = full_aug(counter["it"])
+            rois = window_rois(cw.windows, cw.flip)
+            per_view = []
+            for v in (0, 1):
+                per_view += [aug[:, v, 1].copy(), aug[:, v, 2].copy(), aug[:, v, 3].copy(), aug[:, v, 4].copy(),
+                             aug[:, v, 6].copy(), aug[:, v, 7].astype(np.int32)]
+            return [*rois, *per_view]
+
+        def graph():
+            ims = fn.external_source(source=lambda: dev, batch=True, device="gpu" if dali_gpu else "cpu",
+                                     layout="HWC", no_copy=True)
+            x = fn.external_source(source=inputs, num_outputs=16, batch=True)
+            outs = []
+            for v in (0, 1):
+                r = fn.resize(ims, size=[S, S], roi_start=x[2 * v], roi_end=x[2 * v + 1], roi_relative=False,
+                              interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+                b, c, sat, hue, sig, win = x[4 + 6 * v: 10 + 6 * v]
+                r = fn.color_twist(r, brightness=b, contrast=c, saturation=sat, hue=hue)
+                r = fn.gaussian_blur(r, sigma=sig, window_size=win)
+                outs.append(fn.crop_mirror_normalize(r, dtype=types.FLOAT, output_layout="CHW", mean=MEAN_PX,
+                                                     std=STD_PX))
+            return tuple(outs)
+        pipe = dali_pipe(graph)
+        return timed(lambda it: pipe.run(), lambda: None, B, args.seconds, args.warmup)
+
     # -- decode included ------------------------------------------------------------------------
     jpeg_arrays = [np.frombuffer(j, np.uint8) for j in jpegs]
 
@@ -395,6 +466,9 @@ def main(argv=None) -> int:
     run_row(results, "cupy-apply+numpy-windows", False, apply_numpy_windows, dtype="float32 HWC")
     dali_dev = {} if dali_gpu else {"device": "cpu"}
     run_row(results, "dali-ops", False, dali_ops_predecoded, dtype="float32", **dali_dev)
+    run_row(results, "objcrop-crop-op", False, objcrop_crop_op, dtype="float32", aug="colour+blur on every view")
+    run_row(results, "dali-ops+colour+blur", False, dali_ops_full, dtype="float32", aug="colour+blur on every view",
+            **dali_dev)
     run_row(results, "dali-ops", True, dali_decode_ops, dtype="float32", **dali_dev)
     run_row(results, "cupy-in-dali", True, dali_decode_cupy_stage, dtype="float32")
     run_row(results, "cupy-fused-after-dali", True, dali_decode_then_fused, dtype="float32")
@@ -409,6 +483,8 @@ def main(argv=None) -> int:
 
     ratios = {}
     for key, num, den in (("fused_vs_dali_ops_decode_excluded", rate("cupy-fused", False), rate("dali-ops", False)),
+                          ("crop_op_vs_dali_ops_full_decode_excluded", rate("objcrop-crop-op", False),
+                           rate("dali-ops+colour+blur", False)),
                           ("cupy_stage_vs_dali_ops_decode_included", rate("cupy-in-dali", True),
                            rate("dali-ops", True)),
                           ("fused_after_dali_vs_dali_ops_decode_included", rate("cupy-fused-after-dali", True),
