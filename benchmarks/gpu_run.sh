@@ -18,6 +18,7 @@
 #   d+e the data wait (MoCo-v2 ResNet-50 bf16 batch 128, loader vs resident batch) and the quality cells
 #       with whatever time remains, resumable across calls (benchmarks/gpu_quality.py run)           the rest
 # Results: $OUT (or ./gpu_run_out): gpu_run.json (every step: status, seconds, its JSON), logs.tar.gz.
+# A rerun of some steps: GPU_RUN_STEPS=build_selftest,gpu_profile (GPU_RUN_PYTEST_ARGS adds pytest flags).
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -44,6 +45,8 @@ fi
 # record the step (status, seconds, the JSON it wrote) into $OUT_DIR/gpu_run.json and pack the logs.
 step() {
   local name="$1" secs="$2" json="$3"; shift 3
+  # GPU_RUN_STEPS="a,b": a rerun of some steps only (the others keep their earlier results)
+  if [ -n "${GPU_RUN_STEPS:-}" ] && [[ ",$GPU_RUN_STEPS," != *",$name,"* ]]; then return 0; fi
   local left=$(( TOTAL - ($(date +%s) - T0) ))
   [ "$secs" -gt "$left" ] && secs=$left
   if [ "$DRY" = "1" ]; then echo "[plan] $name: deadline ${secs}s -> ${json:-no json}: $*"; return 0; fi
@@ -135,11 +138,16 @@ sys.exit(0 if res.get('selftest_ok') else 1)"
     # deselected: step (a) of the `kernels` verb ran it, with the sanitizers
     step pytest_gpu 150 "$WORK/json/pytest_gpu.json" bash -c "\"$PY\" -m pytest tests -m gpu -q -p no:cacheprovider \
       --continue-on-collection-errors -o junit_family=xunit1 --junitxml='$WORK/json/pytest_gpu.xml' \
-      --deselect tests/test_crop_gpu_path.py::test_kernel_check_on_the_gpu; rc=\$?; \
+      --deselect tests/test_crop_gpu_path.py::test_kernel_check_on_the_gpu ${GPU_RUN_PYTEST_ARGS:-}; rc=\$?; \
       \"$PY\" benchmarks/junit_summary.py '$WORK/json/pytest_gpu.xml' '$WORK/json/pytest_gpu.json'; exit \$rc"
-    # c: the loader profile on the carried real COCO photos
-    step gpu_profile 100 "$WORK/json/gpu_profile.json" "$PY" benchmarks/gpu_profile.py --coco "$DATA/speed/instances.json" \
-      --device gpu --batch 256 --size 224 --threads 8 --seconds 3 --warmup 3 --hw-decoder-load 0,0.65,0.9 \
+    # c: the loader profile on the carried real COCO photos (the 128 full-size photos listed 8 times, as links, so
+    # that an epoch holds several batches of 256; the first hw_decoder_load is the one the later rows use)
+    "$PY" -c "import importlib.util as u, pathlib as p, sys
+s = u.spec_from_file_location('gq', 'benchmarks/gpu_quality.py'); m = u.module_from_spec(s); sys.modules['gq'] = m; s.loader.exec_module(m)
+print(m.speed_data(p.Path(sys.argv[1]), p.Path(sys.argv[2]), 8))" "$DATA" "$WORK/profile_data" > /dev/null 2>&1
+    step gpu_profile 100 "$WORK/json/gpu_profile.json" "$PY" benchmarks/gpu_profile.py \
+      --coco "$WORK/profile_data/speed/instances.json" \
+      --device gpu --batch 256 --size 224 --threads 8 --seconds 3 --warmup 3 --hw-decoder-load 0.9,0.65,0 \
       --json "$WORK/json/gpu_profile.json"
     # c2: the fused operator on images already on the GPU vs DALI's own stages
     step kernel_bench 60 "$WORK/json/kernel_bench.json" "$PY" benchmarks/kernel_bench.py --batch=256 --size=224 \

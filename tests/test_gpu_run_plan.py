@@ -33,7 +33,7 @@ def test_main_verb_order_and_budget(tmp_path):
     fixed = sum(s[1] for s in steps[:-1])
     assert fixed <= 400 and steps[-1][1] <= 420
     prof = dict((s[0], s[2]) for s in steps)["gpu_profile"]
-    for flag in ("--batch 256", "--size 224", "--hw-decoder-load 0,0.65,0.9", "speed/instances.json"):
+    for flag in ("--batch 256", "--size 224", "--hw-decoder-load 0.9,0.65,0", "speed/instances.json"):
         assert flag in prof
     assert "-m gpu" in dict((s[0], s[2]) for s in steps)["pytest_gpu"]
 

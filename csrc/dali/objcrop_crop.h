@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dali/core/dev_buffer.h"
 #include "dali/pipeline/operator/checkpointing/stateless_operator.h"
 #include "dali/pipeline/operator/operator.h"
 #include "objcrop_crop_plan.h"
@@ -109,6 +110,8 @@ class ObjCropCrop : public dali::StatelessOperator<Backend> {
   float contrast_center_ = 128.0f;
   float norm_[6] = {0, 0, 0, 1, 1, 1};
   OcCropPlan plan_;  // per-view blocks and taps from SetupImpl; addresses, grids and the packed block in RunImpl
+  dali::DeviceBuffer<unsigned long long> packed_dev_;   // GPU backend: plan_.packed on the device
+  dali::DeviceBuffer<float> scratch_dev_;               // GPU backend: the blur's intermediate rows
 };
 
 }  // namespace objcrop

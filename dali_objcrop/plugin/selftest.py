@@ -72,10 +72,10 @@ def run_selftest(device_id: int) -> tuple[bool, str]:
 
         @pipeline_def(batch_size=len(ims), num_threads=1, device_id=device_id, prefetch_queue_depth=1)
         def pipe():
-            im = fn.external_source(source=lambda: ims, batch=True, layout="HWC", cycle=True)
-            w = fn.external_source(source=lambda: list(win), batch=True, cycle=True)
-            f = fn.external_source(source=lambda: list(flip), batch=True, cycle=True)
-            a = fn.external_source(source=lambda: list(aug), batch=True, cycle=True)
+            im = fn.external_source(source=lambda: ims, batch=True, layout="HWC")
+            w = fn.external_source(source=lambda: list(win), batch=True)
+            f = fn.external_source(source=lambda: list(flip), batch=True)
+            a = fn.external_source(source=lambda: list(aug), batch=True)
             cpu = fn.objcrop.crop(im, w, f, a, size=SIZE, mean=mean, std=std, device="cpu")
             gpu = fn.objcrop.crop(im.gpu(), w, f, a, size=SIZE, mean=mean, std=std, device="gpu")
             return (*cpu, *gpu)
