@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One prepared GPU run for issue 13 (docs/gpu_quality.md): object-aware vs scene crops at GPU scale, and the
-# loader's data wait.  Three verbs, the same Python underneath (benchmarks/gpu_quality.py):
+# The GPU-scale quality study (docs/gpu_quality.md): object-aware vs scene crops at GPU scale, and the loader's
+# data wait.  On a lent GPU machine its run is the last step of the one budgeted run, benchmarks/gpu_run.sh
+# (docs/gpu_run.md), with whatever time the earlier steps leave.  Three verbs, the same Python underneath
+# (benchmarks/gpu_quality.py):
 #
 #   bash benchmarks/gpu_quality.sh prepare      # HERE (CPU), once, ~2-5 min: writes the git-ignored carry folder
 #                                               # .carry/gpuq (<60 MiB): the 1,200 COCO photos at half size + the
 #                                               # rewritten json, the BING store, 128 full-size photos, MANIFEST.json
 #   bash benchmarks/gpu_quality.sh run          # ON THE GPU MACHINE, after the carry-dali parts, with
-#                                               # carry [".carry/gpuq"]: <= 240 s; results in $OUT (4 files)
+#                                               # carry [".carry/gpuq"]; results in $OUT (4 files); resumable
 #   bash benchmarks/gpu_quality.sh dry-run --data=DIR --work=DIR --out=DIR
 #                                               # the same run at toy scale on the CPU (tests/test_gpu_quality.py)
 #

@@ -354,7 +354,7 @@ def test_cupy_backend_without_gpu_is_clear():
 
 def test_kernel_bench_smoke(tmp_path):
     """benchmarks/kernel_bench.py runs end to end (tiny batch): CPU rows measured, GPU rows skipped or run,
-    the DALI-ops graphs exercised on the CPU; gpu_check.sh parses."""
+    the DALI-ops graphs exercised on the CPU; gpu_run.sh parses."""
     import json
 
     import benchmark_module
@@ -372,7 +372,7 @@ def test_kernel_bench_smoke(tmp_path):
         assert by[("dali-ops", True, "float32")]["status"] == "ok"
     except ImportError:
         pass
-    assert subprocess.run(["bash", "-n", str(repo / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(repo / "benchmarks" / "gpu_run.sh")]).returncode == 0
 
 
 def test_installed_package_ships_csrc(tmp_path):

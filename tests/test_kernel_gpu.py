@@ -178,7 +178,7 @@ def test_gpu_loader_cupy_backend_matches_dali_backend(request):
     """ObjCropLoader(crop_backend='cupy') runs in DALI and agrees with the DALI-ops backend (same windows,
     flips in the same direction) up to the resamplers' small differences."""
     pytest.importorskip("nvidia.dali")
-    if not hasattr(pytest.importorskip("cv2"), "imread"):  # gpu_check.sh stubs a missing OpenCV
+    if not hasattr(pytest.importorskip("cv2"), "imread"):  # a stand-in cv2 without imread
         pytest.skip("OpenCV missing: the synthetic set is drawn with it")
     torch = pytest.importorskip("torch")
     synth_set = request.getfixturevalue("synth_set")  # after the skips: it needs OpenCV

@@ -223,7 +223,7 @@ def crop_op_usable(device: str, device_id: int | None = None) -> tuple[bool, str
     if device != "gpu":
         return True, ""
     from .selftest import gpu_crop_verified
-    ok, why = gpu_crop_verified(device_id)
+    ok, why = gpu_crop_verified(device_id, library=_state.get("path"))
     return ok, ("" if ok else f"GPU self-test failed: {why}")
 
 

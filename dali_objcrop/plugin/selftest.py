@@ -104,17 +104,16 @@ def run_selftest(device_id: int) -> tuple[bool, str]:
 def gpu_crop_verified(device_id: int | None = None, library: str | os.PathLike | None = None) -> tuple[bool, str]:
     """Whether ``fn.objcrop.crop(device="gpu")`` may be used on ``device_id``: ``(ok, reason)``.
 
-    Runs :func:`run_selftest` once per (library build, GPU model) and caches the verdict beside the library
-    (and per process); a failure warns once per process and device, naming the cause.
+    Runs :func:`run_selftest` once per (library build, GPU model) and caches the verdict beside ``library``
+    (the loaded operators' file; None: in memory only) and per process; a failure warns once per process and
+    device, naming the cause.
     """
-    from . import _state
     if device_id is None:
         import torch
         device_id = torch.cuda.current_device()
     with _lock:
         if device_id in _verdicts:
             return _verdicts[device_id]
-        library = library or _state.get("path")
         gpu = _gpu_name(device_id)
         cache = _cache_file(Path(library), gpu) if library else None
         verdict = None
