@@ -255,13 +255,14 @@ p = pipe(); p.build(); p.run(); print("ran")
 
 
 # ---- the epoch -------------------------------------------------------------------------------------
-def epoch_pipeline(files, seed, prefetch, policy_pad=True):
+def epoch_pipeline(files, seed, prefetch, policy_pad=True, shard_id=0, num_shards=1):
     from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=4, num_threads=2, device_id=None, seed=seed, prefetch_queue_depth=prefetch)
     def pipe():
         jpegs, keys = fn.readers.file(files=files, labels=list(range(len(files))), random_shuffle=True,
-                                      pad_last_batch=policy_pad, name="Reader")
+                                      pad_last_batch=policy_pad, name="Reader", shard_id=shard_id,
+                                      num_shards=num_shards, stick_to_shard=False)
         epoch = plugin.reader_epoch("Reader")
         shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
         w = plugin.windows(shape, keys, epoch=epoch, config=CropConfig(mode="scene-scene"), seed=7,
@@ -271,10 +272,11 @@ def epoch_pipeline(files, seed, prefetch, policy_pad=True):
     return pipe()
 
 
-def run_epochs(files, epochs, prefetch, policy):
+def run_epochs(files, epochs, prefetch, policy, shard_id=0, num_shards=1):
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
-    it = DALIGenericIterator([epoch_pipeline(files, 3, prefetch)], ["win", "key", "epoch", "shape"],
+    it = DALIGenericIterator([epoch_pipeline(files, 3, prefetch, True, shard_id, num_shards)],
+                             ["win", "key", "epoch", "shape"],
                              reader_name="Reader", auto_reset=True, last_batch_policy=getattr(LastBatchPolicy, policy))
     out = []
     for e in range(epochs):
@@ -321,3 +323,14 @@ def test_reader_epoch_needs_pad_last_batch(ops, coco_ann):
     p.build()
     with pytest.raises(Exception, match="pad_last_batch=True"):
         p.run()
+
+
+def test_reader_epoch_with_shards_that_rotate(ops, coco_ann):
+    """Two DDP-like ranks (num_shards=2, stick_to_shard=False: shards of 6 and 5 samples swap each epoch):
+    every rank's samples of iterator epoch e are keyed by e."""
+    from conftest import COCO_IMAGES
+    files = sorted(str(p) for p in COCO_IMAGES.glob("*.jpg"))[:11]
+    for rank in (0, 1):
+        out = run_epochs(files, 3, 2, "PARTIAL", shard_id=rank, num_shards=2)
+        for e, rows in enumerate(out):
+            assert rows and all(int(ep) == e for _, ep, _, _ in rows), (rank, e, [int(r[1]) for r in rows])
