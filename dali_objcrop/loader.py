@@ -688,7 +688,7 @@ class ObjCropLoader:
         self.roi_decode = roi_decode
         self._excluded: set[int] = set()
         self._prepare = self._src.inputs
-        self.uses_plugin = self._want_plugin(use_plugin, crop_backend, roi_decode)
+        self.uses_plugin, why = self._want_plugin(use_plugin, crop_backend, roi_decode)
         if self.uses_plugin:
             self._boxes_store = self._plugin_boxes_store(boxes)
             self._prepare, self._fields = self._src.handover, plugin_fields(self._boxes_store is not None)
@@ -701,16 +701,22 @@ class ObjCropLoader:
                 self._plugin_crop = bool(plugin_crop)
             if self._plugin_crop and not plugin.crop_op_registered(device):
                 raise RuntimeError(f"plugin_crop=True but fn.objcrop.crop has no {device} backend")
+            why += ("; views by fn.objcrop.crop" if self._plugin_crop else
+                    "; views by DALI's crop stage (" + ("plugin_crop=False" if plugin_crop is False else
+                                                        why_not or f"fn.objcrop.crop is not built for {device}")
+                    + ")")
         self.stats["pipeline"] = (("plugin:crop-op" if self._plugin_crop else "plugin:dali-ops-crop")
                                   if self.uses_plugin else "dali-ops")
         if why_not and plugin.crop_op_registered(device):    # built, but refused by the self-test: say so
             self.stats["pipeline"] += f" ({why_not})"
+        self.stats["pipeline_reason"] = why
 
     # ---- setup helpers -------------------------------------------------------------------
     @staticmethod
-    def _want_plugin(use_plugin: bool | None, crop_backend: str, roi_decode: bool) -> bool:
+    def _want_plugin(use_plugin: bool | None, crop_backend: str, roi_decode: bool) -> tuple[bool, str]:
+        """Whether the operators' pipeline runs, and why (``stats["pipeline_reason"]``)."""
         if use_plugin is False:
-            return False
+            return False, "use_plugin=False"
         why = None
         if crop_backend != "dali":
             why = f"crop_backend={crop_backend!r} (the operators' path uses the 'dali' crop stage)"
@@ -719,12 +725,13 @@ class ObjCropLoader:
         if why is not None:
             if use_plugin:
                 raise ValueError(f"use_plugin=True does not combine with {why}")
-            return False
+            return False, why
         if plugin.load():
-            return True
+            return True, "the C++ operators are loaded"
         if use_plugin:
             raise RuntimeError(f"use_plugin=True but the C++ operators are unavailable: {plugin.error()}")
-        return False
+        first = (plugin.error() or "").strip().splitlines()
+        return False, f"the C++ operators are unavailable ({first[0] if first else 'unknown'})"
 
     def _plugin_boxes_store(self, boxes) -> str | None:
         """The ``.boxes`` file the windows operator reads rows of (an in-memory store, e.g.
@@ -782,6 +789,12 @@ class ObjCropLoader:
         return self._pipe
 
     # ---- public API -----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"ObjCropLoader({str(self.index.root)!r}, images={len(self.index)}, mode={self.mode!r}, "
+                f"batch_size={self.batch_size}, size={self.size}, device={self.device!r}, "
+                f"rank={self.rank}/{self.world_size}, pipeline={self.stats['pipeline']!r} "
+                f"({self.stats['pipeline_reason']}))")
+
     def __len__(self) -> int:
         n = len(self.index)
         if self.drop_last:

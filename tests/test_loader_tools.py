@@ -28,12 +28,16 @@ def test_demo_runs_every_mode_and_draws_both_views(tmp_path, monkeypatch, capsys
     assert rc == 0
     text = capsys.readouterr().out
     assert "ms per image pair" in text and "images/s" not in text  # no noisy per-mode rates
+    from dali_objcrop import plugin
+    if plugin.load():   # which pipeline ran and why, said once
+        assert text.count("pipeline: plugin:crop-op (the C++ operators are loaded; views by fn.objcrop.crop)") == 1
     assert list((tmp_path / "home").rglob("gt.boxes")), "the demo saves the GT box store beside the set"
     rec = json.loads(out.with_suffix(".json").read_text())
     assert [m["mode"] for m in rec["modes"]] == modes
     for m in rec["modes"]:  # a warm-up epoch and a timed epoch of all 12 images, 3 batches of 4
         assert m["images_warmup"] == 12 and m["images_timed"] == 12 and m["batches_timed"] == 3, m
         assert m["device"] == "cpu" and m["cpu_s"] > 0 and m["skipped"] == 0
+        assert m["pipeline"] and m["pipeline_reason"]
     assert rec["cpu_ms_per_image_all_modes"] > 0
     img = cv2.imread(str(out))  # BGR
     assert img.shape[:2] == (rec["grid"]["height"], rec["grid"]["width"])

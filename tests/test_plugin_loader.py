@@ -98,11 +98,25 @@ def test_loader_falls_back_without_compiler(synth_set, tmp_path):
             f"    a = ObjCropLoader({str(synth_set)!r}, boxes='gt', batch_size=4, size=32, device='cpu')\n"
             f"    b = ObjCropLoader({str(synth_set)!r}, boxes='gt', batch_size=4, size=32, device='cpu')\n"
             "    n = sum(1 for _ in a)\n"
+            "print(repr(a))\n"
             "print(a.uses_plugin, a.stats['pipeline'], n, len([x for x in w if 'unavailable' in str(x.message)]))\n")
     env = dict(os.environ, CXX="/nonexistent/g++", DALI_OBJCROP_HOME=str(tmp_path), PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[-4:] == ["False", "dali-ops", "6", "1"], res.stdout + res.stderr[-2000:]
+    assert "pipeline='dali-ops' (the C++ operators are unavailable (" in res.stdout, res.stdout   # which and why
+
+
+def test_repr_says_which_pipeline_ran_and_why(synth_set):
+    kw = dict(boxes="gt", batch_size=4, size=32, device="cpu")
+    a = ObjCropLoader(str(synth_set), use_plugin=False, **kw)
+    assert "pipeline='dali-ops' (use_plugin=False)" in repr(a) and a.stats["pipeline_reason"] == "use_plugin=False"
+    b = ObjCropLoader(str(synth_set), roi_decode=False, **kw)
+    assert "pipeline='dali-ops' (roi_decode=False" in repr(b)
+    if plugin.load():
+        c = ObjCropLoader(str(synth_set), plugin_crop=False, **kw)
+        assert ("pipeline='plugin:dali-ops-crop' (the C++ operators are loaded; views by DALI's crop stage "
+                "(plugin_crop=False))") in repr(c)
 
 
 @needs_ops

@@ -72,22 +72,28 @@ def run_op(sizes, boxes, offsets, index, epoch, config, recipe, seed, store=None
         if store is None:
             b = fn.external_source(source=lambda: per_boxes, batch=True)
             out = plugin.windows(s, i, b, epoch=e, config=config, recipe=recipe, seed=seed, details=True,
-                                 resize_rois=True, blur_kernels=True)
+                                 box_check="clip",
+                                 resize_rois=True, blur_kernels=True, image_windows=True)
         else:
             r = fn.external_source(source=lambda: [np.array(x, np.int64) for x in rows], batch=True)
             out = plugin.windows(s, i, epoch=e, config=config, recipe=recipe, seed=seed, details=True,
-                                 boxes_store=store, store_row=r, resize_rois=True, blur_kernels=True)
-        return out.roi, out.windows, out.flip, out.aug, out.details, out.resize_rois, out.blur_kernels
+                                 box_check="clip",
+                                 boxes_store=store, store_row=r, resize_rois=True, blur_kernels=True,
+                                 image_windows=True)
+        return (out.roi, out.windows, out.flip, out.aug, out.details, out.resize_rois, out.blur_kernels,
+                out.image_windows)
 
     p = pipe()
     p.build()
     outs = p.run()
-    return [np.stack([np.asarray(t) for t in o]) for o in outs[:6]] + [[np.asarray(t) for t in outs[6]]]
+    return ([np.stack([np.asarray(t) for t in o]) for o in outs[:6]] + [[np.asarray(t) for t in outs[6]]]
+            + [np.stack([np.asarray(t) for t in outs[7]])])
 
 
 def check_equal(outs, sizes, boxes, offsets, index, epoch, config, recipe, seed):
-    roi, win, flip, aug, det, rois, kernels = outs
+    roi, win, flip, aug, det, rois, kernels, image_windows = outs
     cw = sample_windows(sizes, boxes, offsets, index, seed, epoch, config)
+    np.testing.assert_array_equal(image_windows, cw.windows)      # image_windows=True: whole-image pixels
     # the inputs the loader's DALI-ops crop stage takes: fn.resize rois (as loader.window_rois) and blur kernels
     for v, want in enumerate(np.split(np.concatenate(window_rois(win, flip.astype(bool)), 1), 2, axis=1)):
         np.testing.assert_array_equal(rois[:, v], want)

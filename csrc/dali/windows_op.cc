@@ -16,7 +16,12 @@
 // Outputs (CPU, per sample): roi (4,) int32 [x, y, w, h]; windows (2, 4) int32 [x1, y1, x2, y2)
 //   relative to the roi; flip (2,) uint8; aug (2, 9) float32; then, in this order, where asked:
 //   details (12,) int32 = regions (2x4, absolute), box_index, fallback, shift dx, dy;
-//   resize_rois (2, 4) float32 (fn.resize's roi_start/roi_end); blur_kernels (2, W) float32.
+//   resize_rois (2, 4) float32 (fn.resize's roi_start/roi_end); blur_kernels (2, W) float32;
+//   image_windows (2, 4) int32 [x1, y1, x2, y2) in the whole image's pixels (for a full decode).
+// Traps refused (a user's own pipeline): boxes not finite, inverted or outside [0, 1] (pixel
+//   boxes; `box_check="clip"` accepts boxes reaching outside the image), an object mode with
+//   neither boxes nor boxes_store; box_scale left unset with a store is derived from it as the
+//   loader does ((min(0.2 / mean top-k area, 1), 1)).
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -85,6 +90,28 @@ static void AugParams(oc_u64 key, int view, const double *a, float *out) {
   out[8] = u_sol < a[9] ? 1.0f : 0.0f;
 }
 
+// numpy's pairwise summation of float64 (umath loops_utils: 8 accumulators, blocks of 128).
+static double PairwiseSum(const double *a, int64_t n) {
+  if (n < 8) {
+    double res = 0.;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i;
+    for (i = 8; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return PairwiseSum(a, n2) + PairwiseSum(a + n2, n - n2);
+}
+
 // A read-only memory map of a .boxes store (format: dali_objcrop/boxstore.py).
 class BoxStoreMap {
  public:
@@ -134,6 +161,24 @@ class BoxStoreMap {
     if (base_ && base_ != MAP_FAILED) munmap(base_, size_);
   }
   int64_t num_images() const { return num_images_; }
+  // BoxStore.mean_area_fraction(top_k): the mean of (x2 - x1) * (y2 - y1) in float64 over each
+  // image's first top_k boxes, summed as NumPy sums (pairwise), so the value is the loader's double.
+  // Returns false when the store holds no box.
+  bool MeanArea(int64_t top_k, double *mean) const {
+    std::vector<double> area;
+    for (int64_t r = 0; r < num_images_; ++r) {
+      int64_t count;
+      const float *b = Row(r, &count);
+      for (int64_t j = 0; j < std::min(count, top_k); ++j) {
+        const float *q = b + 4 * j;
+        area.push_back((static_cast<double>(q[2]) - static_cast<double>(q[0])) *
+                       (static_cast<double>(q[3]) - static_cast<double>(q[1])));
+      }
+    }
+    if (area.empty()) return false;
+    *mean = PairwiseSum(area.data(), static_cast<int64_t>(area.size())) / static_cast<double>(area.size());
+    return true;
+  }
   // Boxes of row r: pointer and count, checked against the store.
   const float *Row(int64_t r, int64_t *count) const {
     DALI_ENFORCE(r >= 0 && r < num_images_, dali::make_string("objcrop: box store ", path_, " has ", num_images_,
@@ -236,7 +281,10 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
                                      "lo <= hi", unit ? " <= 1" : ""));
       return v;
     };
-    auto scale = pair("scale", true), box_scale = pair("box_scale", true), shift = pair("shift_range", false);
+    auto scale = pair("scale", true), shift = pair("shift_range", false);
+    // box_scale: given, or (unset) derived from the store as the loader derives it, else (1, 1)
+    const bool box_scale_given = !Numbers(spec, "box_scale", 0).empty();
+    std::vector<double> box_scale = box_scale_given ? pair("box_scale", true) : std::vector<double>{1.0, 1.0};
     auto ratio = Numbers(spec, "ratio", 2);
     DALI_ENFORCE(ratio[0] > 0 && ratio[0] <= ratio[1], "objcrop.windows: ratio must satisfy 0 < lo <= hi");
     const double dilate = Numbers(spec, "dilate", 1)[0];
@@ -289,14 +337,41 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
                  aug[18] <= 10.0, "objcrop.windows: blur sigma ranges must satisfy 0 < lo <= hi <= 10");
     const std::string store = spec.GetArgument<std::string>("boxes_store");
     if (!store.empty()) store_ = std::make_unique<BoxStoreMap>(store);
+    image_windows_ = spec.GetArgument<bool>("image_windows");
+    const std::string check = spec.GetArgument<std::string>("box_check");
+    DALI_ENFORCE(check == "error" || check == "clip",
+                 dali::make_string("objcrop.windows: box_check must be 'error' or 'clip', got '", check, "'"));
+    clip_boxes_ = check == "clip";
+    const bool has_boxes_input = spec.NumRegularInput() == 3;
+    DALI_ENFORCE(!(store_ && has_boxes_input), "objcrop.windows: give either a boxes input or boxes_store, not both");
+    if (mode != "scene-scene") {
+      // without boxes every sample would silently get scene crops
+      DALI_ENFORCE(store_ || has_boxes_input,
+                   dali::make_string("objcrop.windows: mode '", mode, "' needs boxes: give a boxes input "
+                                     "([boxes,] shape, index) or boxes_store (without them every image gets scene "
+                                     "crops; mode='scene-scene' says so)"));
+      if (!box_scale_given && store_) {
+        double mean;
+        if (store_->MeanArea(top_k, &mean)) {
+          DALI_ENFORCE(mean > 0 && std::isfinite(mean),
+                       dali::make_string("objcrop.windows: box store ", store, ": mean box area ", mean));
+          p[OC_P_BOX_LO] = std::min(0.2 / mean, 1.0);  // windows.box_scale_from_mean_area(mean)
+          p[OC_P_BOX_HI] = 1.0;
+        }
+      } else if (!box_scale_given) {
+        DALI_WARN(dali::make_string("objcrop.windows: box_scale is not set with a boxes input: crops inside a box "
+                                    "use scale (1, 1); the loader derives (min(0.2 / mean box area, 1), 1) from its "
+                                    "store (dali_objcrop.box_scale_from_mean_area)"));
+      }
+    }
   }
 
  protected:
   bool SetupImpl(std::vector<OutputDesc> &out, const Workspace &ws) override {
     const int n = ws.GetInputBatchSize(0);
     const int nin = ws.NumInput();
-    DALI_ENFORCE(!(store_ && nin == 3), "objcrop.windows: give either a boxes input or boxes_store, not both");
-    out.resize(4 + details_ + resize_rois_ + blur_kernels_);
+    (void)nin;
+    out.resize(4 + details_ + resize_rois_ + blur_kernels_ + image_windows_);
     out[0] = {dali::uniform_list_shape(n, {4}), DALI_INT32};
     out[1] = {dali::uniform_list_shape(n, {2, 4}), DALI_INT32};
     out[2] = {dali::uniform_list_shape(n, {2}), DALI_UINT8};
@@ -319,6 +394,7 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
       (void)shape_in;
       out[o++] = {sh, DALI_FLOAT};
     }
+    if (image_windows_) out[o++] = {dali::uniform_list_shape(n, {2, 4}), DALI_INT32};
     return true;
   }
 
@@ -361,6 +437,7 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
         const int64_t row = has_row ? spec_.GetArgument<int64_t>("store_row", &ws, i) : index;
         boxes = store_->Row(row, &count);
       }
+      CheckBoxes(boxes, count, i, index);
       int sizes[2] = {static_cast<int>(w), static_cast<int>(h)};
       const oc_i64 offsets[2] = {0, count};
       const oc_i64 idx[1] = {index};
@@ -385,6 +462,11 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
         AugParams(key, v, aug_ + v * kViewAugParams, aug + v * kAugCols);
       }
       int o = 4;
+      int32_t *absolute = nullptr;
+      if (image_windows_) absolute = ws.Output<CPUBackend>(4 + details_ + resize_rois_ + blur_kernels_)
+                                         .mutable_tensor<int32_t>(i);
+      for (int v = 0; v < 2 && absolute; ++v)
+        for (int k = 0; k < 4; ++k) absolute[4 * v + k] = s.win[v][k];
       if (details_) {
         int32_t *d = ws.Output<CPUBackend>(o++).mutable_tensor<int32_t>(i);
         for (int v = 0; v < 2; ++v)
@@ -431,10 +513,29 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
   }
 
  private:
+  // Boxes must be normalised ltrb: finite, and (box_check="error") inside [0, 1] up to 1e-3 with
+  // x1 <= x2, y1 <= y2 -- pixel boxes or xywh otherwise give crops from the wrong place silently.
+  void CheckBoxes(const float *b, int64_t count, int i, int64_t index) const {
+    for (int64_t j = 0; j < count; ++j) {
+      const float *q = b + 4 * j;
+      const bool finite = std::isfinite(q[0]) && std::isfinite(q[1]) && std::isfinite(q[2]) && std::isfinite(q[3]);
+      const double tol = 1e-3;
+      bool inside = true;
+      for (int k = 0; k < 4; ++k) inside = inside && q[k] >= -tol && q[k] <= 1.0 + tol;
+      const bool ordered = q[0] <= q[2] && q[1] <= q[3];
+      if (finite && (clip_boxes_ || (inside && ordered))) continue;
+      DALI_FAIL(dali::make_string(
+          "objcrop.windows: sample ", i, " (index ", index, "), box ", j, " = [", q[0], ", ", q[1], ", ", q[2], ", ",
+          q[3], "]: ", !finite ? "not finite" : !inside ? "outside [0, 1]" : "inverted (x2 < x1 or y2 < y1)",
+          ". Boxes must be normalised [x1, y1, x2, y2] (readers.coco: ltrb=True, ratio=True)",
+          !finite ? "" : "; box_check='clip' accepts boxes reaching outside the image (they are clipped)"));
+    }
+  }
+
   double params_[OC_NUM_PARAMS];
   double aug_[2 * kViewAugParams];
   oc_u64 seed_ = 0;
-  bool details_ = false, resize_rois_ = false, blur_kernels_ = false;
+  bool details_ = false, resize_rois_ = false, blur_kernels_ = false, image_windows_ = false, clip_boxes_ = false;
   std::unique_ptr<BoxStoreMap> store_;
 };
 
@@ -454,11 +555,14 @@ ltrb, best-first (omit them with ``boxes_store`` or for scene crops); the encode
 Outputs: roi (4,) int32 [x, y, w, h] (the union of both windows: what to decode), windows (2, 4)
 int32 [x1, y1, x2, y2) relative to the roi, flip (2,) uint8, aug (2, 9) float32 [colour_applied,
 brightness, contrast, saturation, hue_degrees, blur_applied, sigma, blur_window,
-solarize_applied]; with ``details`` also (12,) int32 [regions (2x4), box_index, fallback, shift dx, dy].)")
+solarize_applied]; then, where asked for, in this order: ``details`` (12,) int32 [regions (2x4), box_index,
+fallback, shift dx, dy], ``resize_rois`` (2, 4) float32, ``blur_kernels`` (2, W) float32, ``image_windows``
+(2, 4) int32 (the windows in the whole image's pixels). Boxes that are not finite, inverted or outside
+[0, 1] are refused naming the sample (``box_check``); object modes need boxes or ``boxes_store``.)")
     .NumInput(2, 3)
     .OutputFn([](const OpSpec &spec) {
       return 4 + spec.GetArgument<bool>("details") + spec.GetArgument<bool>("resize_rois") +
-             spec.GetArgument<bool>("blur_kernels");
+             spec.GetArgument<bool>("blur_kernels") + spec.GetArgument<bool>("image_windows");
     })
     .AddOptionalArg("mode", "Crop mode: scene-scene, obj-scene, obj-obj, obj-obj-dilate, obj-obj-shift.",
                     std::string("obj-obj-dilate"))
@@ -467,7 +571,12 @@ solarize_applied]; with ``details`` also (12,) int32 [regions (2x4), box_index, 
     .AddOptionalArg("ratio", "Aspect-ratio range 'lo, hi' (w / h, log-uniform; text).",
                     std::string("0.75, 1.3333333333333333"))
     .AddOptionalArg("box_scale", "Area range 'lo, hi' of a crop inside a box region (text; see "
-                    "windows.box_scale_from_mean_area).", std::string("1.0, 1.0"))
+                    "windows.box_scale_from_mean_area). Unset: with boxes_store, (min(0.2 / mean area of each "
+                    "image's top_k boxes, 1), 1) as the loader derives it; with a boxes input (1, 1), warned.",
+                    std::string(""))
+    .AddOptionalArg("box_check", "'error' (default): refuse boxes that are not finite, inverted or outside [0, 1] "
+                    "(beyond 1e-3), naming the sample -- pixel or xywh boxes; 'clip': accept boxes reaching outside "
+                    "the image (clipped to it; non-finite ones are still refused).", std::string("error"))
     .AddOptionalArg("dilate", "delta of obj-obj-dilate, fraction of the image side (text).", std::string("0.1"))
     .AddOptionalArg("shift_range", "'r_min, r_max' pixels of obj-obj-shift (text).", std::string("80, 120"))
     .AddOptionalArg("min_box_size", "Regions smaller than this (pixels per side) are widened.", 224)
@@ -475,7 +584,8 @@ solarize_applied]; with ``details`` also (12,) int32 [regions (2x4), box_index, 
     .AddOptionalArg("num_tries", "RandomResizedCrop tries before the centre fallback (1..10).", 10)
     .AddOptionalArg("flip_p", "Probability of a horizontal flip per view (text).", std::string("0.5"))
     .AddOptionalArg<int64_t>("seed", "Seed of the counter-based keys (>= 0).", 0)
-    .AddOptionalArg<int64_t>("epoch", "Epoch of the key (>= 0); an argument input to change it per run.", 0, true)
+    .AddOptionalArg<int64_t>("epoch", "Epoch of the key (>= 0); an argument input to change it per run.", int64_t{0},
+                             true)
     .AddOptionalArg("recipe", "Augmentation recipe: mocov2 or byol (ignored when `aug` is given).",
                     std::string("mocov2"))
     .AddOptionalArg("aug", "Recipe as text: 20 comma-separated numbers, per view: jitter_p, brightness, contrast, "
@@ -488,6 +598,8 @@ solarize_applied]; with ``details`` also (12,) int32 [regions (2x4), box_index, 
     .AddOptionalArg("resize_rois", "Add an output (2, 4) float32 per view [y1, x_start, y2, x_end] in roi "
                     "coordinates, x swapped when flipped: fn.resize's roi_start / roi_end.", false)
     .AddOptionalArg("blur_kernels", "Add an output (2, W) float32: each view's normalised 1-D Gaussian kernel "
-                    "(augment.gaussian_kernels), centred in W = the larger kernel size, zeros outside.", false);
+                    "(augment.gaussian_kernels), centred in W = the larger kernel size, zeros outside.", false)
+    .AddOptionalArg("image_windows", "Add an output (2, 4) int32: both windows [x1, y1, x2, y2) in the whole "
+                    "image's pixels (roi + windows), for a pipeline that decodes the whole image.", false);
 
 }  // namespace dali

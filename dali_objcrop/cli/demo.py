@@ -9,7 +9,9 @@ grid it writes a JSON record of what it did (``<grid>.json``: every mode's
 images, fallbacks and CPU time, and where each row's panels sit in the grid).
 
 Speed: each mode runs one untimed epoch (pipeline build, warm-up, the grid's
-batch), then one whole timed epoch.  The demo prints one figure: CPU
+batch), then one whole timed epoch.  It says which pipeline ran and why
+(``loader.stats["pipeline"]`` / ``["pipeline_reason"]``: the C++ operators, or the
+DALI-ops graph where they cannot be built).  The demo prints one figure: CPU
 milliseconds per image over all modes' timed epochs, summed over every thread
 of the process (DALI's workers and the input-preparation thread included),
 which other load on a shared machine distorts far less than images/s.  Per
@@ -96,7 +98,8 @@ def run_mode(loader, rows: int) -> tuple[dict, list[dict]]:
         n += len(b["index"])
         batches += 1
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    rec = {"mode": loader.mode, "device": loader.device, "images_warmup": warm, "images_timed": n,
+    rec = {"mode": loader.mode, "device": loader.device, "pipeline": loader.stats.get("pipeline"),
+           "pipeline_reason": loader.stats.get("pipeline_reason"), "images_warmup": warm, "images_timed": n,
            "batches_timed": batches, "cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
            "cpu_ms_per_image": round(1000 * cpu / n, 3) if n else None,
            "fallback": int(loader.stats["fallback"]), "skipped": int(loader.stats["skipped"])}
@@ -121,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         rec, grid = run_mode(ld, args.rows)
         records.append(rec)
         rows += grid
+        if not records[:-1] or records[-2]["pipeline"] != rec["pipeline"]:   # said once, unless it changes
+            print(f"pipeline: {rec['pipeline']} ({rec['pipeline_reason']})", flush=True)
         print(f"  {mode:15s} ran on {rec['device']}: {rec['images_warmup']} + {rec['images_timed']} images "
               f"(2 epochs), scene fallbacks {rec['fallback']}, skipped {rec['skipped']}", flush=True)
     n = sum(r["images_timed"] for r in records)
