@@ -311,3 +311,98 @@ def test_decode_error_inside_a_shard_names_the_shard_and_sample(packed, tmp_path
                        shuffle=False)
     with pytest.raises(RuntimeError, match=r"shard-000001\.tar sample 1 \(position \d+, .*\): corrupt or truncated"):
         list(ld)
+
+
+# ---- 2 the plugin cache is verified before load_library, healed, and failures warn once ---------------------------
+def _fake_tool(path: Path) -> str:
+    path.write_text("#!/bin/sh\necho 'fake compiler: refusing' >&2\nexit 1\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def _load_in_subprocess(env: dict, extra: str = "") -> subprocess.CompletedProcess:
+    code = ("import warnings\n"
+            "from dali_objcrop import plugin\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ok = plugin.load()\n"
+            "    plugin.load()\n"
+            f"{extra}"
+            "msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]\n"
+            "print('RESULT', ok, len(msgs))\n"
+            "print('\\n'.join(msgs))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_truncated_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    import ctypes
+
+    from dali_objcrop.plugin import build
+    if build.cxx() is None or build.cuda_include_dir() is None:
+        pytest.skip("no C++ compiler or CUDA headers")
+    monkeypatch.setenv("DALI_OBJCROP_HOME", str(tmp_path / "home"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tiny.cc").write_text('extern "C" int objcrop_tiny() { return 42; }\n')
+    lib = build.library_path(cuda=False, sources=src)
+    assert build.cached_library_ok(lib)
+    lib.write_bytes(lib.read_bytes()[:lib.stat().st_size // 2])          # a copy cut short, a full disk
+    assert not build.cached_library_ok(lib)
+    assert build.library_path(cuda=False, sources=src) == lib             # rebuilt in place
+    assert build.cached_library_ok(lib) and ctypes.CDLL(str(lib)).objcrop_tiny() == 42
+
+
+def test_truncated_cached_plugin_never_reaches_load_library(tmp_path, monkeypatch):
+    from dali_objcrop import plugin
+    from dali_objcrop.plugin import build
+    if not plugin.load():
+        pytest.skip(f"operators unavailable: {plugin.error()}")
+    real = Path(plugin._state["path"])
+    env = dict(ENV, CXX=_fake_tool(tmp_path / "fake-g++"), NVCC=str(tmp_path / "none" / "nvcc"),
+               DALI_OBJCROP_HOME=str(tmp_path / "home"))
+    for k in ("CXX", "NVCC", "DALI_OBJCROP_HOME"):
+        monkeypatch.setenv(k, env[k])
+    lib = build.home() / "plugin" / build.build_key(False)[0] / build.LIB_NAME
+    lib.parent.mkdir(parents=True)
+    shutil.copy(real, lib)
+    build._record_library(lib)
+    lib.write_bytes(real.read_bytes()[:real.stat().st_size // 3])          # truncated after it was cached
+    p = _load_in_subprocess(env)
+    assert p.returncode == 0, f"rc {p.returncode}: {p.stderr[-2000:]}"     # was: SIGBUS in load_library
+    assert "RESULT False 1" in p.stdout and "fake-g++ exit 1" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert not lib.exists()                                                # the bad copy is gone
+
+
+def test_loadable_library_without_the_operators_is_reported(tmp_path, monkeypatch, synth_set):
+    from dali_objcrop.plugin import build
+    if build.cxx() is None or build.cuda_include_dir() is None:
+        pytest.skip("no C++ compiler or CUDA headers")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tiny.cc").write_text('extern "C" int objcrop_tiny() { return 42; }\n')
+    monkeypatch.setenv("DALI_OBJCROP_HOME", str(tmp_path / "tiny-home"))
+    tiny = build.library_path(cuda=False, sources=src)
+    env = dict(ENV, CXX=_fake_tool(tmp_path / "fake-g++"), NVCC=str(tmp_path / "none" / "nvcc"),
+               DALI_OBJCROP_HOME=str(tmp_path / "home"))
+    for k in ("CXX", "NVCC", "DALI_OBJCROP_HOME"):
+        monkeypatch.setenv(k, env[k])
+    lib = build.home() / "plugin" / build.build_key(False)[0] / build.LIB_NAME
+    lib.parent.mkdir(parents=True)
+    shutil.copy(tiny, lib)
+    build._record_library(lib)                      # a sound file, but not our operators
+    extra = ("    from dali_objcrop import ObjCropLoader\n"
+             f"    ld = ObjCropLoader({str(synth_set)!r}, boxes='gt', batch_size=4, size=32, device='cpu')\n"
+             "    print('PIPELINE', ld.stats['pipeline'], len(next(iter(ld))['index']))\n")
+    p = _load_in_subprocess(env, extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "RESULT False 1" in p.stdout and "registers no objcrop operators" in p.stdout, p.stdout
+    assert "PIPELINE dali-ops 4" in p.stdout, p.stdout
+    assert not lib.exists()                         # removed: the next run builds the real one
+
+
+def test_failed_build_with_nvcc_warns_once(tmp_path):
+    env = dict(ENV, CXX=_fake_tool(tmp_path / "fake-g++"), NVCC=_fake_tool(tmp_path / "fake-nvcc"),
+               DALI_OBJCROP_HOME=str(tmp_path / "home"), DALI_OBJCROP_CUDA_INCLUDE=str(tmp_path))
+    p = _load_in_subprocess(env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "RESULT False 1" in p.stdout and "CUDA build failed first" in p.stdout, p.stdout
