@@ -406,3 +406,114 @@ def test_failed_build_with_nvcc_warns_once(tmp_path):
     p = _load_in_subprocess(env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "RESULT False 1" in p.stdout and "CUDA build failed first" in p.stdout, p.stdout
+
+
+# ---- 3 the trainer never overwrites a run without --resume / --restart; 9 its settings and checkpoints ----------------
+class _Batches:
+    """A loader stand-in: two deterministic batches of (4, 3, 32, 32) per epoch."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+        g = torch.Generator().manual_seed(self.epoch)
+        for _ in range(2):
+            yield {"view1": torch.randn(4, 3, 32, 32, generator=g), "view2": torch.randn(4, 3, 32, 32, generator=g)}
+
+
+def _tiny(out: Path, **kw):
+    from dali_objcrop.train.pretrain import Config
+    return Config(**{**dict(arch="resnet18", head_hidden=32, head_out=16, queue_size=64, size=32, batch_size=4,
+                            steps=2, ckpt_every=1, log_every=1, progress=False, device="cpu", out=str(out)), **kw})
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_rerun_on_an_existing_out_is_refused_without_resume_or_restart(tmp_path):
+    import torch
+    from dali_objcrop.train.pretrain import OutputExistsError, main, train
+    out = tmp_path / "run"
+    train(_tiny(out), loader=_Batches())
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(OutputExistsError, match=r"holds an earlier run \(ckpt\.pt.*--resume=auto.*--restart"):
+        train(_tiny(out, steps=1), loader=_Batches())
+    assert (out / "ckpt.pt").read_bytes() == before and _steps(out) == [1, 2]      # untouched
+    assert main(["--arch=resnet18", "--size=32", "--batch-size=4", "--steps=1", f"--out={out}",
+                 "--progress=false", "--device=cpu"]) == 1                         # the CLI: one line, exit 1
+    train(_tiny(out, steps=1, restart=True), loader=_Batches())                    # said so: replaced
+    assert _steps(out) == [1] and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+    train(_tiny(out, steps=3, resume="auto"), loader=_Batches())                   # continued
+    assert _steps(out) == [1, 2, 3]
+
+
+def test_refused_resume_leaves_config_json_as_it_was(tmp_path):
+    from dali_objcrop.train.pretrain import train
+    out = tmp_path / "run"
+    train(_tiny(out), loader=_Batches())
+    before = (out / "config.json").read_text()
+    with pytest.raises(ValueError, match="settings differ"):
+        train(_tiny(out, steps=4, resume="auto", seed=7), loader=_Batches())
+    assert (out / "config.json").read_text() == before
+
+
+def test_resume_after_a_torn_log_line(tmp_path):
+    from dali_objcrop.train.pretrain import train
+    out = tmp_path / "run"
+    train(_tiny(out), loader=_Batches())
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')                                   # killed in the middle of a write
+    train(_tiny(out, steps=3, resume="auto"), loader=_Batches())
+    assert _steps(out) == [1, 2, 3]
+
+
+def _exit_code(argv: list[str]) -> int:
+    from dali_objcrop.train.pretrain import main
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("flag, says", [("--size=0", "size must be >= 1"), ("--dilate=5", "dilate must be in [0, 1]"),
+                                        ("--crops=bogus", "mode must be one of"), ("--lr=nan", "nan"),
+                                        ("--lr=inf", "lr must be a finite number"),
+                                        ("--temperature=-1", "temperature must be > 0"),
+                                        ("--num-threads=0", "num_threads must be >= 1")])
+def test_trainer_range_errors_exit_2_with_one_line(tmp_path, capsys, flag, says):
+    rc = _exit_code([flag, f"--out={tmp_path / 'run'}", "--progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("pretrain: error:") and says in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_checkpoint_error_names_the_file(tmp_path, capsys):
+    from dali_objcrop.train.pretrain import load_checkpoint, train
+    out = tmp_path / "run"
+    train(_tiny(out), loader=_Batches())
+    ckpt = out / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"cannot read checkpoint {ckpt}: damaged or truncated"):
+        load_checkpoint(ckpt)
+    rc = _exit_code(["--arch=resnet18", "--size=32", "--batch-size=4", "--steps=3", f"--out={out}",
+                     "--resume=auto", "--progress=false", "--device=cpu", "--head-hidden=32", "--head-out=16",
+                     "--queue-size=64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and str(ckpt) in err[0], err
+
+
+def test_checkpoint_with_a_flipped_bit_is_refused(tmp_path):
+    from dali_objcrop.train.pretrain import load_checkpoint, train
+    out = tmp_path / "run"
+    train(_tiny(out), loader=_Batches())
+    ckpt = out / "ckpt.pt"
+    b = bytearray(ckpt.read_bytes())
+    b[len(b) // 2] ^= 0x10                                  # inside a tensor's bytes: torch.load would not notice
+    ckpt.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match=rf"cannot read checkpoint {ckpt}: damaged or truncated \(record .* CRC-32"):
+        load_checkpoint(ckpt)
