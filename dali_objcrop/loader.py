@@ -145,8 +145,9 @@ def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
             batch_size)`` samples left over (different ones each epoch) are
             dropped.  False: every sample is delivered; the permutation is padded
             by wrapping around to a multiple of ``world_size`` (at most
-            ``world_size - 1`` repeats, as ``DistributedSampler``), and each
-            rank's last batch may be partial.
+            ``world_size - 1`` repeats, as ``DistributedSampler``; with more
+            ranks than samples the permutation repeats as often as needed, so no
+            rank is left empty), and each rank's last batch may be partial.
 
     Returns:
         list of int64 arrays (the batches, in order).
@@ -163,7 +164,7 @@ def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
         order = order[: per_rank * world_size]
     else:
         total = -(-n // world_size) * world_size
-        order = np.concatenate([order, order[: total - n]]) if total > n else order
+        order = np.resize(order, total)   # wraps around as often as needed (more ranks than images too)
         per_rank = total // world_size
     mine = order[rank::world_size][:per_rank].astype(np.int64)
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
@@ -672,6 +673,7 @@ class ObjCropLoader:
                             "bad_images": dict(index.bad), "skipped": len(index.bad),
                             "decode_failures": {}, "samples": 0, "fallback": 0, "epochs": 0}
         self._next_epoch = 0
+        self._generation = 0   # which iterator owns the pipeline (a newer iter() supersedes the older)
         self._feed: Iterator[np.ndarray] = iter(())
         self._inflight: deque = deque()
         # batches taken from _feed whose inputs are being prepared: (positions, Future of inputs)
@@ -813,6 +815,7 @@ class ObjCropLoader:
     def __iter__(self) -> Iterator[dict]:
         epoch = self._next_epoch
         self._next_epoch = epoch + 1
+        self._generation = gen = self._generation + 1
         self._drain()
         pipe = self._build()
         self._feed = iter(self.batches(epoch))
@@ -822,6 +825,10 @@ class ObjCropLoader:
         self._active = True
         try:
             while True:
+                if self._generation != gen:  # one pipeline, one epoch in flight: never mix two iterators' batches
+                    raise RuntimeError(f"this iterator of epoch {epoch} was superseded by a newer iter(loader) "
+                                       f"(epoch {self._epoch}); an ObjCropLoader runs one iteration at a time: "
+                                       f"finish or drop the older iterator, or use a second loader")
                 try:
                     outs = pipe.run()
                 except StopIteration:
@@ -835,7 +842,8 @@ class ObjCropLoader:
                 yield batch
             self.stats["epochs"] += 1
         finally:
-            self._active = not self._finished()
+            if self._generation == gen:  # a superseded iterator's end leaves the newer one's state alone
+                self._active = not self._finished()
 
     # ---- internals --------------------------------------------------------------------------
     def _pull(self):

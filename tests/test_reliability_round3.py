@@ -485,8 +485,10 @@ def _exit_code(argv: list[str]) -> int:
                                         ("--lr=inf", "lr must be a finite number"),
                                         ("--temperature=-1", "temperature must be > 0"),
                                         ("--num-threads=0", "num_threads must be >= 1")])
-def test_trainer_range_errors_exit_2_with_one_line(tmp_path, capsys, flag, says):
-    rc = _exit_code([flag, f"--out={tmp_path / 'run'}", "--progress=false"])
+def test_trainer_range_errors_exit_2_with_one_line(tmp_path, capsys, synth_set, flag, says):
+    small = ["--arch=resnet18", "--batch-size=4", "--steps=1", "--queue-size=64", "--head-hidden=32",
+             "--head-out=16", "--device=cpu", "--num-threads=1", f"--data={synth_set}", "--boxes=gt"]
+    rc = _exit_code(small + [flag, f"--out={tmp_path / 'run'}", "--progress=false"])   # a small run if not refused
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("pretrain: error:") and says in err[0], err
     assert not (tmp_path / "run").exists()
@@ -517,3 +519,33 @@ def test_checkpoint_with_a_flipped_bit_is_refused(tmp_path):
     ckpt.write_bytes(bytes(b))
     with pytest.raises(ValueError, match=rf"cannot read checkpoint {ckpt}: damaged or truncated \(record .* CRC-32"):
         load_checkpoint(ckpt)
+
+
+# ---- 7 two live iterators of one loader; 8 more ranks than images with drop_last=False --------------------------------
+def test_an_older_iterator_is_stopped_by_a_newer_one(synth_set):
+    _ops()
+    from dali_objcrop import ObjCropLoader
+    ld = ObjCropLoader(str(synth_set), boxes="gt", batch_size=4, size=32, device="cpu", num_threads=1)
+    old = iter(ld)
+    assert next(old)["index"].tolist() == ld.batches(0)[0].tolist()
+    ld.set_epoch(1)
+    new = iter(ld)
+    got = [next(new)["index"].tolist()]
+    with pytest.raises(RuntimeError, match=r"iterator of epoch 0 was superseded by a newer iter\(loader\) \(epoch 1\)"):
+        next(old)                                          # was: an epoch-1 batch, taken from the newer iterator
+    got += [b["index"].tolist() for b in new]
+    assert got == [b.tolist() for b in ld.batches(1)]      # the newer one is whole
+
+
+def test_more_ranks_than_images_still_give_every_rank_equal_batches(synth_set):
+    from dali_objcrop.loader import shard_batches
+    n, world = 5, 12
+    per = [shard_batches(n, 2, 0, 0, r, world, drop_last=False) for r in range(world)]
+    assert all(len(b) == 1 and len(b[0]) == 1 for b in per)          # was: ranks 10, 11 empty
+    assert sorted({int(b[0][0]) for b in per}) == list(range(n))
+    _ops()
+    from dali_objcrop import ObjCropLoader
+    ld = ObjCropLoader(str(synth_set), boxes="gt", batch_size=2, size=32, device="cpu", num_threads=1,
+                       rank=59, world_size=60, drop_last=False)     # 24 images, 60 ranks
+    batches = list(ld)
+    assert len(batches) == len(ld) == 1 and len(batches[0]["index"]) == 1   # was: a DALI assert (empty batch)
