@@ -527,6 +527,25 @@ def _file_decodes(path: str) -> str | None:
         return _readable_decode_error((after or lines or [type(e).__name__])[0])
 
 
+def _stamp(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _file_changed(path: str, size) -> str | None:
+    """None if the file's header still gives the indexed size, else how it changed (a file replaced
+    after the index scan: the windows were drawn for the old size)."""
+    from .dataset import scan_image
+    status, wh, _ = scan_image(path)
+    if wh is None or tuple(int(v) for v in wh) != tuple(int(v) for v in size):
+        now = f"{wh[0]}x{wh[1]}" if wh is not None else status
+        return f"changed since the loader indexed it (was {int(size[0])}x{int(size[1])}, now {now})"
+    return None
+
+
 class ObjCropLoader:
     """Two object-aware views per image from a DALI pipeline, as torch tensors.
 
@@ -693,6 +712,7 @@ class ObjCropLoader:
         self.uses_plugin = self._want_plugin(use_plugin, crop_backend, roi_decode)
         if self.uses_plugin:
             self._boxes_store = self._plugin_boxes_store(boxes)
+            self._store_stamp = _stamp(self._boxes_store) if self._boxes_store else None
             self._prepare, self._fields = self._src.handover, plugin_fields(self._boxes_store is not None)
         self._plugin_crop = None
         if self.uses_plugin:
@@ -767,6 +787,7 @@ class ObjCropLoader:
             out = "float16" if (self.device == "gpu" and self.dtype == torch.float16) else "float32"
             self._out_dtype = out
             if self.uses_plugin:
+                self._check_store_unchanged()   # the windows operator reads the file now
                 self._pipe = build_plugin_pipeline(self._pull, self.batch_size, self.num_threads, self.device,
                                                    self.config, self._boxes_store, self.size, out, device_id,
                                                    self.seed, self._prefetch, self._decoder_kwargs, self.recipe,
@@ -776,6 +797,24 @@ class ObjCropLoader:
                                             self.crop_backend, out, device_id, self.seed, self._prefetch,
                                             self._decoder_kwargs, self.roi_decode, self.recipe)
         return self._pipe
+
+    def _check_store_unchanged(self) -> None:
+        """The box store file the operator is about to read is the one this loader checked (rows were
+        matched to it); a replaced file is accepted only if it holds the same boxes."""
+        path = self._boxes_store
+        if path is None or _stamp(path) == self._store_stamp:
+            return
+        try:
+            now = BoxStore.load(path)
+            same = (list(now.keys) == list(self.store.keys) and np.array_equal(now.offsets, self.store.offsets)
+                    and np.array_equal(now.boxes, self.store.boxes))
+            why = "it holds other boxes now"
+        except (OSError, ValueError) as e:
+            same, why = False, str(e).splitlines()[0]
+        if not same:
+            raise RuntimeError(f"box store {path} changed since this loader opened it ({why}); restart the job "
+                               f"(or build a new loader) to use the new store")
+        self._store_stamp = _stamp(path)
 
     # ---- public API -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -935,7 +974,7 @@ class ObjCropLoader:
         culprits = {}
         for idx in pending:
             for i in np.unique(idx):
-                msg = _file_decodes(self._src.paths[i])
+                msg = _file_decodes(self._src.paths[i]) or _file_changed(self._src.paths[i], self._src.sizes[i])
                 if msg is not None:
                     culprits[int(i)] = msg
         named = {self.index.keys[i]: m for i, m in culprits.items()}

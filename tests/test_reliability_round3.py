@@ -549,3 +549,33 @@ def test_more_ranks_than_images_still_give_every_rank_equal_batches(synth_set):
                        rank=59, world_size=60, drop_last=False)     # 24 images, 60 ranks
     batches = list(ld)
     assert len(batches) == len(ld) == 1 and len(batches[0]["index"]) == 1   # was: a DALI assert (empty batch)
+
+
+# ---- data that changes underneath: a store or an image replaced after the loader read it ------------------------------
+def test_box_store_replaced_after_the_loader_opened_it_is_refused(synth_set, tmp_path):
+    _ops()
+    from dali_objcrop import ObjCropLoader
+    gt = BoxStore.from_coco(synth_set)
+    path = gt.save(tmp_path / "s.boxes")
+    ld = ObjCropLoader(str(synth_set), boxes=str(path), batch_size=4, size=32, device="cpu", num_threads=1)
+    assert ld.uses_plugin
+    gt.save(path)                                         # rewritten, same boxes: fine
+    next(iter(ld))
+    ld2 = ObjCropLoader(str(synth_set), boxes=str(path), batch_size=4, size=32, device="cpu", num_threads=1)
+    other = BoxStore.from_arrays(list(gt.keys), gt.sizes, [np.array([[0.0, 0.0, 0.5, 0.5]], np.float32)] * len(gt))
+    other.save(path)                                      # another job's store under the same name
+    with pytest.raises(RuntimeError, match=r"s\.boxes changed since this loader opened it \(it holds other boxes"):
+        next(iter(ld2))
+
+
+def test_image_replaced_after_indexing_is_named(tmp_path):
+    from PIL import Image
+
+    from dali_objcrop import ObjCropLoader
+    from dali_objcrop.synth import make_synthetic
+    ann = make_synthetic(tmp_path, n=8, seed=0)
+    ld = ObjCropLoader(str(ann), boxes="gt", batch_size=4, size=32, device="cpu", num_threads=1, use_plugin=False,
+                       shuffle=False)
+    Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(ld.index.paths[1], "JPEG")
+    n = sum(len(b["index"]) for b in ld)                  # was: "every file ... decodes alone", naming none
+    assert n == 8 and "changed since the loader indexed it (was" in ld.stats["decode_failures"][ld.key_of(1)]
