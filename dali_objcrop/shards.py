@@ -453,7 +453,12 @@ class ShardSet:
         m = root / MANIFEST if root.is_dir() else root
         if not m.is_file():
             raise FileNotFoundError(f"{root} is not a shard set: no {MANIFEST}")
-        manifest = json.loads(m.read_text())
+        try:
+            manifest = json.loads(m.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ShardError(f"{m}: unreadable shard manifest ({e}); repack, or rerun pack to rewrite it") from None
+        if not isinstance(manifest, dict):
+            raise ShardError(f"{m}: a shard manifest is a JSON object")
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{m}: unknown shard format {manifest.get('format')!r} (expected {FORMAT})")
         shards = manifest.get("shards")
@@ -462,6 +467,8 @@ class ShardSet:
             raise ShardError(f"{m}: 'shards' must be a list of {{name, first, count}} entries")
         for x in shards:
             check_shard_name(x["name"], str(m))
+            if not all(isinstance(x[k], int) and not isinstance(x[k], bool) and x[k] >= 0 for k in ("first", "count")):
+                raise ShardError(f"{m}: shard {x['name']}: first and count must be integers >= 0")
         return cls(m.parent, manifest)
 
     @property

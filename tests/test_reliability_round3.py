@@ -579,3 +579,17 @@ def test_image_replaced_after_indexing_is_named(tmp_path):
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(ld.index.paths[1], "JPEG")
     n = sum(len(b["index"]) for b in ld)                  # was: "every file ... decodes alone", naming none
     assert n == 8 and "changed since the loader indexed it (was" in ld.stats["decode_failures"][ld.key_of(1)]
+
+
+def test_damaged_shard_manifest_is_named(packed, tmp_path):
+    out = tmp_path / "set"
+    _copy(packed, out)
+    text = (out / S.MANIFEST).read_text()
+    (out / S.MANIFEST).write_text(text[:len(text) // 2])            # cut short
+    with pytest.raises(S.ShardError, match=r"shards\.json: unreadable shard manifest"):
+        S.ShardSet.open(out)
+    m = json.loads(text)
+    m["shards"][0]["count"] = "2"
+    (out / S.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(S.ShardError, match="first and count must be integers"):
+        S.ShardSet.open(out)
