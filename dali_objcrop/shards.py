@@ -218,7 +218,9 @@ def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = Non
         a :class:`PackReport`.
 
     Raises:
-        ValueError: ``out`` holds shards of another plan (dataset, store or limits), unless ``restart``.
+        ValueError: ``out`` holds shards of another plan (dataset, store or limits), unless ``restart``;
+            ``restart`` while another part packs there, or an old manifest naming a file outside ``out``.
+        OutputLockedError: another pack job of the same part (or folder) is running.
     """
     if num_parts < 1 or not 0 <= part < num_parts:
         raise ValueError(f"need 0 <= part < num_parts, got part={part}, num_parts={num_parts}")
@@ -339,23 +341,28 @@ def _pack(index, out: Path, store, shard_bytes, max_samples, prefix, restart, pr
 
 
 def _boxes_digest(store: BoxStore | None, rows, first: int, count: int) -> str:
-    """sha256 of a shard's boxes as the tar holds them (per sample: count, then the float32 bytes)."""
+    """sha256 of a shard's boxes as the tar holds them: the per-sample box counts (int64), then every
+    box (float32, little-endian) in sample order."""
     import hashlib
-    h = hashlib.sha256()
-    for i in range(first, first + count):
-        b = np.zeros((0, 4), "<f4") if store is None else np.ascontiguousarray(store.boxes_of(rows[i]), "<f4")
-        h.update(np.int64(len(b.reshape(-1, 4))).tobytes() + b.tobytes())
-    return h.hexdigest()
+    if store is None:
+        return hashlib.sha256(np.zeros(count, "<i8").tobytes()).hexdigest()
+    r = np.asarray(rows[first:first + count], np.int64)
+    starts, ends = store.offsets[r].astype(np.int64), store.offsets[r + 1].astype(np.int64)
+    lens = ends - starts
+    take = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))   # rows' boxes, in order
+    boxes = np.ascontiguousarray(np.asarray(store.boxes)[take], "<f4").reshape(-1, 4)
+    return hashlib.sha256(lens.astype("<i8").tobytes() + boxes.tobytes()).hexdigest()
 
 
 def boxes_digest_of(samples) -> str:
     """:func:`_boxes_digest` of decoded samples (what ``ShardSet.samples`` yields)."""
     import hashlib
-    h = hashlib.sha256()
+    counts, parts = [], []
     for smp in samples:
         b = np.ascontiguousarray(smp["boxes"], "<f4").reshape(-1, 4)
-        h.update(np.int64(len(b)).tobytes() + b.tobytes())
-    return h.hexdigest()
+        counts.append(len(b))
+        parts.append(b.tobytes())
+    return hashlib.sha256(np.asarray(counts, "<i8").tobytes() + b"".join(parts)).hexdigest()
 
 
 class _folder_lock:
