@@ -86,13 +86,10 @@ from . import augment as _augment
 from .boxstore import BoxStore
 from . import plugin
 from .dataset import ImageIndex, coco_images_dir
-from .iteration import resolve_device_dtype, resolve_rank, views_to_torch
+from .iteration import FallbackWarning, resolve_device_dtype, resolve_rank, views_to_torch
+from .iteration import _file_decodes, _readable_decode_error  # noqa: F401 (their home was here)
 from .ops_graph import aug_stages, dali_crop, finish_views
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
-
-
-class FallbackWarning(UserWarning):
-    """Some images fall back to scene crops (no boxes); issued once per loader, with the counts."""
 
 
 # Inputs the batch callback can emit (the external source emits the base fields, the crop
@@ -487,44 +484,6 @@ def _index_of(data, images_dir, allow_outside_root: bool = False) -> tuple[Image
         # the one rule of every entry point (images/ beside the JSON or beside its folder)
         return ImageIndex.from_coco(p, coco_images_dir(p, images_dir), allow_outside_root=allow_outside_root), str(p)
     raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
-
-
-# nvImageCodec status codes (nvimgcodec.h) that DALI reports as "nvImageCodec failure: '#N'"
-_NVIMGCODEC_STATUS = {1: "decoder not initialised", 2: "invalid parameter", 3: "corrupt or truncated image data",
-                      4: "unsupported image format or content", 5: "memory allocation failed",
-                      6: "decoding failed", 7: "unsupported GPU architecture", 8: "internal decoder error",
-                      9: "no decoder implementation for this image", 10: "a decoder dependency is missing"}
-
-
-def _readable_decode_error(msg: str) -> str:
-    """Turn "nvImageCodec failure: '#3'" into a reason a user can act on (the code is kept)."""
-    import re
-    m = re.search(r"nvImageCodec failure: '?#(\d+)'?", msg)
-    if m and int(m.group(1)) in _NVIMGCODEC_STATUS:
-        return f"{_NVIMGCODEC_STATUS[int(m.group(1))]} (nvImageCodec status {m.group(1)})"
-    return msg
-
-
-def _file_decodes(path: str) -> str | None:
-    """None if DALI's CPU decoder accepts the file, else its error (first line, made readable)."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
-    def one():
-        enc = fn.external_source(source=lambda: [np.fromfile(path, dtype=np.uint8)], batch=True)
-        return fn.decoders.image(enc, device="cpu", output_type=types.RGB, adjust_orientation=False)
-
-    try:
-        p = one()
-        p.build()
-        p.run()
-        return None
-    except StopIteration:
-        return None
-    except Exception as e:  # DALI raises RuntimeError; keep the line after "encountered:"
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        after = [ln for a, ln in zip(lines, lines[1:]) if a.startswith("encountered")]
-        return _readable_decode_error((after or lines or [type(e).__name__])[0])
 
 
 def _stamp(path) -> tuple | None:

@@ -36,7 +36,8 @@ from typing import Iterator
 import numpy as np
 
 from . import augment as _augment
-from .iteration import resolve_device_dtype, resolve_rank, views_to_torch
+from .iteration import (FallbackWarning, _file_decodes, _readable_decode_error, resolve_device_dtype,
+                        resolve_rank, views_to_torch)
 from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardError, ShardSet, check_shard, read_index, sound_shards
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
@@ -67,7 +68,7 @@ class ShardLoader:
             False checks the index files only (trusted storage, very many shards).
 
     ``stats["fallback"]`` counts the delivered samples that had no boxes (scene crops instead of
-    ``mode``'s), announced once with a :class:`~dali_objcrop.loader.FallbackWarning`.
+    ``mode``'s), announced once with a :class:`~dali_objcrop.FallbackWarning`.
     """
 
     def __init__(self, data, boxes="shards", mode: str = "obj-obj-dilate", batch_size: int = 64,
@@ -136,13 +137,12 @@ class ShardLoader:
         without = int(sum((self._nboxes[s["first"]:s["first"] + s["count"]] == 0).sum() for s in self.usable))
         self._counts_fallback = mode != "scene-scene"
         if without and self._counts_fallback:
-            from .loader import FallbackWarning
             warnings.warn(f"{without} of {self.num_samples} samples in the usable shards of {self.shards.root} have "
                           f"no boxes: they get scene crops instead of {mode!r} crops (counted in stats['fallback'])",
                           FallbackWarning, stacklevel=3)
-        self.stats: dict = {"shards": len(self.shards.shards), "damaged_shards": damaged,
-                            "samples_in_usable_shards": self.num_samples, "samples_without_boxes": without,
-                            "samples": 0, "fallback": 0, "epochs": 0,
+        self.stats: dict = {"fallback": 0, "samples_without_boxes": without,
+                            "shards": len(self.shards.shards), "damaged_shards": damaged,
+                            "samples_in_usable_shards": self.num_samples, "samples": 0, "epochs": 0,
                             "pipeline": "plugin:webdataset:" + ("crop-op" if self._plugin_crop else "dali-ops-crop")}
 
     # ---- public API ---------------------------------------------------------------------------
@@ -246,7 +246,6 @@ class ShardLoader:
     def _explain_failure(self, epoch: int, b: int, err: Exception) -> str:
         """What DALI failed on: a shard damaged since it was checked, or the images that do not decode
         (shard, sample and a readable reason), else the epoch's first shards."""
-        from .loader import _readable_decode_error
         head = f"reading shards of {self.shards.root} failed in epoch {epoch}, batch {b} (rank {self.rank})"
         order = self.shard_order(epoch)
         damaged = {s["name"]: why for s in order
@@ -305,7 +304,6 @@ class ShardLoader:
 def _image_decodes(data: bytes) -> str | None:
     """None if DALI's CPU decoder accepts the encoded image, else its error, made readable."""
     import tempfile
-    from .loader import _file_decodes
     with tempfile.NamedTemporaryFile(suffix=".img") as f:
         f.write(data)
         f.flush()
