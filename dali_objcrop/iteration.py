@@ -1,5 +1,6 @@
 """What both iterators (:class:`~dali_objcrop.ObjCropLoader` and the shard loader) share: finding
-this process's rank, and handing a DALI batch over to torch."""
+this process's rank, handing a DALI batch over to torch, the scene-fallback warning, and saying
+why DALI could not decode an image."""
 from __future__ import annotations
 
 import os
@@ -69,3 +70,45 @@ def views_to_torch(outs, device: str, device_id: int | None, out_dtype: str, dty
             out = torch.from_numpy(np.array(tl.as_tensor()))
         views.append(out if out.dtype == dtype else out.to(dtype))
     return {"view1": views[0], "view2": views[1], "index": idx.to(views[0].device)}
+
+
+class FallbackWarning(UserWarning):
+    """Some images fall back to scene crops (no boxes); issued once per loader, with the counts."""
+
+
+# nvImageCodec status codes (nvimgcodec.h) that DALI reports as "nvImageCodec failure: '#N'"
+_NVIMGCODEC_STATUS = {1: "decoder not initialised", 2: "invalid parameter", 3: "corrupt or truncated image data",
+                      4: "unsupported image format or content", 5: "memory allocation failed",
+                      6: "decoding failed", 7: "unsupported GPU architecture", 8: "internal decoder error",
+                      9: "no decoder implementation for this image", 10: "a decoder dependency is missing"}
+
+
+def _readable_decode_error(msg: str) -> str:
+    """Turn "nvImageCodec failure: '#3'" into a reason a user can act on (the code is kept)."""
+    import re
+    m = re.search(r"nvImageCodec failure: '?#(\d+)'?", msg)
+    if m and int(m.group(1)) in _NVIMGCODEC_STATUS:
+        return f"{_NVIMGCODEC_STATUS[int(m.group(1))]} (nvImageCodec status {m.group(1)})"
+    return msg
+
+
+def _file_decodes(path: str) -> str | None:
+    """None if DALI's CPU decoder accepts the file, else its error (first line, made readable)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def one():
+        enc = fn.external_source(source=lambda: [np.fromfile(path, dtype=np.uint8)], batch=True)
+        return fn.decoders.image(enc, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+    try:
+        p = one()
+        p.build()
+        p.run()
+        return None
+    except StopIteration:
+        return None
+    except Exception as e:  # DALI raises RuntimeError; keep the line after "encountered:"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        after = [ln for a, ln in zip(lines, lines[1:]) if a.startswith("encountered")]
+        return _readable_decode_error((after or lines or [type(e).__name__])[0])

@@ -86,13 +86,10 @@ from . import augment as _augment
 from .boxstore import BoxStore
 from . import plugin
 from .dataset import ImageIndex, coco_images_dir
-from .iteration import resolve_device_dtype, resolve_rank, views_to_torch
+from .iteration import FallbackWarning, resolve_device_dtype, resolve_rank, views_to_torch
+from .iteration import _file_decodes, _readable_decode_error  # noqa: F401 (their home was here)
 from .ops_graph import aug_stages, dali_crop, finish_views
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
-
-
-class FallbackWarning(UserWarning):
-    """Some images fall back to scene crops (no boxes); issued once per loader, with the counts."""
 
 
 # Inputs the batch callback can emit (the external source emits the base fields, the crop
@@ -145,8 +142,9 @@ def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
             batch_size)`` samples left over (different ones each epoch) are
             dropped.  False: every sample is delivered; the permutation is padded
             by wrapping around to a multiple of ``world_size`` (at most
-            ``world_size - 1`` repeats, as ``DistributedSampler``), and each
-            rank's last batch may be partial.
+            ``world_size - 1`` repeats, as ``DistributedSampler``; with more
+            ranks than samples the permutation repeats as often as needed, so no
+            rank is left empty), and each rank's last batch may be partial.
 
     Returns:
         list of int64 arrays (the batches, in order).
@@ -163,7 +161,7 @@ def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
         order = order[: per_rank * world_size]
     else:
         total = -(-n // world_size) * world_size
-        order = np.concatenate([order, order[: total - n]]) if total > n else order
+        order = np.resize(order, total)   # wraps around as often as needed (more ranks than images too)
         per_rank = total // world_size
     mine = order[rank::world_size][:per_rank].astype(np.int64)
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
@@ -488,42 +486,23 @@ def _index_of(data, images_dir, allow_outside_root: bool = False) -> tuple[Image
     raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
 
 
-# nvImageCodec status codes (nvimgcodec.h) that DALI reports as "nvImageCodec failure: '#N'"
-_NVIMGCODEC_STATUS = {1: "decoder not initialised", 2: "invalid parameter", 3: "corrupt or truncated image data",
-                      4: "unsupported image format or content", 5: "memory allocation failed",
-                      6: "decoding failed", 7: "unsupported GPU architecture", 8: "internal decoder error",
-                      9: "no decoder implementation for this image", 10: "a decoder dependency is missing"}
-
-
-def _readable_decode_error(msg: str) -> str:
-    """Turn "nvImageCodec failure: '#3'" into a reason a user can act on (the code is kept)."""
-    import re
-    m = re.search(r"nvImageCodec failure: '?#(\d+)'?", msg)
-    if m and int(m.group(1)) in _NVIMGCODEC_STATUS:
-        return f"{_NVIMGCODEC_STATUS[int(m.group(1))]} (nvImageCodec status {m.group(1)})"
-    return msg
-
-
-def _file_decodes(path: str) -> str | None:
-    """None if DALI's CPU decoder accepts the file, else its error (first line, made readable)."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
-    def one():
-        enc = fn.external_source(source=lambda: [np.fromfile(path, dtype=np.uint8)], batch=True)
-        return fn.decoders.image(enc, device="cpu", output_type=types.RGB, adjust_orientation=False)
-
+def _stamp(path) -> tuple | None:
     try:
-        p = one()
-        p.build()
-        p.run()
+        st = os.stat(path)
+    except OSError:
         return None
-    except StopIteration:
-        return None
-    except Exception as e:  # DALI raises RuntimeError; keep the line after "encountered:"
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        after = [ln for a, ln in zip(lines, lines[1:]) if a.startswith("encountered")]
-        return _readable_decode_error((after or lines or [type(e).__name__])[0])
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _file_changed(path: str, size) -> str | None:
+    """None if the file's header still gives the indexed size, else how it changed (a file replaced
+    after the index scan: the windows were drawn for the old size)."""
+    from .dataset import scan_image
+    status, wh, _ = scan_image(path)
+    if wh is None or tuple(int(v) for v in wh) != tuple(int(v) for v in size):
+        now = f"{wh[0]}x{wh[1]}" if wh is not None else status
+        return f"changed since the loader indexed it (was {int(size[0])}x{int(size[1])}, now {now})"
+    return None
 
 
 class ObjCropLoader:
@@ -672,6 +651,7 @@ class ObjCropLoader:
                             "bad_images": dict(index.bad), "skipped": len(index.bad),
                             "decode_failures": {}, "samples": 0, "fallback": 0, "epochs": 0}
         self._next_epoch = 0
+        self._generation = 0   # which iterator owns the pipeline (a newer iter() supersedes the older)
         self._feed: Iterator[np.ndarray] = iter(())
         self._inflight: deque = deque()
         # batches taken from _feed whose inputs are being prepared: (positions, Future of inputs)
@@ -691,6 +671,7 @@ class ObjCropLoader:
         self.uses_plugin, why = self._want_plugin(use_plugin, crop_backend, roi_decode)
         if self.uses_plugin:
             self._boxes_store = self._plugin_boxes_store(boxes)
+            self._store_stamp = _stamp(self._boxes_store) if self._boxes_store else None
             self._prepare, self._fields = self._src.handover, plugin_fields(self._boxes_store is not None)
         self._plugin_crop = None
         why_not = ""
@@ -778,6 +759,7 @@ class ObjCropLoader:
             out = "float16" if (self.device == "gpu" and self.dtype == torch.float16) else "float32"
             self._out_dtype = out
             if self.uses_plugin:
+                self._check_store_unchanged()   # the windows operator reads the file now
                 self._pipe = build_plugin_pipeline(self._pull, self.batch_size, self.num_threads, self.device,
                                                    self.config, self._boxes_store, self.size, out, device_id,
                                                    self.seed, self._prefetch, self._decoder_kwargs, self.recipe,
@@ -787,6 +769,24 @@ class ObjCropLoader:
                                             self.crop_backend, out, device_id, self.seed, self._prefetch,
                                             self._decoder_kwargs, self.roi_decode, self.recipe)
         return self._pipe
+
+    def _check_store_unchanged(self) -> None:
+        """The box store file the operator is about to read is the one this loader checked (rows were
+        matched to it); a replaced file is accepted only if it holds the same boxes."""
+        path = self._boxes_store
+        if path is None or _stamp(path) == self._store_stamp:
+            return
+        try:
+            now = BoxStore.load(path)
+            same = (list(now.keys) == list(self.store.keys) and np.array_equal(now.offsets, self.store.offsets)
+                    and np.array_equal(now.boxes, self.store.boxes))
+            why = "it holds other boxes now"
+        except (OSError, ValueError) as e:
+            same, why = False, str(e).splitlines()[0]
+        if not same:
+            raise RuntimeError(f"box store {path} changed since this loader opened it ({why}); restart the job "
+                               f"(or build a new loader) to use the new store")
+        self._store_stamp = _stamp(path)
 
     # ---- public API -----------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -832,6 +832,7 @@ class ObjCropLoader:
     def __iter__(self) -> Iterator[dict]:
         epoch = self._next_epoch
         self._next_epoch = epoch + 1
+        self._generation = gen = self._generation + 1
         self._drain()
         pipe = self._build()
         self._feed = iter(self.batches(epoch))
@@ -841,6 +842,10 @@ class ObjCropLoader:
         self._active = True
         try:
             while True:
+                if self._generation != gen:  # one pipeline, one epoch in flight: never mix two iterators' batches
+                    raise RuntimeError(f"this iterator of epoch {epoch} was superseded by a newer iter(loader) "
+                                       f"(epoch {self._epoch}); an ObjCropLoader runs one iteration at a time: "
+                                       f"finish or drop the older iterator, or use a second loader")
                 try:
                     outs = pipe.run()
                 except StopIteration:
@@ -854,7 +859,8 @@ class ObjCropLoader:
                 yield batch
             self.stats["epochs"] += 1
         finally:
-            self._active = not self._finished()
+            if self._generation == gen:  # a superseded iterator's end leaves the newer one's state alone
+                self._active = not self._finished()
 
     # ---- internals --------------------------------------------------------------------------
     def _pull(self):
@@ -946,7 +952,7 @@ class ObjCropLoader:
         culprits = {}
         for idx in pending:
             for i in np.unique(idx):
-                msg = _file_decodes(self._src.paths[i])
+                msg = _file_decodes(self._src.paths[i]) or _file_changed(self._src.paths[i], self._src.sizes[i])
                 if msg is not None:
                     culprits[int(i)] = msg
         named = {self.index.keys[i]: m for i, m in culprits.items()}

@@ -29,14 +29,16 @@ from the index files before the first epoch, named in ``stats["damaged_shards"]`
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from . import augment as _augment
-from .iteration import resolve_device_dtype, resolve_rank, views_to_torch
-from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardSet, sound_shards
+from .iteration import (FallbackWarning, _file_decodes, _readable_decode_error, resolve_device_dtype,
+                        resolve_rank, views_to_torch)
+from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardError, ShardSet, check_shard, read_index, sound_shards
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
 
@@ -61,6 +63,12 @@ class ShardLoader:
         shuffle_buffer: samples in DALI's shuffle buffer (``initial_fill``).
         on_bad_shard: ``skip`` (leave damaged shards out, named in ``stats``) or ``raise``.
         boxes: the shards carry their boxes; only None, ``"gt"`` or ``"shards"`` are accepted.
+        check_content: before the first epoch, read every sample's small members through the index
+            (tar headers against the index, positions, box values; see :func:`~dali_objcrop.shards.check_shard`);
+            False checks the index files only (trusted storage, very many shards).
+
+    ``stats["fallback"]`` counts the delivered samples that had no boxes (scene crops instead of
+    ``mode``'s), announced once with a :class:`~dali_objcrop.FallbackWarning`.
     """
 
     def __init__(self, data, boxes="shards", mode: str = "obj-obj-dilate", batch_size: int = 64,
@@ -71,7 +79,7 @@ class ShardLoader:
                  device_id: int | None = None, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
                  plugin_crop: bool | None = None, shuffle_buffer: int = 1024, on_bad_shard: str = "skip",
                  use_plugin: bool | None = None, crop_backend: str = "dali", roi_decode: bool = True,
-                 **ignored) -> None:
+                 check_content: bool = True, **ignored) -> None:
         import torch
         from . import plugin
         unknown = set(ignored) - {"prepare_ahead", "on_bad_image", "images_dir", "max_images", "allow_outside_root"}
@@ -95,10 +103,18 @@ class ShardLoader:
             raise RuntimeError(f"reading shard sets needs dali_objcrop's DALI operators: {plugin.error()}")
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.shards = ShardSet.open(data)
-        self.usable, damaged = sound_shards(self.shards, on_bad_shard)
+        self.usable, damaged = sound_shards(self.shards, on_bad_shard, content=check_content)
         if not self.usable:
             raise ValueError(f"no usable shard in {self.shards.root}: {damaged}")
         self.num_samples = sum(s["count"] for s in self.usable)
+        self._check_content = check_content
+        # what was checked: (size, mtime) of each usable tar and index, so a file replaced later is seen
+        self._stamps = {s["name"]: self._stamp(s) for s in self.usable}
+        # boxes per position (from the indexes: what DALI's reader will hand over), for the fallback count
+        self._nboxes = np.zeros(self.shards.num_samples, np.int64)
+        for s in self.usable:
+            for r, comps in enumerate(read_index(self.shards.tar(s).with_suffix(".idx"))):
+                self._nboxes[s["first"] + r] = comps[BOXES][1] // 16
         self.mode, self.batch_size, self.size, self.device, self.dtype = mode, batch_size, size, device, dtype
         self.seed, self.shuffle, self.num_threads, self.shuffle_buffer = seed, shuffle, num_threads, shuffle_buffer
         self.recipe = _augment.get_recipe(recipe)
@@ -122,7 +138,14 @@ class ShardLoader:
             self._plugin_crop = bool(plugin_crop)
         self._next_epoch = 0
         self.uses_plugin = True
-        self.stats: dict = {"shards": len(self.shards.shards), "damaged_shards": damaged,
+        without = int(sum((self._nboxes[s["first"]:s["first"] + s["count"]] == 0).sum() for s in self.usable))
+        self._counts_fallback = mode != "scene-scene"
+        if without and self._counts_fallback:
+            warnings.warn(f"{without} of {self.num_samples} samples in the usable shards of {self.shards.root} have "
+                          f"no boxes: they get scene crops instead of {mode!r} crops (counted in stats['fallback'])",
+                          FallbackWarning, stacklevel=3)
+        self.stats: dict = {"fallback": 0, "samples_without_boxes": without,
+                            "shards": len(self.shards.shards), "damaged_shards": damaged,
                             "samples_in_usable_shards": self.num_samples, "samples": 0, "epochs": 0,
                             "pipeline": "plugin:webdataset:" + ("crop-op" if self._plugin_crop else "dali-ops-crop")
                             + (f" ({why_not})" if why_not and plugin.crop_op_registered(device) else "")}
@@ -171,16 +194,22 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         epoch = self._next_epoch
         self._next_epoch = epoch + 1
+        self._recheck_changed()
         pipe = self._build(epoch)
         try:
             for b in range(len(self)):
                 try:
                     outs = pipe.run()
                 except Exception as e:  # name what was being read
-                    names = ", ".join(s["name"] for s in self.shard_order(epoch)[:8])
-                    raise RuntimeError(f"reading shards of {self.shards.root} failed in epoch {epoch}, batch {b} "
-                                       f"(rank {self.rank}; this epoch's shard order begins {names}): {e}") from e
+                    raise RuntimeError(self._explain_failure(epoch, b, e)) from e
                 batch = self._to_torch(outs)
+                pos = batch["index"].numpy() if batch["index"].device.type == "cpu" else batch["index"].cpu().numpy()
+                if len(pos) and (pos.min() < 0 or pos.max() >= len(self._nboxes)):  # checked shards never do this
+                    raise ShardError(f"a shard of {self.shards.root} changed while epoch {epoch} read it: "
+                                     f"position {int(pos.max() if pos.max() >= len(self._nboxes) else pos.min())} "
+                                     f"in a set of {len(self._nboxes)} samples; run dali-objcrop pack --verify")
+                if self._counts_fallback:
+                    self.stats["fallback"] += int((self._nboxes[pos] == 0).sum())
                 self.stats["samples"] += len(batch["index"])
                 yield batch
             self.stats["epochs"] += 1
@@ -188,6 +217,62 @@ class ShardLoader:
             del pipe   # an epoch's pipeline is never reused: nothing crosses epochs
 
     # ---- internals ------------------------------------------------------------------------------
+    def _stamp(self, s: dict) -> tuple:
+        tar = self.shards.tar(s)
+        a, b = tar.stat(), tar.with_suffix(".idx").stat()
+        return a.st_size, a.st_mtime_ns, a.st_ino, b.st_size, b.st_mtime_ns, b.st_ino
+
+    def _recheck_changed(self) -> None:
+        """Before an epoch: a usable shard whose tar or index changed since it was checked is checked
+        again; one that is no longer sound (or no longer holds the same samples) is refused by name."""
+        bad = {}
+        for s in self.usable:
+            try:
+                stamp = self._stamp(s)
+            except OSError as e:
+                bad[s["name"]] = f"gone ({e.strerror})"
+                continue
+            if stamp == self._stamps[s["name"]]:
+                continue
+            why = check_shard(self.shards.tar(s), expect=(s["first"], s["count"]), content=self._check_content)
+            if why is None:
+                counts = [c[BOXES][1] // 16 for c in read_index(self.shards.tar(s).with_suffix(".idx"))]
+                if not np.array_equal(counts, self._nboxes[s["first"]:s["first"] + s["count"]]):
+                    why = "its boxes changed"
+            if why:
+                bad[s["name"]] = why
+            else:
+                self._stamps[s["name"]] = stamp
+        if bad:
+            raise ShardError(f"shard(s) of {self.shards.root} changed since this loader checked them: "
+                             + "; ".join(f"{k}: {v}" for k, v in bad.items())
+                             + " (repack them, or restart the job to leave them out)")
+
+    def _explain_failure(self, epoch: int, b: int, err: Exception) -> str:
+        """What DALI failed on: a shard damaged since it was checked, or the images that do not decode
+        (shard, sample and a readable reason), else the epoch's first shards."""
+        head = f"reading shards of {self.shards.root} failed in epoch {epoch}, batch {b} (rank {self.rank})"
+        order = self.shard_order(epoch)
+        damaged = {s["name"]: why for s in order
+                   if (why := check_shard(self.shards.tar(s), expect=(s["first"], s["count"]), content=True))}
+        if damaged:
+            return head + ": damaged shard(s): " + "; ".join(f"{k}: {v}" for k, v in list(damaged.items())[:8])
+        # the reader had read at most this many samples of this rank's slice
+        reach = self.shuffle_buffer + (b + 2 + self._prefetch) * self.batch_size
+        culprits = []
+        for p in self.rank_positions(epoch)[:reach]:
+            why = _image_decodes(self.shards.read_sample(int(p))["image"])
+            if why is not None:
+                s, r = self.shards.locate(int(p))
+                culprits.append(f"{s['name']} sample {r} (position {int(p)}, "
+                                f"{self.shards.read_sample(int(p))['key']}): {why}")
+                if len(culprits) >= 8:
+                    break
+        if culprits:
+            return head + ": undecodable image(s): " + "; ".join(culprits)
+        names = ", ".join(s["name"] for s in order[:8])
+        return f"{head}; this epoch's shard order begins {names}: {_readable_decode_error(str(err))}"
+
     def _build(self, epoch: int):
         from nvidia.dali import fn, pipeline_def, types
         from . import plugin
@@ -219,3 +304,12 @@ class ShardLoader:
 
     def _to_torch(self, outs) -> dict:
         return views_to_torch(outs, self.device, self._device_id, self._out_dtype, self.dtype)
+
+
+def _image_decodes(data: bytes) -> str | None:
+    """None if DALI's CPU decoder accepts the encoded image, else its error, made readable."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".img") as f:
+        f.write(data)
+        f.flush()
+        return _file_decodes(f.name)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,25 @@ class ShardError(ValueError):
     """A shard is damaged (truncated, a component missing, its index disagreeing): names the file."""
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_shard_name(name, where: str = "") -> str:
+    """``name`` if it is a plain file name ending in ``.tar`` (no folder, no ``..``), else a
+    :class:`ShardError` naming it: everything a manifest names stays inside its folder."""
+    if not (isinstance(name, str) and name.endswith(".tar") and _SAFE_NAME.fullmatch(name) and ".." not in name):
+        raise ShardError(f"{where or 'shard manifest'}: shard name {name!r} is not a plain file name "
+                         f"'<prefix>-NNNNNN.tar' inside the shard folder; refusing to read or delete it")
+    return name
+
+
+def _tar_size(end: int) -> int:
+    """Bytes of a tar written by :mod:`tarfile` whose last member's data ends at ``end``: the data
+    padded to a block, the two end blocks, the whole padded to a record (``tarfile.RECORDSIZE``)."""
+    used = -(-end // _BLOCK) * _BLOCK + 2 * _BLOCK
+    return -(-used // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 @dataclass
 class PackReport:
     """What :func:`pack` did."""
@@ -66,6 +86,7 @@ class PackReport:
     bytes: int = 0
     seconds: float = 0.0
     skipped: dict = field(default_factory=dict)   # key -> why (the index scan left it out)
+    cleaned: int = 0                              # temporaries of a killed earlier pack removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,12 +218,25 @@ def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = Non
         a :class:`PackReport`.
 
     Raises:
-        ValueError: ``out`` holds shards of another plan (dataset, store or limits), unless ``restart``.
+        ValueError: ``out`` holds shards of another plan (dataset, store or limits), unless ``restart``;
+            ``restart`` while another part packs there, or an old manifest naming a file outside ``out``.
+        OutputLockedError: another pack job of the same part (or folder) is running.
     """
     if num_parts < 1 or not 0 <= part < num_parts:
         raise ValueError(f"need 0 <= part < num_parts, got part={part}, num_parts={num_parts}")
+    check_shard_name(shard_name(0, prefix), "prefix")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from .joblock import JobLock
+    # one job per part (num_parts=1: per folder); parts of one pack run side by side
+    lock_name = ".pack.lock" if num_parts == 1 else f".pack.part-{part:05d}-of-{num_parts:05d}.lock"
+    with JobLock(out / lock_name, "pack job"):
+        return _pack(index, out, store, shard_bytes, max_samples, prefix, restart, progress, max_shards,
+                     verify_existing, part, num_parts, out / lock_name)
+
+
+def _pack(index, out: Path, store, shard_bytes, max_samples, prefix, restart, progress, max_shards,
+          verify_existing, part, num_parts, my_lock: Path) -> PackReport:
     t0 = time.perf_counter()
     rows = None
     if store is not None:
@@ -225,26 +259,46 @@ def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = Non
                                              # the loader derives box_scale from these, as from the store
                                              "mean_area_by_top_k": _mean_areas(store)},
         "skipped_by_scan": dict(index.bad),
-        "shards": [{"name": shard_name(i, prefix), "first": f, "count": c} for i, (f, c) in enumerate(plan)],
+        "shards": [{"name": shard_name(i, prefix), "first": f, "count": c,
+                    "boxes_sha": _boxes_digest(store, rows, f, c)} for i, (f, c) in enumerate(plan)],
     }
     mpath = out / MANIFEST
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if old != manifest:
-            if not restart:
-                diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-                raise ValueError(f"{out} holds shards of another pack (differs in {', '.join(diff)}); rerun the "
-                                 f"same command to resume, or pass restart=True (--restart) to replace them")
-            for s in old.get("shards", []):
-                for p in (out / s["name"], (out / s["name"]).with_suffix(".idx")):
-                    p.unlink(missing_ok=True)
+    with _folder_lock(out):   # parts starting together: one of them writes the plan, the others compare
+        rep_cleaned = _remove_stale_tmp(out, MANIFEST)
+        if mpath.exists():
+            try:
+                old = json.loads(mpath.read_text())
+                if not isinstance(old, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                if not restart:
+                    raise ValueError(f"{mpath} is unreadable ({e}); pass restart=True (--restart) to replace it")
+                old = {}
+            if old != manifest:
+                if not restart:
+                    diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                    raise ValueError(f"{out} holds shards of another pack (differs in {', '.join(diff)}); rerun the "
+                                     f"same command to resume, or pass restart=True (--restart) to replace them")
+                busy = _other_pack_jobs(out, my_lock)
+                if busy:
+                    raise ValueError(f"cannot restart {out}: another pack job is running there ({', '.join(busy)})")
+                old_shards = old.get("shards", [])
+                names = [s.get("name") if isinstance(s, dict) else s for s in old_shards] \
+                    if isinstance(old_shards, list) else [old_shards]
+                for n in names:   # confined: a name that is not a plain file of out is refused, nothing deleted
+                    check_shard_name(n, str(mpath))
+                for n in names:
+                    for p in (out / n, (out / n).with_suffix(".idx")):
+                        p.unlink(missing_ok=True)
+                _write_text_atomic(mpath, json.dumps(manifest, indent=1))
+        else:
             _write_text_atomic(mpath, json.dumps(manifest, indent=1))
-    else:
-        _write_text_atomic(mpath, json.dumps(manifest, indent=1))
 
     from tqdm import tqdm
     mine = manifest["shards"][part::num_parts]
-    rep = PackReport(shards=len(mine), skipped=dict(index.bad))
+    rep = PackReport(shards=len(mine), skipped=dict(index.bad), cleaned=rep_cleaned)
+    for s in mine:   # temporaries a killed pack of this part left (this part's lock is ours)
+        rep.cleaned += _remove_stale_tmp(out, s["name"]) + _remove_stale_tmp(out, Path(s["name"]).stem + ".idx")
     done = []
     for s in mine:
         p = out / s["name"]
@@ -286,6 +340,96 @@ def pack(index: ImageIndex, out: str | os.PathLike, store: BoxStore | None = Non
     return rep
 
 
+def _boxes_digest(store: BoxStore | None, rows, first: int, count: int) -> str:
+    """sha256 of a shard's boxes as the tar holds them: the per-sample box counts (int64), then every
+    box (float32, little-endian) in sample order."""
+    import hashlib
+    if store is None:
+        return hashlib.sha256(np.zeros(count, "<i8").tobytes()).hexdigest()
+    r = np.asarray(rows[first:first + count], np.int64)
+    starts, ends = store.offsets[r].astype(np.int64), store.offsets[r + 1].astype(np.int64)
+    lens = ends - starts
+    take = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))   # rows' boxes, in order
+    boxes = np.ascontiguousarray(np.asarray(store.boxes)[take], "<f4").reshape(-1, 4)
+    return hashlib.sha256(lens.astype("<i8").tobytes() + boxes.tobytes()).hexdigest()
+
+
+def boxes_digest_of(samples) -> str:
+    """:func:`_boxes_digest` of decoded samples (what ``ShardSet.samples`` yields)."""
+    import hashlib
+    counts, parts = [], []
+    for smp in samples:
+        b = np.ascontiguousarray(smp["boxes"], "<f4").reshape(-1, 4)
+        counts.append(len(b))
+        parts.append(b.tobytes())
+    return hashlib.sha256(np.asarray(counts, "<i8").tobytes() + b"".join(parts)).hexdigest()
+
+
+class _folder_lock:
+    """A blocking ``flock`` on the folder itself (no file left behind), for the short plan check."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)   # drops the lock
+
+
+def _other_pack_jobs(out: Path, mine: Path) -> list[str]:
+    """Lock files of other pack jobs in ``out`` that a live process holds."""
+    import fcntl
+    busy = []
+    for p in sorted(out.glob(".pack*.lock")):
+        if p.name == mine.name:
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            busy.append(p.name)
+        finally:
+            os.close(fd)
+    return busy
+
+
+def _remove_stale_tmp(out: Path, name: str) -> int:
+    """Remove ``out/<name>.<pid>.tmp`` files whose writer is gone; returns how many."""
+    n = 0
+    for p in out.glob(_glob_escape(name) + ".*.tmp"):
+        pid = p.name[len(name) + 1:-4]
+        if not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue   # another live job on this machine is writing it
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _glob_escape(name: str) -> str:
+    import glob
+    return glob.escape(name)
+
+
 def _mean_areas(store: BoxStore, max_k: int = 32) -> dict[str, float] | None:
     """``store.mean_area_fraction(k)`` for k = 1..max_k and ``"all"`` (None without boxes)."""
     if store.num_boxes == 0:
@@ -316,9 +460,22 @@ class ShardSet:
         m = root / MANIFEST if root.is_dir() else root
         if not m.is_file():
             raise FileNotFoundError(f"{root} is not a shard set: no {MANIFEST}")
-        manifest = json.loads(m.read_text())
+        try:
+            manifest = json.loads(m.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ShardError(f"{m}: unreadable shard manifest ({e}); repack, or rerun pack to rewrite it") from None
+        if not isinstance(manifest, dict):
+            raise ShardError(f"{m}: a shard manifest is a JSON object")
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{m}: unknown shard format {manifest.get('format')!r} (expected {FORMAT})")
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(x, dict) and {"name", "first", "count"} <= set(x)
+                                                   for x in shards):
+            raise ShardError(f"{m}: 'shards' must be a list of {{name, first, count}} entries")
+        for x in shards:
+            check_shard_name(x["name"], str(m))
+            if not all(isinstance(x[k], int) and not isinstance(x[k], bool) and x[k] >= 0 for k in ("first", "count")):
+                raise ShardError(f"{m}: shard {x['name']}: first and count must be integers >= 0")
         return cls(m.parent, manifest)
 
     @property
@@ -332,11 +489,16 @@ class ShardSet:
     def tar(self, s: dict) -> Path:
         return self.root / s["name"]
 
-    def verify(self, deep: bool = False) -> dict[str, str]:
-        """``{shard file: problem}`` for every damaged or missing shard (empty when all are sound)."""
+    def verify(self, deep: bool = False, content: bool = False) -> dict[str, str]:
+        """``{shard file: problem}`` for every damaged or missing shard (empty when all are sound).
+
+        Levels as :func:`check_shard`: the index only (default), ``content`` (also every member's
+        tar header, the positions, boxes and metadata the index points at), ``deep`` (also the
+        whole tar read in order against the index, and the manifest's box digest)."""
         bad = {}
         for s in self.shards:
-            msg = check_shard(self.tar(s), expect=(s["first"], s["count"]), deep=deep)
+            msg = check_shard(self.tar(s), expect=(s["first"], s["count"]), deep=deep, content=content,
+                              boxes_sha=s.get("boxes_sha"))
             if msg:
                 bad[s["name"]] = msg
         return bad
@@ -411,13 +573,83 @@ def read_index(path: Path) -> list[dict[str, tuple[int, int]]]:
     return out
 
 
-def check_shard(tar: Path, expect: tuple[int, int] | None = None, deep: bool = False) -> str | None:
+def _octal(field: bytes) -> int:
+    t = field.rstrip(b"\0 ").strip()
+    return int(t, 8) if t else 0
+
+
+def _valid_boxes(b: np.ndarray) -> str | None:
+    """None if every box is finite, inside [0, 1] and not inverted/empty, else what is wrong."""
+    if not len(b):
+        return None
+    if not np.isfinite(b).all():
+        return "non-finite box values"
+    if (b < 0).any() or (b > 1).any():
+        return "box values outside [0, 1]"
+    if not ((b[:, 0] < b[:, 2]) & (b[:, 1] < b[:, 3])).all():
+        return "inverted or empty boxes (x1 >= x2 or y1 >= y2)"
+    return None
+
+
+def _check_members(f, samples: list[dict], first: int) -> str | None:
+    """Every member's tar header agrees with the index (name, size); positions, boxes, scores and
+    metadata are what the plan says and valid."""
+    for r, comps in enumerate(samples):
+        base = sample_name(first + r)
+        data = {}
+        for ext, (off, size) in comps.items():
+            if off < _BLOCK:
+                return f"sample {r} ({base}): index offset {off} of {ext} is before any tar header"
+            f.seek(off - _BLOCK)
+            head = f.read(_BLOCK)
+            if len(head) < _BLOCK:
+                return f"sample {r} ({base}): truncated at the header of {ext}"
+            name = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            prefix = head[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+            name = f"{prefix}/{name}" if prefix else name
+            try:
+                hsize = _octal(head[124:136])
+            except ValueError:
+                return f"sample {r} ({base}): no tar header at offset {off - _BLOCK} (index disagrees with the tar)"
+            if name != f"{base}.{ext}" or hsize != size:
+                return (f"sample {r} ({base}): the index points {ext} at offset {off}, where the tar holds "
+                        f"{name!r} ({hsize} bytes): the index disagrees with the tar")
+            if ext in (BOXES, POS, META, SCORES):
+                data[ext] = f.read(size)
+                if len(data[ext]) != size:
+                    return f"sample {r} ({base}): truncated in {ext}"
+        pos = int(np.frombuffer(data[POS], "<i8")[0])
+        if pos != first + r:
+            return f"sample {r} ({base}): {POS} holds position {pos}, the plan says {first + r}"
+        boxes = np.frombuffer(data[BOXES], "<f4").reshape(-1, 4)
+        why = _valid_boxes(boxes)
+        if why:
+            return f"sample {r} ({base}): {why} in {BOXES}"
+        if SCORES in data and len(data[SCORES]) != 4 * len(boxes):
+            return f"sample {r} ({base}): {len(data[SCORES])} bytes of {SCORES} for {len(boxes)} boxes"
+        try:
+            meta = json.loads(data[META].decode("utf-8"))
+            ok = isinstance(meta, dict) and meta.get("position") == pos and meta.get("boxes") == len(boxes)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            return f"sample {r} ({base}): {META} is unreadable or disagrees with the sample"
+    return None
+
+
+def check_shard(tar: Path, expect: tuple[int, int] | None = None, deep: bool = False, content: bool = False,
+                boxes_sha: str | None = None) -> str | None:
     """None if the shard looks sound, else what is wrong (the caller names the file).
 
-    Cheap checks (index and file size only): both files exist, the index parses, holds
-    ``expect[1]`` samples, every sample has an image, boxes, position and metadata, and the
-    tar is long enough for every member the index lists.  ``deep`` also reads the tar
-    with ``tarfile`` and compares each sample's position with the plan.
+    Index checks (the index and the file size; what DALI's reader will read): both files exist,
+    the index parses, holds ``expect[1]`` samples named by the plan's positions, every sample has
+    an image, boxes (a multiple of 16 bytes), position (8 bytes) and metadata, and the tar is as
+    long as the index says (shorter: truncated; longer: a stale index).  ``content`` also reads,
+    through the index, every member's tar header (its name and size must be what the index
+    says) and the small members: positions as planned, boxes finite, inside [0, 1] and not
+    inverted, scores one per box.  ``deep`` adds reading the whole tar with ``tarfile``: the
+    members, their offsets and sizes must be exactly the index's, and the boxes must match the
+    manifest's digest (``boxes_sha``) where it has one.
     """
     tar = Path(tar)
     if not tar.exists():
@@ -427,10 +659,11 @@ def check_shard(tar: Path, expect: tuple[int, int] | None = None, deep: bool = F
         return "no index (.idx)"
     try:
         samples = read_index(idx)
-    except (ShardError, ValueError) as e:
+    except (ShardError, ValueError, UnicodeDecodeError) as e:
         return str(e)
     if expect is not None and len(samples) != expect[1]:
         return f"holds {len(samples)} samples, the plan says {expect[1]}"
+    first = expect[0] if expect is not None else None
     size = tar.stat().st_size
     end = 0
     for r, comps in enumerate(samples):
@@ -439,24 +672,66 @@ def check_shard(tar: Path, expect: tuple[int, int] | None = None, deep: bool = F
         for c in (BOXES, POS, META):
             if c not in comps:
                 return f"sample {r}: missing component {c}"
+        if comps[BOXES][1] % 16 or comps[POS][1] != 8:
+            return (f"sample {r}: {BOXES} of {comps[BOXES][1]} bytes (a multiple of 16 expected) or {POS} of "
+                    f"{comps[POS][1]} bytes (8 expected)")
+        if any(o < 0 or n < 0 for o, n in comps.values()):
+            return f"sample {r}: negative offset or size in the index"
         end = max(end, max(o + n for o, n in comps.values()))
     if size < end:
         return f"truncated: {size} bytes, the index needs {end}"
+    if samples and size != _tar_size(end):
+        return (f"{size} bytes, its index accounts for {_tar_size(end)}: the tar was replaced or the index is "
+                f"stale; repack this shard")
+    if first is None and (content or deep):
+        first = _first_position(tar, samples)
+        if first is None:
+            return "unreadable: no position"
+    if content or deep:
+        try:
+            with open(tar, "rb") as f:
+                why = _check_members(f, samples, first)
+        except (OSError, ValueError) as e:
+            return f"unreadable: {e}"
+        if why:
+            return why
     if deep:
         try:
-            s = {"name": tar.name, "first": expect[0] if expect else 0}
-            for r, smp in enumerate(ShardSet(tar.parent, {}).samples(s)):
-                if expect is not None and smp["position"] != expect[0] + r:
-                    return f"sample {r}: position {smp['position']}, expected {expect[0] + r}"
+            got = []
+            with tarfile.open(tar, "r:") as tf:
+                for m in tf:
+                    got.append((m.name, m.offset_data, m.size))
+            want = sorted((f"{sample_name(first + r)}.{e}", o, n) for r, comps in enumerate(samples)
+                          for e, (o, n) in comps.items())
+            if sorted(got) != want:
+                extra = sorted(set(got) - set(want))[:3]
+                lost = sorted(set(want) - set(got))[:3]
+                return (f"the index disagrees with the tar ({len(got)} members in the tar, {len(want)} in the "
+                        f"index; tar only: {extra}, index only: {lost})")
+            if boxes_sha is not None:
+                ss = ShardSet(tar.parent, {})
+                if boxes_digest_of(ss.samples({"name": tar.name, "first": first})) != boxes_sha:
+                    return "its boxes differ from the ones shards.json was planned with (another pack's?)"
         except (tarfile.TarError, ShardError, ValueError, OSError) as e:
             return f"unreadable: {e}"
     return None
 
 
-def sound_shards(shards: ShardSet, on_bad: str = "skip") -> tuple[list[dict], dict[str, str]]:
+def _first_position(tar: Path, samples: list[dict]) -> int | None:
+    try:
+        with open(tar, "rb") as f:
+            off, _ = samples[0][POS]
+            f.seek(off)
+            return int(np.frombuffer(f.read(8), "<i8")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sound_shards(shards: ShardSet, on_bad: str = "skip", content: bool = True) -> tuple[list[dict], dict[str, str]]:
     """The shards a reader can use and ``{name: problem}`` of the others (``on_bad="raise"``: a
-    :class:`ShardError` naming every damaged shard instead)."""
-    bad = shards.verify()
+    :class:`ShardError` naming every damaged shard instead).  ``content`` (default): the
+    :func:`check_shard` content level (index against the tar headers, positions, box values)."""
+    bad = shards.verify(content=content)
     if bad and on_bad == "raise":
         raise ShardError("damaged shard(s) in " + str(shards.root) + ": "
                          + "; ".join(f"{k}: {v}" for k, v in bad.items()))

@@ -91,9 +91,12 @@ def convert(name: str, typ, value) -> object:
             raise ValueError
         if base in (int, float) and isinstance(value, bool):
             raise ValueError
-        return base(value)
+        out = base(value)
     except (TypeError, ValueError):
         raise ConfigError(f"--{name} expects {getattr(base, '__name__', base)}, got {value!r}") from None
+    if base is float and out != out:   # nan: never a setting (every comparison with it is False)
+        raise ConfigError(f"--{name} expects a number, got {value!r}")
+    return out
 
 
 def _tokens(argv: Sequence[str], field_types: dict[str, Any]) -> list[tuple[str, object]]:

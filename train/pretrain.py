@@ -117,6 +117,7 @@ class Config:
     ckpt_every: int = 1000            # steps between checkpoints (0 = only at the end, -1 = none)
     keep_ckpts: bool = False          # also keep ckpt_STEP.pt for every checkpoint
     resume: str = ""                  # "" | auto (OUT/ckpt.pt if present) | path of a checkpoint
+    restart: bool = False             # start over in an --out that holds a run (its checkpoints and log are removed)
     log_every: int = 10
     compile: bool = False             # torch.compile the backbones
     amp: str = "auto"                 # auto (bf16 on GPU, off on CPU) | bf16 | off
@@ -149,6 +150,29 @@ class Config:
             raise ValueError(f"need steps > 0 or epochs > 0, got steps={c.steps}, epochs={c.epochs}")
         if not 0.0 <= c.momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {c.momentum}")
+        for name in ("lr", "weight_decay", "temperature", "momentum", "lam", "dilate"):
+            if not math.isfinite(getattr(c, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(c, name)!r}")
+        if c.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {c.lr!r}")
+        if c.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {c.weight_decay!r}")
+        if c.method != "byol" and c.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {c.temperature!r}")
+        for name in ("num_threads",):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)!r}")
+        for name in ("prepare_ahead", "warmup_steps", "torch_threads"):
+            if getattr(c, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(c, name)!r}")
+        if c.ckpt_every < -1:
+            raise ValueError(f"ckpt_every must be >= -1, got {c.ckpt_every!r}")
+        if c.loader_device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"loader_device must be auto, cpu or gpu, got {c.loader_device!r}")
+        if c.resume and c.restart:
+            raise ValueError("give --resume or --restart, not both")
+        from dali_objcrop.windows import CropConfig
+        CropConfig(mode=c.crops, dilate=c.dilate)   # crops one of the modes, dilate in [0, 1]: its own checks
         return c
 
 
@@ -295,18 +319,88 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.
         raise OSError(code or errno.EIO, f"cannot write checkpoint {path} (step {step}): {cause}") from cause
 
 
+def _check_zip(path) -> None:
+    """torch.save writes a zip whose every record carries a CRC-32 that torch.load never checks: a
+    flipped bit would load as a silently different weight.  Check them all (as fast as reading)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"not a complete checkpoint file ({e})") from None
+    if bad is not None:
+        raise ValueError(f"record {bad} fails its CRC-32 check")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, unsafe, or of other settings (names the file)."""
+
+
+class OutputExistsError(FileExistsError):
+    """``out`` holds an earlier run and neither ``resume`` nor ``restart`` says what to do with it."""
+
+
+RUN_FILES = ("ckpt.pt", "log.jsonl", "config.json")   # (+ ckpt_*.pt, tb/): what a run leaves in its out
+
+
+def _run_files(out: Path) -> list[Path]:
+    return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("ckpt_*.pt")) + \
+        ([out / "tb"] if (out / "tb").is_dir() else [])
+
+
+def _claim_out(out: Path, cfg: Config, env: "Dist") -> None:
+    """Refuse to write over an earlier run in ``out`` unless ``resume`` or ``restart`` says so;
+    ``restart`` removes that run's checkpoints, log, config and event files.  The master decides
+    and tells the other ranks (they all stop, or all go on once the old files are gone)."""
+    err = None
+    if env.master:
+        found = _run_files(out)
+        if found and not cfg.resume:
+            if cfg.restart:
+                import shutil
+                for p in found:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            else:
+                err = (f"{out} holds an earlier run ({', '.join(p.name for p in found[:5])}); pass --resume=auto "
+                       f"to continue it, --restart to replace it, or choose another --out")
+    if env.ddp:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise OutputExistsError(err)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None, world_size: int | None = None) -> dict:
     """Read a checkpoint (on the CPU); with ``cfg``, check it can continue this run.
 
     Only plain data is unpickled (``weights_only=True``): a checkpoint that would run code
     when loaded is refused with a ``ValueError`` naming it."""
     try:
+        _check_zip(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing to load {path}: it is not a plain-data checkpoint (loading it would run code "
-                         f"or needs objects outside tensors and plain containers): {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or not {"model", "config", "step"} <= set(state):
-        raise ValueError(f"{path} is not a pretraining checkpoint (needs 'model', 'config' and 'step')")
+        raise CheckpointError(f"refusing to load {path}: it is not a plain-data checkpoint (loading it would run "
+                              f"code or needs objects outside tensors and plain containers): "
+                              f"{str(e).splitlines()[0]}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or truncated ({first}); resume from another "
+                              f"checkpoint (--resume=PATH) or start over (--restart)") from None
+    need = {"model", "config", "step"} | ({"optimizer", "world_size"} if cfg is not None else set())
+    if not isinstance(state, dict) or not need <= set(state) or not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path} is not a pretraining checkpoint (needs {', '.join(sorted(need))})")
     if cfg is not None:
         saved = state["config"]
         diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
@@ -328,6 +422,31 @@ def load_backbone(path: str | os.PathLike) -> tuple[Backbone, Config]:
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     return model.backbone, cfg
+
+
+def _trim_log(log: Path, step: int) -> None:
+    """Keep the records of steps up to ``step``; a line a killed run left half-written is dropped."""
+    if not log.exists():
+        return
+    kept, torn = [], 0
+    for ln in log.read_text(errors="replace").splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            s = rec["step"] if isinstance(rec, dict) else None
+        except ValueError:
+            s = None
+        if not isinstance(s, int):
+            torn += 1
+            continue
+        if s <= step:
+            kept.append(ln)
+    if torn:
+        print(f"{log}: dropped {torn} unreadable line(s) (a write cut short)", file=sys.stderr)
+    tmp = log.with_name(log.name + f".{os.getpid()}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, log)
 
 
 # ---- training loop --------------------------------------------------------------------------------------------
@@ -402,7 +521,11 @@ def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
     out = Path(cfg.out)
     if env.master:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    _claim_out(out, cfg, env)
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "ckpt.pt") if (out / "ckpt.pt").exists() else ""
+    state = load_checkpoint(resume, cfg, env.world_size) if resume else None   # before anything costly
     if cfg.bn == "sync" and not cuda:
         raise ValueError("bn='sync' needs CUDA (SyncBatchNorm); use bn='shuffle' on the CPU")
 
@@ -428,18 +551,18 @@ def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
     total = cfg.steps or cfg.epochs * steps_per_epoch
 
     step = 0
-    resume = cfg.resume
-    if resume == "auto":
-        resume = str(out / "ckpt.pt") if (out / "ckpt.pt").exists() else ""
-    if resume:
-        state = load_checkpoint(resume, cfg, env.world_size)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        log = out / "log.jsonl"
-        if env.master and log.exists():  # drop records of steps after the checkpoint: they are redone
-            kept = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            log.write_text("".join(ln + "\n" for ln in kept))
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot resume from {resume}: its model or optimizer state does not fit this "
+                                  f"run ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    if (resume or cfg.resume) and env.master:  # drop records of steps after the checkpoint: they are redone
+        _trim_log(out / "log.jsonl", step)
+    if env.master:  # only now: a refused resume leaves the run's config.json as it was
+        _write_json_atomic(out / "config.json", asdict(cfg))
     # any later torch randomness (none in the methods here): offset by rank, and a function of the step
     # rather than a saved RNG state, so a resumed run draws what the uninterrupted one would have
     torch.manual_seed(cfg.seed + 1000 * env.rank + step)
@@ -561,7 +684,17 @@ def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg, = config.parse_or_exit([Config], argv, "pretrain")
     try:
-        summary = train(cfg)
+        cfg.resolved()
+    except ValueError as e:  # a value out of range: one line and exit 2, as a bad flag
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+    from dali_objcrop.joblock import OutputLockedError
+    try:
+        try:
+            summary = train(cfg)
+        except (CheckpointError, OutputExistsError, OutputLockedError) as e:  # refused before training: one line
+            print(f"pretrain: error: {e}", file=sys.stderr)
+            return 1
         if summary["losses"] and int(os.environ.get("RANK", 0)) == 0:
             last = summary["losses"][-1]
             print(f"done: step {summary['steps']} loss {last['loss']:.4f} "
@@ -570,7 +703,6 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:   # a damaged or hostile shard set: one line naming it, no traceback
+        from ..shards import ShardError
+        if not isinstance(e, ShardError):
+            raise
+        print(f"dali-objcrop {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ def _size(text: str) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack images + their boxes into WebDataset tar shards (resumable)")
-    p.add_argument("source", help="an image folder, or a COCO .json (images in --images or beside it)")
+    p.add_argument("source", nargs="?", help="an image folder, or a COCO .json (images in --images or beside it); "
+                                             "not needed with --verify")
     p.add_argument("--out", required=True, help="output folder (shards.json, shard-NNNNNN.tar + .idx)")
     p.add_argument("--boxes", help="box store (.boxes) to pack with the images; 'gt': the COCO json's boxes; "
                                    "omitted: no boxes (scene-scene only)")
@@ -33,13 +34,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..joblock import OutputLockedError
     from ..shards import ShardSet, pack
     if args.verify:
-        bad = ShardSet.open(args.out).verify(deep=True)
+        try:
+            bad = ShardSet.open(args.out).verify(deep=True)
+        except (OSError, ValueError) as e:
+            print(f"pack: error: {e}", file=sys.stderr)
+            return 1
         for name, why in bad.items():
             print(f"damaged: {name}: {why}", file=sys.stderr)
         print(f"{args.out}: {len(bad)} damaged shard(s)")
         return 1 if bad else 0
+    if args.source is None:
+        print("pack: error: the source (an image folder or a COCO .json) is required, except with --verify",
+              file=sys.stderr)
+        return 2
     from ..boxstore import BoxStore
     from ..proposals.run import load_index
     index = load_index(args.source, args.images, check=not args.no_check)
@@ -59,9 +69,15 @@ def run(args: argparse.Namespace) -> int:
             part, num = resolve_part(None, None)
         else:
             part, num = resolve_part(int(args.part), args.num_parts)
-    rep = pack(index, args.out, store, shard_bytes=args.shard_size, max_samples=args.max_samples,
-               prefix=args.prefix, restart=args.restart, progress=not args.no_progress, max_shards=args.max_shards,
-               part=part, num_parts=num)
+    try:
+        rep = pack(index, args.out, store, shard_bytes=args.shard_size, max_samples=args.max_samples,
+                   prefix=args.prefix, restart=args.restart, progress=not args.no_progress,
+                   max_shards=args.max_shards, part=part, num_parts=num)
+    except (OutputLockedError, ValueError) as e:
+        print(f"pack: error: {e}", file=sys.stderr)
+        return 1
+    if rep.cleaned:
+        print(f"  removed {rep.cleaned} temporary file(s) a killed earlier pack left", file=sys.stderr)
     for key, why in list(rep.skipped.items())[:10]:
         print(f"  skipped by the index scan: {key}: {why}", file=sys.stderr)
     print(f"{args.out}: {rep.shards} shards{'' if num == 1 else f' of part {part}/{num}'} ({rep.written} written, {rep.resumed} already there), "

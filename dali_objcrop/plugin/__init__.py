@@ -61,20 +61,33 @@ def load(cuda: bool | None = None) -> bool:
         if os.environ.get("DALI_OBJCROP_PLUGIN", "1") == "0":
             _fail("disabled by DALI_OBJCROP_PLUGIN=0")
             return False
+        cuda_failed = None
         try:
             try:
                 path = library_path(cuda=cuda)
             except PluginBuildError as e:
                 if cuda is not None or not _cuda_attempted():
                     raise
-                warnings.warn(f"dali_objcrop: CUDA operators not built ({_first_line(e)}); "
-                              "building the CPU operators only", RuntimeWarning, stacklevel=2)
-                path = library_path(cuda=False)
+                cuda_failed = _first_line(e)
+                try:
+                    path = library_path(cuda=False)
+                except PluginBuildError as e2:   # one warning for both failures
+                    raise PluginBuildError(f"{_first_line(e2)}; the CUDA build failed first: {cuda_failed}\n"
+                                           f"{e2}") from e2
             import nvidia.dali.plugin_manager as pm
             pm.load_library(str(path))
+            from nvidia.dali import backend
+            if "objcrop__Windows" not in backend.RegisteredCPUOps():
+                from .build import discard_cached_library
+                discard_cached_library(path)   # the next process builds it again
+                raise PluginBuildError(f"{path} loads but registers no objcrop operators (objcrop__Windows "
+                                       f"missing; removed from the cache, the next run rebuilds it)")
         except Exception as e:  # noqa: BLE001 -- any failure means: fall back, and say why once
             _fail(_first_line(e), detail=str(e))
             return False
+        if cuda_failed is not None:
+            warnings.warn(f"dali_objcrop: CUDA operators not built ({cuda_failed}); using the CPU operators only",
+                          RuntimeWarning, stacklevel=2)
         _state.update(loaded=True, path=path)
         return True
 

@@ -34,6 +34,7 @@ import fcntl
 import functools
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -215,7 +216,7 @@ def library_path(cuda: bool | None = None, sources: Path | None = None, verbose:
     key, files = build_key(cuda, sources)
     out_dir = home() / "plugin" / key
     lib = out_dir / LIB_NAME
-    if lib.is_file():
+    if cached_library_ok(lib):
         return lib
     if not any(f.suffix == ".cc" for f in files):
         raise PluginBuildError(f"no operator sources (*.cc) in {sources or sources_dir()}")
@@ -226,8 +227,9 @@ def library_path(cuda: bool | None = None, sources: Path | None = None, verbose:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # one build; the others wait and reuse it
-        if lib.is_file():
+        if cached_library_ok(lib):
             return lib
+        discard_cached_library(lib)               # damaged, truncated or unrecorded: rebuilt below
         cflags, lflags = _dali_flags()
         nvcc_flags = [*NVCC_FLAGS, *gencode_flags(cuda_archs())] if cuda else []
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
@@ -254,7 +256,59 @@ def library_path(cuda: bool | None = None, sources: Path | None = None, verbose:
                 link += [f"-L{libdir}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
             _run(link, "linking the operators")
             os.replace(Path(tmp) / LIB_NAME, lib)
+            _record_library(lib)                  # last: a library without its record is rebuilt
     return lib
+
+
+# ---- the cache's integrity record -------------------------------------------------------------------------------
+# Beside each cached library: ``<lib>.sha256.json`` with its size and sha256, written atomically after
+# the library.  A library is used only when it matches its record; a truncated or damaged one (a full
+# disk, a copy cut short, a crash during a write) would otherwise be mapped by ``load_library`` and kill
+# the process with SIGBUS.
+RECORD_SUFFIX = ".sha256.json"
+
+
+def _record_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + RECORD_SUFFIX)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_library(lib: Path) -> None:
+    rec = _record_path(lib)
+    tmp = rec.with_name(rec.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"size": lib.stat().st_size, "sha256": _file_sha256(lib)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, rec)
+
+
+def cached_library_ok(lib: str | os.PathLike) -> bool:
+    """Whether a cached library exists and matches its record (size and sha256)."""
+    lib = Path(lib)
+    try:
+        rec = json.loads(_record_path(lib).read_text())
+        return (isinstance(rec, dict) and rec.get("size") == lib.stat().st_size
+                and rec.get("sha256") == _file_sha256(lib))
+    except (OSError, ValueError):
+        return False
+
+
+def discard_cached_library(lib: str | os.PathLike) -> None:
+    """Remove a cached library and its record (the next :func:`library_path` builds it again)."""
+    lib = Path(lib)
+    for p in (_record_path(lib), lib):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

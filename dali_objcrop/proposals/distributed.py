@@ -271,9 +271,13 @@ def finish_shards(src: str | os.PathLike, out: str | os.PathLike) -> dict:
     plan = json.loads((out / "proposals_job.json").read_text())
     manifest = dict(src_set.manifest)
     parts = []
+    entries = []
     for s in src_set.shards:
         ss = S.ShardSet(out, {})
-        parts += [np.asarray(smp["boxes"]) for smp in ss.samples(s)]
+        mine = [np.asarray(smp["boxes"]) for smp in ss.samples(s)]
+        parts += mine
+        entries.append(dict(s, boxes_sha=S.boxes_digest_of({"boxes": b} for b in mine)))
+    manifest["shards"] = entries
     flat = np.concatenate(parts) if parts else np.zeros((0, 4), np.float32)
     counts = np.array([len(b) for b in parts], np.int64)
     areas = None
