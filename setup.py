@@ -1,13 +1,15 @@
+"""Packaging is declared in pyproject.toml; this file only adds the build step that ships the C++/CUDA sources."""
 import shutil
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 
 class BuildPyWithKernels(build_py):
     """Also ship csrc/ (CUDA sources compiled at run time by cupy.RawModule) as dali_objcrop/kernels/csrc,
-    and csrc/dali/ (the DALI operators, compiled on first use by dali_objcrop.plugin.build) beside it."""
+    and csrc/dali/ (the DALI operators, compiled on first use by dali_objcrop.plugin.build) beside it.
+    csrc/check/ (the standalone kernel check and the emulator the tests use) stays out of the wheel."""
 
     def run(self):
         super().run()
@@ -20,35 +22,4 @@ class BuildPyWithKernels(build_py):
                     shutil.copy2(f, dst / f.name)
 
 
-setup(
-    name="dali_objcrop",
-    version="0.1.0",
-    description="Object-aware cropping for self-supervised learning: a DALI loader with BING proposals",
-    # dali_objcrop/train is a link to the top-level train/ (the trainer's home in the repository): installed
-    # code as dali_objcrop.train, importable from a checkout on PYTHONPATH too, no top-level "train" package
-    packages=find_packages(include=["dali_objcrop", "dali_objcrop.*"]),
-    package_data={"dali_objcrop": ["models/**/*", "models/*"]},
-    include_package_data=True,
-    cmdclass={"build_py": BuildPyWithKernels},
-    python_requires=">=3.10",
-    install_requires=[
-        # the C++ operators (csrc/dali) are built against DALI's C++ API, which is not stable across
-        # releases: the range they are built and tested with (a new release needs a test run, then a bump)
-        "nvidia-dali-cuda120>=2.4,<2.5",
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "opencv-contrib-python-headless>=4.8",
-        "numpy>=1.24",
-        # BING training (liblinear SVMs) -- see the proposals issue
-        "scikit-learn>=1.3",
-        # progress bars with rate and ETA for long jobs
-        "tqdm>=4.60",
-        # throughput plots and crop grids' figures
-        "matplotlib>=3.7",
-    ],
-    extras_require={
-        "gpu": ["cupy-cuda12x>=13"],
-        "test": ["pytest>=7"],
-    },
-    entry_points={"console_scripts": ["dali-objcrop=dali_objcrop.cli:main"]},
-)
+setup(cmdclass={"build_py": BuildPyWithKernels})

@@ -21,8 +21,6 @@ if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x "$REPO/.venv/bin/python" ] && "$REPO/.venv/bin/python" -c "import torch" 2>/dev/null; then PY="$REPO/.venv/bin/python"
 else PY=python3; fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-# dali_objcrop.train is a symlink to train/ in git; a copy of the tree that dropped links gets it back
-[ -e "$REPO/dali_objcrop/train/__init__.py" ] || ln -sfn ../train "$REPO/dali_objcrop/train"
 [ -d /tmp/dali_site ] && export PYTHONPATH="$PYTHONPATH:/tmp/dali_site"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export GPUQ_COMMAND="bash benchmarks/gpu_quality.sh $*"

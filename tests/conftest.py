@@ -11,6 +11,14 @@ COCO_DIR = SHARED / "data" / "coco_val2017_subset"
 COCO_ANN = COCO_DIR / "annotations" / "instances.json"
 COCO_IMAGES = COCO_DIR / "images"
 BING_MODELS = SHARED / "models" / "bing"
+# every skip for want of ../shared starts with this, so that .ci/run can count them apart from the GPU skips
+SHARED_SKIP = "needs ../shared"
+
+
+def skip_without_shared(path: Path) -> None:
+    """Skip the calling test, with a reason .ci/run counts, when ``path`` (in ../shared) is absent."""
+    if not Path(path).exists():
+        pytest.skip(f"{SHARED_SKIP}: {path} not present")
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +31,5 @@ def synth_set(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def coco_ann() -> Path:
     """The real COCO subset's annotations (skips where ../shared is absent)."""
-    if not COCO_ANN.exists():
-        pytest.skip(f"{COCO_ANN} not present")
+    skip_without_shared(COCO_ANN)
     return COCO_ANN

@@ -29,11 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 gq = load("gpu_quality")
 
 
+from conftest import SHARED_SKIP  # noqa: E402
+
+
 def _coco() -> Path:
     env = os.environ.get("DALI_OBJCROP_TEST_COCO")
     path = Path(env) if env else COCO_ANN
     if not path.exists():
-        pytest.skip(f"{path} not present (set DALI_OBJCROP_TEST_COCO to the COCO subset's instances.json)")
+        pytest.skip(f"{SHARED_SKIP}: {path} not present (or set DALI_OBJCROP_TEST_COCO to the COCO subset's "
+                    "instances.json)")
     return path
 
 

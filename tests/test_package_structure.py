@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# source folder -> import name: the trainer lives at the top (train/) and installs as dali_objcrop.train
-PACKAGES = {"dali_objcrop": "dali_objcrop", "train": "dali_objcrop.train"}
+# source folder -> import name (the trainer is the subpackage dali_objcrop/train)
+PACKAGES = {"dali_objcrop": "dali_objcrop"}
 
 # A child interpreter in which these top-level modules cannot be imported at all.
 _BLOCKED = ("cv2", "nvidia", "torch", "torchvision", "cupy", "PIL", "sklearn", "matplotlib", "tqdm", "scipy")
@@ -95,8 +95,6 @@ def _modules() -> dict[str, Path]:
     for folder, name in PACKAGES.items():
         for path in sorted((REPO / folder).rglob("*.py")):
             rel = path.relative_to(REPO / folder)
-            if (REPO / folder / rel.parts[0]).is_symlink():  # dali_objcrop/train -> ../train: listed as train/
-                continue
             parts = [name] + list(rel.with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
@@ -105,11 +103,16 @@ def _modules() -> dict[str, Path]:
 
 
 def test_trainer_is_the_packages_train_subpackage():
-    """``dali_objcrop.train`` is this checkout's top-level ``train/`` (no second copy, no other checkout's)."""
+    """``dali_objcrop.train`` is this checkout's ``dali_objcrop/train/``: real files, no link, no top-level
+    ``train`` folder (a checkout without symlinks -- Windows, core.symlinks=false -- holds the same tree)."""
     import dali_objcrop.train
     import dali_objcrop.train.pretrain
-    assert Path(dali_objcrop.train.__file__).resolve() == REPO / "train" / "__init__.py"
-    assert Path(dali_objcrop.train.pretrain.__file__).resolve() == REPO / "train" / "pretrain.py"
+    pkg = REPO / "dali_objcrop" / "train"
+    assert Path(dali_objcrop.train.__file__).resolve() == pkg / "__init__.py"
+    assert Path(dali_objcrop.train.pretrain.__file__).resolve() == pkg / "pretrain.py"
+    assert not pkg.is_symlink() and not (REPO / "train").exists()
+    links = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True).stdout
+    assert not [ln for ln in links.splitlines() if ln.startswith("120000")], "symbolic links in the repository"
     assert "dali_objcrop.train" in _modules() and "dali_objcrop.train.methods.mocov2" in _modules()
 
 
@@ -118,8 +121,7 @@ def test_no_sys_path_edits():
     offenders = []
     for path in sorted(REPO.rglob("*.py")):
         rel = path.relative_to(REPO)
-        if rel.parts[0].startswith(".") or rel.parts[0] in ("build", "runs", "out") or rel.parts[:2] == (
-                "dali_objcrop", "train"):
+        if rel.parts[0].startswith(".") or rel.parts[0] in ("build", "runs", "out"):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             # sys.path.insert(...) / .append / .remove ..., or sys.path = ...
@@ -199,7 +201,7 @@ def test_built_package_holds_the_trainer(tmp_path):
     built = lib / "dali_objcrop" / "train"
     for rel in ("__init__.py", "pretrain.py", "config.py", "methods/mocov2.py"):
         assert (built / rel).is_file() and not (built / rel).is_symlink(), rel
-        assert (built / rel).read_bytes() == (REPO / "train" / rel).read_bytes()
+        assert (built / rel).read_bytes() == (REPO / "dali_objcrop" / "train" / rel).read_bytes()
     assert not built.is_symlink() and not (lib / "train").exists()   # no top-level "train" package installed
     res = subprocess.run([sys.executable, "-c", "import dali_objcrop.train.config as c; print(c.__file__)"],
                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(lib)})

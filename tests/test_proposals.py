@@ -226,8 +226,8 @@ def test_recall_table_hand_case():
 def local_server(tmp_path):
     """An HTTP server on 127.0.0.1 serving a copy of ../shared/models/bing (one file tampered
     in a second folder); yields (base_url, tampered_url, request_log)."""
-    if not BING_SHARED.exists():
-        pytest.skip(f"{BING_SHARED} not present")
+    from conftest import skip_without_shared
+    skip_without_shared(BING_SHARED)
     root = tmp_path / "www"
     shutil.copytree(BING_SHARED, root / "good")
     shutil.copytree(BING_SHARED, root / "bad")

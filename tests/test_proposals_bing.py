@@ -18,6 +18,7 @@ from dali_objcrop.proposals.bing_cv import OpenCVBing
 from dali_objcrop.proposals.common import load_for_proposals, nms_top_k, to_normalised
 from dali_objcrop.proposals.evaluate import gt_boxes_normalised, random_boxes_recall, recall_table
 from dali_objcrop.proposals.methods import default_model_dir
+from conftest import skip_without_shared
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -37,8 +38,7 @@ def agreement(ref: list[np.ndarray], ours: list[np.ndarray]) -> dict:
 
 
 def _coco_images(n: int, start: int = 0) -> list[np.ndarray]:
-    if not COCO.exists():
-        pytest.skip(f"{COCO} not present")
+    skip_without_shared(COCO)
     files = sorted((COCO / "images").glob("*.jpg"))[start:start + n]
     return [load_for_proposals(f) for f in files]
 
@@ -100,8 +100,7 @@ def test_stage1_is_the_binarised_filter_exactly():
 def test_ours_returns_opencvs_boxes_on_real_photos(model):
     """Same model files, same 12 COCO photos: identical box lists (and real, sorted scores)."""
     mdir = OPENCV_MODEL if model == "opencv" else SHIPPED
-    if not mdir.exists():
-        pytest.skip(f"{mdir} not present")
+    skip_without_shared(mdir)
     imgs = _coco_images(12, start=600)
     cvb, ours, fast = OpenCVBing(mdir), B.Bing.load(mdir), B.Bing.load(mdir, nms_rounds=5)
     ref, got, got_fast = [], [], []
@@ -213,8 +212,7 @@ def test_lazy_top_k_equals_nms_of_the_full_list(synth_set, top_k, nms_iou, first
 
 
 def test_lazy_top_k_equals_opencv_on_real_photos():
-    if not OPENCV_MODEL.exists():
-        pytest.skip(f"{OPENCV_MODEL} not present")
+    skip_without_shared(OPENCV_MODEL)
     imgs = _coco_images(15, start=900)
     cvb, det = OpenCVBing(OPENCV_MODEL), B.Bing.load(OPENCV_MODEL)
     for img in imgs:
@@ -225,8 +223,7 @@ def test_lazy_top_k_equals_opencv_on_real_photos():
 @pytest.mark.parametrize("color", ["HSV", "I"])
 def test_other_colour_models_match_opencv(color):
     """OpenCV's HSV and intensity models (their own gradient definitions) on 3 photos."""
-    if not (OPENCV_MODEL / f"ObjNessB2W8{color}.wS1.yml.gz").exists():
-        pytest.skip("OpenCV's model files not present")
+    skip_without_shared(OPENCV_MODEL / f"ObjNessB2W8{color}.wS1.yml.gz")
     imgs = _coco_images(3, start=50)
     cvb, ours = OpenCVBing(OPENCV_MODEL, color), B.Bing.load(OPENCV_MODEL, color)
     a = agreement([cvb(i) for i in imgs], [ours(i)[0] for i in imgs])

@@ -543,11 +543,11 @@ def test_train_bing_on_tiny_images_names_them(tmp_path):
 
 
 def test_pretrain_help_prints_the_settings():
-    r = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, str(REPO / "dali_objcrop" / "train" / "pretrain.py"), "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "--batch-size=256  (int)" in r.stdout and "--crops=obj-obj-dilate  (str)" in r.stdout
-    r = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), "--bogus=1"], capture_output=True,
+    r = subprocess.run([sys.executable, str(REPO / "dali_objcrop" / "train" / "pretrain.py"), "--bogus=1"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "unknown flag --bogus" in r.stderr and "Traceback" not in r.stderr
 

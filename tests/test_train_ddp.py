@@ -1,4 +1,4 @@
-"""Two-rank gloo runs of train/pretrain.py under torchrun with the object-aware DALI loader (CPU):
+"""Two-rank gloo runs of dali_objcrop/train/pretrain.py under torchrun with the object-aware DALI loader (CPU):
 finite losses per method, checkpoint-then-resume equals the uninterrupted run, the right heads in the
 checkpoint, and linear / kNN evaluation of the pretrained backbone producing an mAP."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""train/pretrain.py on a GPU (skipped without CUDA and DALI; run by benchmarks/gpu_run.sh): a one-rank
+"""dali_objcrop/train/pretrain.py on a GPU (skipped without CUDA and DALI; run by benchmarks/gpu_run.sh): a one-rank
 torchrun (NCCL process group, DDP wrapper), bf16 autocast, channels_last, the DALI loader on the GPU
 (nvJPEG decode, GPU crops), a checkpoint, and a resume that continues from it."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Unit tests of the training suite (train/): config, heads per mode, losses, schedules, EMA, queues, LARS,
+"""Unit tests of the training suite (dali_objcrop/train/): config, heads per mode, losses, schedules, EMA, queues, LARS,
 and a quick overfit check of every method on one fixed batch from the object-aware loader (CPU)."""
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def _launch(args: list[str], port: int, script: Path | None = None) -> list[subp
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               str(script or REPO / "train" / "pretrain.py"), *args]
+               str(script or REPO / "dali_objcrop" / "train" / "pretrain.py"), *args]
         procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
     return procs

@@ -63,7 +63,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# absolute imports: this file also runs as a script (python / torchrun train/pretrain.py) of an installed checkout
+# absolute imports: this file also runs as a script (python / torchrun dali_objcrop/train/pretrain.py)
 from dali_objcrop.train import config
 from dali_objcrop.train.heads import Backbone, head_keys, preset
 from dali_objcrop.train.lars import LARS, param_groups
@@ -417,7 +417,7 @@ def load_backbone(path: str | os.PathLike) -> tuple[Backbone, Config]:
     state = load_checkpoint(path)
     unknown = sorted(set(state["config"]) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
-        raise ValueError(f"{path} was written by another version of train/pretrain.py: unknown settings {unknown}")
+        raise ValueError(f"{path} was written by another version of dali_objcrop/train/pretrain.py: unknown settings {unknown}")
     cfg = Config(**state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["model"])
