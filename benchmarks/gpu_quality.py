@@ -1,4 +1,4 @@
-"""One prepared GPU run (issue 13): does object-aware cropping pay off at a larger scale, and the loader's data wait.
+"""One prepared GPU run: does object-aware cropping pay off at a larger scale, and the loader's data wait.
 
 Driven by ``benchmarks/gpu_quality.sh`` (``prepare`` here, ``run`` on the GPU machine, ``dry-run`` on a CPU);
 ``docs/gpu_quality.md`` says what it measures, the time budget and the exact sequence of device calls.
@@ -59,7 +59,7 @@ SPEED = REPO / "benchmarks" / "pretrain_speed.py"
 
 SEEDS = (0, 1, 2)  # pretrain_quality.py's default --seeds (not passed: a list flag)
 SETTINGS = ("scene-scene", "obj-scene+bing", "obj-obj-dilate+gt", "obj-obj-dilate+bing")
-BASE_MIN_BOX = 224  # the loader's small-box rule at full size (DESIGN.md section 1)
+BASE_MIN_BOX = 224  # the loader's small-box rule at full size (docs/method.md)
 MANIFEST = "MANIFEST.json"
 OUT_FILES = ("gpu_quality.json", "gpu_quality.md", "gpu_quality.png", "gpu_quality.log")
 
@@ -279,7 +279,7 @@ def prepare(args) -> int:
 
     total = _dir_bytes(out)
     manifest = {
-        "what": "carry folder of benchmarks/gpu_quality.py (issue 13); send it as carry [\"<this folder>\"]",
+        "what": "carry folder of benchmarks/gpu_quality.py ; send it as carry [\"<this folder>\"]",
         "source_coco": str(src_json), "source_images": str(src_images),
         "num_images": len(images), "scale": args.scale, "jpeg_quality": args.jpeg_quality,
         "min_box_size": max(1, round(BASE_MIN_BOX * args.scale)),
@@ -573,7 +573,7 @@ def run(args) -> int:
     status = {"cells_expected": len(SETTINGS) * len(SEEDS), "cells_done": len(done), "complete": complete,
               "random_init": bool(quality and "random-init" in quality["summary"]["per_setting"]),
               "speed": "ok" if speed else f"missing (rc {speed_rc})", "summary_rc": summary_rc}
-    result = {"issue": 13, "profile": profile.name, "label": profile.label, "command": command,
+    result = {"study": "gpu_quality", "profile": profile.name, "label": profile.label, "command": command,
               "card": env["card"], "environment": env, "status": status,
               "budget": {"profile": asdict(profile), "min_box_size": manifest["min_box_size"],
                          "note": "docs/gpu_quality.md, 'Budget'"},

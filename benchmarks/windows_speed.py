@@ -2,7 +2,7 @@
 
     python benchmarks/windows_speed.py [--n=1000000] [--json=OUT]   # --help: the settings
 
-Prints seconds per mode and writes a JSON; the goal (issue 2) is under 1 s per
+Prints seconds per mode and writes a JSON; the goal is under 1 s per
 million samples on one core.  Asserts nothing about speed.
 """
 from __future__ import annotations

@@ -35,7 +35,7 @@ images/s):
   inputs (file reads, windows, augmentation draws) cost 7-12 ms per 64 images
   in the main thread, 0.1-0.2 ms per image, while ``readers.file`` alone
   costs 0.1 ms per image and the window maths as ~100 DALI arithmetic ops
-  ~0.06 ms (DESIGN.md), in float32 rather than float64.  The alternative
+  ~0.06 ms (measured), in float32 rather than float64.  The alternative
   could save at most ~1% of the 8-12 ms an image costs, and would lose exact
   windows and ``set_epoch``.  No per-sample Python anywhere.
 * Our own sampler instead of a DALI reader: a global reshuffle from
@@ -57,7 +57,7 @@ images/s):
   end to end than resizing to float).
 * Probabilities shape the graph: a stage with p = 0 is not in it, one with
   p = 1 runs without a batch split, others run under a DALI conditional on
-  the drawn samples only (DESIGN.md: colour + blur on every view cut
+  the drawn samples only (measured: colour + blur on every view cut
   throughput ~4x).
 * Remaining cost (scene-scene, mocov2, ~9 ms per image): decode ~3,
   two ROI resizes ~3, augmentations ~1.5-2, normalise ~0.3, the copy into

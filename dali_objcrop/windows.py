@@ -9,7 +9,7 @@ DALI graph and the CUDA kernel in ``csrc/`` only *apply* these windows and are
 tested against this module.
 
 Semantics (Mishra et al., "Object-aware Cropping for Self-Supervised Learning",
-TMLR 2022; DESIGN.md section 1):
+TMLR 2022; docs/method.md):
 
 * scene view: torchvision ``RandomResizedCrop.get_params`` on the whole image,
   scale (0.2, 1), ratio (3/4, 4/3), 10 tries, then the centre fallback.

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_quality.sh: the prepared GPU run (issue 13), tested by its CPU dry run at toy scale.
+"""benchmarks/gpu_quality.sh: the prepared GPU study, tested by its CPU dry run at toy scale.
 
 The dry run is the GPU run's code with toy sizes (a few real COCO photos, one epoch, a tiny network, the CPU):
 ``prepare`` (downscale, json rewrite, BING via ``dali-objcrop proposals``), the data-wait phase
@@ -46,7 +46,7 @@ def test_profiles_differ_only_in_sizes_and_fit_the_budget():
     # the dry run passes exactly the flags the GPU run passes (values differ)
     assert set(gpu.quality) == set(toy.quality)
     assert set(gpu.speed) == set(toy.speed)
-    # what issue 13 asks of the GPU run
+    # what the study asks of the GPU run
     assert not gpu.quality["arch"].startswith("resnet18-w") and gpu.quality["size"] >= 128
     assert gpu.device == "cuda" and gpu.loader_device == "gpu" and gpu.needs_gpu
     assert gpu.quality["head_hidden"] > 0 and len(gq.SETTINGS) == 4 and gq.SEEDS == (0, 1, 2)

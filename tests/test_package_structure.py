@@ -207,3 +207,21 @@ def test_built_package_holds_the_trainer(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(lib)})
     assert res.returncode == 0, res.stderr
     assert Path(res.stdout.strip()) == built / "config.py"
+
+
+def test_no_references_outside_the_repository():
+    """Code and docs cite files of this repository only (not the design notes or contracts kept beside it) and
+    no issue numbers: a reader of the repository can follow every reference."""
+    import re
+    pattern = re.compile(r"DESIGN\.md|PLUGIN_CONTRACT\.md|STYLE\.md|\bissues? #?\d+", re.I)
+    offenders = []
+    for path in sorted(REPO.rglob("*")):
+        rel = path.relative_to(REPO)
+        if (not path.is_file() or rel.parts[0].startswith(".") or rel.parts[0] in ("build", "runs", "out")
+                or path.suffix not in (".py", ".md", ".sh", ".h", ".cc", ".cu", ".cpp", ".toml", ".txt")
+                or rel.parts[0] == "benchmarks" and "results" in rel.parts or rel.name == "test_package_structure.py"):
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{rel}:{i}: {line.strip()[:80]}")
+    assert not offenders, offenders

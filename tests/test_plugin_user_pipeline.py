@@ -1,4 +1,4 @@
-"""The operators as a user's own ``@pipeline_def`` meets them (issue 20): no silent traps.
+"""The operators as a user's own ``@pipeline_def`` meets them: no silent traps.
 
 Each test is named after a mistake a user makes and fails on code that lets it through silently:
 pixel / inverted / non-finite boxes, an object mode without boxes, ``box_scale`` left unset with a

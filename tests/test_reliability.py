@@ -1,4 +1,4 @@
-"""Bad input and faults (issue 15): each test is named after the defect class it pins
+"""Bad input and faults: each test is named after the defect class it pins
 (docs/reliability.md lists them all, with what the project does)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input and faults, round three (issue 21): shards, the plugin cache, the trainer's outputs,
+"""Bad input and faults, round three: shards, the plugin cache, the trainer's outputs,
 loader iteration.  Each test is named after the defect class it pins; docs/reliability.md lists
 them all with what the project does."""
 from __future__ import annotations

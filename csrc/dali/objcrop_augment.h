@@ -16,13 +16,13 @@
 //   normalise (x - mean) * (1 / std) in pixel units, as fn.crop_mirror_normalize
 //
 // The per-view draws arrive as the 9 columns of the windows operator's `aug` output
-// (PLUGIN_CONTRACT.md): OC_AUG_* below.
+// (docs/plugin.md): OC_AUG_* below.
 #ifndef OBJCROP_AUGMENT_H
 #define OBJCROP_AUGMENT_H
 
 #include "../objcrop_core.h"
 
-// ---- columns of the per-view draws (augment.sample_aug_params, PLUGIN_CONTRACT.md) ----------------
+// ---- columns of the per-view draws (augment.sample_aug_params, docs/plugin.md) --------------------
 #define OC_AUG_COLOUR 0      // jitter or grayscale applied (0/1)
 #define OC_AUG_BRIGHTNESS 1  // factor (1 where not jittered)
 #define OC_AUG_CONTRAST 2    // factor (1 where not jittered)
