@@ -41,7 +41,7 @@ STAGES = ("read", "decode", "decode-roi", "crop", "colour", "blur", "normalise")
 
 def _source(paths: list[np.ndarray], batch: int, seed: int):
     """Per-batch hand-over (file paths, positions, epoch), cycling over shuffled batches forever."""
-    from dali_objcrop.loader import shard_batches
+    from dali_objcrop.sampling import shard_batches
     state = {"epoch": 0, "batches": iter(())}
 
     def next_batch():

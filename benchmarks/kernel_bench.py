@@ -270,7 +270,7 @@ def main(argv=None) -> int:
                      min(args.seconds, 2.0), args.warmup)
 
     def dali_rois(it):
-        from dali_objcrop.loader import window_rois
+        from dali_objcrop.feed import window_rois
         cw = sample_windows(sizes, boxes, offsets, index, 0, it, cfg)
         return window_rois(cw.windows, cw.flip)
 
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
 
     def dali_ops_full():
         _need_dali()
-        from dali_objcrop.loader import window_rois
+        from dali_objcrop.feed import window_rois
         dev = uniform_images()
         from nvidia.dali import fn, types
         counter = {"it": 0}

@@ -93,7 +93,7 @@ def main() -> int:
             if what == "files":
                 rate = _loader_rate(lambda: ObjCropLoader(index, boxes=str(store_path), use_plugin=True, **kw), batches)
             else:
-                rate = _loader_rate(lambda: ObjCropLoader(tmp / "shards", **kw), batches)
+                rate = _loader_rate(lambda: ObjCropLoader.from_shards(tmp / "shards", **kw), batches)
             rows[what].append(rate)
             print(f"round {r} {what}: {rate[0]:.1f} images/s, {rate[1]:.2f} CPU ms/image", flush=True)
     res["loader"] = {k: {"images_per_s": [x[0] for x in v], "cpu_ms_per_image": [x[1] for x in v],

@@ -202,7 +202,8 @@ def build_configs(args, data: str, images_dir: str | None) -> list[tuple[dict, o
     """(row template, loader) for every configuration to measure."""
     import torch
 
-    from dali_objcrop.loader import CROP_BACKENDS, ObjCropLoader
+    from dali_objcrop.loader import ObjCropLoader
+    from dali_objcrop.pipelines import CROP_BACKENDS
     try:  # the fused-kernel backends register themselves when their module is importable
         import dali_objcrop.kernels  # noqa: F401
     except Exception as e:  # noqa: BLE001 - an optional backend must not stop the benchmark

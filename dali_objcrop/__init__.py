@@ -20,8 +20,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it, imported on first access
 _LAZY = {
-    "CROP_BACKENDS": ".loader", "ObjCropLoader": ".loader", "build_pipeline": ".loader", "FallbackWarning": ".loader",
-    "register_crop_backend": ".loader", "shard_batches": ".loader",
+    "ObjCropLoader": ".loader", "open_loader": ".loader", "FallbackWarning": ".iteration",
+    "CROP_BACKENDS": ".pipelines", "build_pipeline": ".pipelines", "register_crop_backend": ".pipelines",
+    "shard_batches": ".sampling",
     "ensure_default_dataset": ".synth", "make_synthetic": ".synth",   # OpenCV
     "crop_grid": ".visualize", "cut_crop": ".visualize",              # OpenCV
     "crop_views": ".kernels.cupy_backend",                            # CuPy at call time
@@ -33,7 +34,7 @@ __all__ = [
     "ensure_default_dataset", "make_synthetic",
     "MODES", "CropConfig", "CropWindows", "box_scale_from_mean_area", "sample_windows",
     "RECIPES", "Recipe", "ViewAug", "get_recipe", "sample_aug_params",
-    "CROP_BACKENDS", "ObjCropLoader", "FallbackWarning", "build_pipeline", "register_crop_backend", "shard_batches",
+    "CROP_BACKENDS", "ObjCropLoader", "open_loader", "FallbackWarning", "build_pipeline", "register_crop_backend", "shard_batches",
     "crop_grid", "cut_crop",
     "crop_views",
     "__version__",

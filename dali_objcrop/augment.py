@@ -138,6 +138,11 @@ def _factor(u: np.ndarray, s: float) -> np.ndarray:
     return max(0.0, 1.0 - s) + u * ((1.0 + s) - max(0.0, 1.0 - s))
 
 
+#: Columns of the per-view draws as the crop operator reads them (``aug``, (2, 9) float32 per sample; the
+#: windows operator's ``aug`` output; csrc/dali/objcrop_augment.h ``OC_AUG_*``, checked by a test).
+AUG_COLUMNS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
+
+
 def sample_aug_params(keys: np.ndarray, view: int, aug: ViewAug) -> dict[str, np.ndarray]:
     """Per-sample augmentation parameters of one view, vectorised over a batch.
 

@@ -112,3 +112,66 @@ def _file_decodes(path: str) -> str | None:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         after = [ln for a, ln in zip(lines, lines[1:]) if a.startswith("encountered")]
         return _readable_decode_error((after or lines or [type(e).__name__])[0])
+
+
+class LoaderCore:
+    """The contract every loader of this package keeps, written once: the arguments both sources take
+    (checked with the same words), device and dtype, rank and world size, the crop configuration (its
+    defaults are :class:`~dali_objcrop.CropConfig`'s), the epoch counter (:meth:`set_epoch`,
+    :attr:`epoch`), the ``stats`` schema, the pipeline's name, and the hand-over to torch.
+
+    The sources: :class:`~dali_objcrop.ObjCropLoader` (image files: a COCO json, a folder, an index) and
+    :class:`~dali_objcrop.shard_loader.ShardLoader` (WebDataset shards); :func:`dali_objcrop.open_loader`
+    picks one from ``data``.
+    """
+
+    def _init_core(self, *, mode: str, batch_size: int, size: int, recipe, seed: int, num_threads: int,
+                   device: str, dtype, rank: int | None, world_size: int | None, shuffle: bool, drop_last: bool,
+                   device_id: int | None, prefetch_queue_depth: int, decoder_kwargs: dict | None) -> None:
+        from . import augment
+        from .windows import MODES
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("batch_size", batch_size), ("size", size), ("num_threads", num_threads),
+                            ("prefetch_queue_depth", prefetch_queue_depth)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed!r}")
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.mode, self.batch_size, self.size, self.seed = mode, batch_size, size, seed
+        self.num_threads, self.shuffle, self.drop_last = num_threads, shuffle, drop_last
+        self.recipe = augment.get_recipe(recipe)
+        self._device_id, self._prefetch, self._decoder_kwargs = device_id, prefetch_queue_depth, decoder_kwargs
+        self._next_epoch = 0
+        self.stats: dict = {"samples": 0, "fallback": 0, "epochs": 0}
+
+    @staticmethod
+    def _crop_config(mode: str, box_scale, dilate: float, shift_range, top_k: int, min_box_size: int):
+        from .windows import CropConfig
+        return CropConfig(mode=mode, box_scale=box_scale, dilate=dilate,
+                          shift_range=tuple(float(s) for s in shift_range), top_k=top_k, min_box_size=min_box_size)
+
+    def _name_pipeline(self, base: str, plugin_crop: bool | None, why_not: str, device: str) -> None:
+        """``stats["pipeline"]``: ``<base>crop-op`` or ``<base>dali-ops-crop``, with the reason where a built
+        GPU crop operator was refused by its self-test."""
+        from . import plugin
+        name = base + ("crop-op" if plugin_crop else "dali-ops-crop")
+        if why_not and plugin.crop_op_registered(device):
+            name += f" ({why_not})"
+        self.stats["pipeline"] = name
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next iteration (without a call, each iteration uses the previous + 1)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+        self._next_epoch = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration will use."""
+        return self._next_epoch
+
+    def _to_torch(self, outs) -> dict:
+        return views_to_torch(outs, self.device, self._device_id, self._out_dtype, self.dtype)

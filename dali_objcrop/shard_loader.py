@@ -1,6 +1,7 @@
 """The loader over WebDataset shards (:mod:`dali_objcrop.shards`), on the plugin's operators.
 
-``ObjCropLoader("path/to/shards")`` (a folder with ``shards.json``) builds this loader::
+``ObjCropLoader.from_shards("path/to/shards")`` (a folder with ``shards.json``; ``open_loader`` picks it
+from the data) builds this loader::
 
     fn.readers.webdataset   (C++ threads read the tars; this rank's slice of the epoch's shard order,
         |                    a shuffle buffer seeded by (seed, epoch))
@@ -35,11 +36,9 @@ from typing import Iterator
 
 import numpy as np
 
-from . import augment as _augment
-from .iteration import (FallbackWarning, _file_decodes, _readable_decode_error, resolve_device_dtype,
-                        resolve_rank, views_to_torch)
+from .iteration import FallbackWarning, LoaderCore, _file_decodes, _readable_decode_error
 from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardError, ShardSet, check_shard, read_index, sound_shards
-from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
+from .windows import CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
 
 def is_shard_set(data) -> bool:
@@ -54,10 +53,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.Generator(np.random.PCG64([seed, epoch, 0x5AAD])).integers(0, 2**31 - 1))
 
 
-class ShardLoader:
+class ShardLoader(LoaderCore):
     """Two object-aware views per sample of a shard set, as torch tensors (see the module doc).
 
-    Arguments as :class:`~dali_objcrop.ObjCropLoader` where they apply; in addition:
+    Arguments as :class:`~dali_objcrop.ObjCropLoader` where they apply (the others -- ``prepare_ahead``,
+    ``on_bad_image``, ``images_dir``, ``max_images``, ``allow_outside_root`` -- are refused); in addition:
 
     Args:
         shuffle_buffer: samples in DALI's shuffle buffer (``initial_fill``).
@@ -74,17 +74,15 @@ class ShardLoader:
     def __init__(self, data, boxes="shards", mode: str = "obj-obj-dilate", batch_size: int = 64,
                  size: int = 224, recipe="mocov2", seed: int = 0, num_threads: int = 2, device: str = "auto",
                  dtype=None, rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
-                 drop_last: bool = True, dilate: float = 0.1, shift_range: tuple[float, float] = (80, 120),
-                 box_scale: tuple[float, float] | None = None, top_k: int = 10, min_box_size: int = 224,
+                 drop_last: bool = True, dilate: float = CropConfig.dilate,
+                 shift_range: tuple[float, float] = CropConfig.shift_range, box_scale: tuple[float, float] | None = None,
+                 top_k: int = CropConfig.top_k, min_box_size: int = CropConfig.min_box_size,
                  device_id: int | None = None, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
                  plugin_crop: bool | None = None, shuffle_buffer: int = 1024, on_bad_shard: str = "skip",
                  use_plugin: bool | None = None, crop_backend: str = "dali", roi_decode: bool = True,
-                 check_content: bool = True, **ignored) -> None:
+                 check_content: bool = True) -> None:
         import torch
         from . import plugin
-        unknown = set(ignored) - {"prepare_ahead", "on_bad_image", "images_dir", "max_images", "allow_outside_root"}
-        if unknown:
-            raise TypeError(f"unexpected argument(s) for a shard set: {', '.join(sorted(unknown))}")
         if not (boxes is None or (isinstance(boxes, str) and boxes in ("gt", "shards"))):
             raise ValueError("a shard set carries its own boxes: pass boxes=None or 'shards', not a store")
         if use_plugin is False or crop_backend != "dali" or not roi_decode:
@@ -92,16 +90,17 @@ class ShardLoader:
                              "roi_decode=True)")
         if not drop_last:
             raise ValueError("a shard set loader delivers equal full batches per rank (drop_last=True)")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if batch_size < 1 or size < 1 or num_threads < 1 or seed < 0 or shuffle_buffer < 1:
-            raise ValueError("batch_size, size, num_threads, shuffle_buffer must be >= 1 and seed >= 0")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer!r}")
         if on_bad_shard not in ("skip", "raise"):
             raise ValueError(f"on_bad_shard must be 'skip' or 'raise', got {on_bad_shard!r}")
-        device, dtype = resolve_device_dtype(device, dtype)
+        self._init_core(mode=mode, batch_size=batch_size, size=size, recipe=recipe, seed=seed,
+                        num_threads=num_threads, device=device, dtype=dtype, rank=rank, world_size=world_size,
+                        shuffle=shuffle, drop_last=drop_last, device_id=device_id,
+                        prefetch_queue_depth=prefetch_queue_depth, decoder_kwargs=decoder_kwargs)
+        device = self.device
         if not plugin.load():
             raise RuntimeError(f"reading shard sets needs dali_objcrop's DALI operators: {plugin.error()}")
-        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.shards = ShardSet.open(data)
         self.usable, damaged = sound_shards(self.shards, on_bad_shard, content=check_content)
         if not self.usable:
@@ -115,28 +114,21 @@ class ShardLoader:
         for s in self.usable:
             for r, comps in enumerate(read_index(self.shards.tar(s).with_suffix(".idx"))):
                 self._nboxes[s["first"] + r] = comps[BOXES][1] // 16
-        self.mode, self.batch_size, self.size, self.device, self.dtype = mode, batch_size, size, device, dtype
-        self.seed, self.shuffle, self.num_threads, self.shuffle_buffer = seed, shuffle, num_threads, shuffle_buffer
-        self.recipe = _augment.get_recipe(recipe)
+        self.shuffle_buffer = shuffle_buffer
         st = self.shards.manifest.get("store") or {}
         areas = st.get("mean_area_by_top_k") or {}
         if box_scale is None and areas:
             box_scale = box_scale_from_mean_area(areas.get(str(top_k), areas["all"]))
         if mode != "scene-scene" and not areas:
             raise ValueError(f"mode {mode!r} needs boxes, and the shards in {self.shards.root} carry none")
-        self.config = CropConfig(mode=mode, box_scale=box_scale, dilate=dilate,
-                                 shift_range=tuple(float(s) for s in shift_range), top_k=top_k,
-                                 min_box_size=min_box_size)
-        self._device_id = device_id
+        self.config = self._crop_config(mode, box_scale, dilate, shift_range, top_k, min_box_size)
         if device == "gpu" and device_id is None:
             self._device_id = torch.cuda.current_device()
-        self._prefetch, self._decoder_kwargs = prefetch_queue_depth, decoder_kwargs
         why_not = ""
         if plugin_crop is None:       # on a GPU: only after its first-use self-test passed on this device
             self._plugin_crop, why_not = plugin.crop_op_usable(device, self._device_id)
         else:
             self._plugin_crop = bool(plugin_crop)
-        self._next_epoch = 0
         self.uses_plugin = True
         without = int(sum((self._nboxes[s["first"]:s["first"] + s["count"]] == 0).sum() for s in self.usable))
         self._counts_fallback = mode != "scene-scene"
@@ -144,25 +136,13 @@ class ShardLoader:
             warnings.warn(f"{without} of {self.num_samples} samples in the usable shards of {self.shards.root} have "
                           f"no boxes: they get scene crops instead of {mode!r} crops (counted in stats['fallback'])",
                           FallbackWarning, stacklevel=3)
-        self.stats: dict = {"fallback": 0, "samples_without_boxes": without,
-                            "shards": len(self.shards.shards), "damaged_shards": damaged,
-                            "samples_in_usable_shards": self.num_samples, "samples": 0, "epochs": 0,
-                            "pipeline": "plugin:webdataset:" + ("crop-op" if self._plugin_crop else "dali-ops-crop")
-                            + (f" ({why_not})" if why_not and plugin.crop_op_registered(device) else "")}
+        self.stats.update({"samples_without_boxes": without, "shards": len(self.shards.shards),
+                           "damaged_shards": damaged, "samples_in_usable_shards": self.num_samples})
+        self._name_pipeline("plugin:webdataset:", self._plugin_crop, why_not, device)
 
     # ---- public API ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.num_samples // (self.world_size * self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` for the next iteration (without a call, each iteration uses the previous + 1)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch!r}")
-        self._next_epoch = int(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self._next_epoch
 
     def shard_order(self, epoch: int) -> list[dict]:
         """The epoch's order of the usable shards (the same on every rank)."""
@@ -301,9 +281,6 @@ class ShardLoader:
             prefetch_queue_depth=self._prefetch)
         pipe.build()
         return pipe
-
-    def _to_torch(self, outs) -> dict:
-        return views_to_torch(outs, self.device, self._device_id, self._out_dtype, self.dtype)
 
 
 def _image_decodes(data: bytes) -> str | None:

@@ -250,7 +250,8 @@ def test_fewer_images_than_a_batch(synth_set):
 
 
 def test_recipe_probabilities_shape_the_graph():
-    from dali_objcrop.loader import aug_stages, input_fields
+    from dali_objcrop.ops_graph import aug_stages
+    from dali_objcrop.pipelines import input_fields
     moco, byol = augment.get_recipe("mocov2"), augment.get_recipe("byol")
     assert aug_stages(moco.views[0]) == {"colour": "drawn", "blur": "drawn", "solarize": "off"}
     assert aug_stages(byol.views[0])["blur"] == "always" and aug_stages(byol.views[1])["solarize"] == "drawn"
@@ -305,7 +306,7 @@ def test_a_registered_crop_backend_is_used(synth_set):
     """A backend registered by name replaces the crop stage and gets the fields it asks for."""
     from nvidia.dali import fn, types
 
-    from dali_objcrop import loader as L
+    from dali_objcrop import pipelines as L
 
     seen = {}
 
@@ -377,7 +378,7 @@ def test_gpu_graph_traces_without_a_gpu(recipe):
     Python-side checks (e.g. named arguments must be CPU nodes); only building it needs CUDA."""
     from nvidia.dali import pipeline_def, types
 
-    from dali_objcrop.loader import _objcrop_graph
+    from dali_objcrop.pipelines import _objcrop_graph
     pipe_fn = pipeline_def(_objcrop_graph, enable_conditionals=True)
     pipe_fn(lambda: None, 64, "mixed", "dali", types.FLOAT16, {"hw_decoder_load": 0.5}, True,
             augment.get_recipe(recipe), batch_size=2, num_threads=1, device_id=None)

@@ -137,7 +137,7 @@ def test_readers_refuse_shard_names_outside_the_folder(data, packed, tmp_path):
     _ops()
     from dali_objcrop import ObjCropLoader
     with pytest.raises(S.ShardError, match="not a plain file name"):
-        ObjCropLoader(out, mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
+        ObjCropLoader.from_shards(out, mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
 
 
 # ---- 4 one pack job per output folder; --verify sees a manifest of another pack -------------------------------
@@ -237,7 +237,7 @@ def test_a_tampered_position_is_named(packed, tmp_path):
     assert "position 4242, the plan says" in got[ss.shards[1]["name"]]
     _ops()
     from dali_objcrop import ObjCropLoader
-    ld = ObjCropLoader(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
+    ld = ObjCropLoader.from_shards(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
     pos = np.concatenate([b["index"].numpy() for b in ld])
     assert pos.max() < ss.num_samples and set(ld.stats["damaged_shards"]) == {ss.shards[1]["name"]}
 
@@ -249,7 +249,7 @@ def test_wrong_length_boxes_skip_that_shard_by_name(packed, tmp_path):
     tar = ss.tar(ss.shards[3])
     first = ss.shards[3]["first"]
     _retar(tar, lambda n, b: b[:12] if n == f"{S.sample_name(first + 1)}.{S.BOXES}" else b)
-    ld = ObjCropLoader(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
+    ld = ObjCropLoader.from_shards(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
     assert "multiple of 16" in ld.stats["damaged_shards"][ss.shards[3]["name"]]
     batches = list(ld)                                   # the epoch runs on the other shards
     assert len(batches) == len(ld) > 0
@@ -261,12 +261,12 @@ def test_shard_loader_counts_and_announces_scene_fallbacks(packed):
     from dali_objcrop.loader import FallbackWarning
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ld = ObjCropLoader(packed, mode="obj-obj-dilate", batch_size=4, size=32, device="cpu", shuffle=False)
+        ld = ObjCropLoader.from_shards(packed, mode="obj-obj-dilate", batch_size=4, size=32, device="cpu", shuffle=False)
     msgs = [str(x.message) for x in w if issubclass(x.category, FallbackWarning)]
     assert len(msgs) == 1 and "1 of 24 samples" in msgs[0]
     pos = np.concatenate([b["index"].numpy() for b in ld])
     assert ld.stats["fallback"] == int((pos == 3).sum()) == 1      # image 3 has no boxes
-    ss = ObjCropLoader(packed, mode="scene-scene", batch_size=4, size=32, device="cpu")
+    ss = ObjCropLoader.from_shards(packed, mode="scene-scene", batch_size=4, size=32, device="cpu")
     next(iter(ss))
     assert ss.stats["fallback"] == 0
 
@@ -276,7 +276,7 @@ def test_shard_truncated_after_the_loader_checked_it_is_named(packed, tmp_path):
     _ops()
     from dali_objcrop import ObjCropLoader
     ss = _copy(packed, tmp_path / "set")
-    ld = ObjCropLoader(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
+    ld = ObjCropLoader.from_shards(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu")
     list(ld)
     tar = ss.tar(ss.shards[2])
     tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
@@ -308,7 +308,7 @@ def test_decode_error_inside_a_shard_names_the_shard_and_sample(packed, tmp_path
     img = tar.read_bytes()[off:off + size]
     sos = img.find(b"\xff\xda")
     _patch(tar, off + sos, b"\xff\xd9" + b"\0" * (size - sos - 2))   # headers kept, no scan data
-    ld = ObjCropLoader(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu",
+    ld = ObjCropLoader.from_shards(tmp_path / "set", mode="obj-obj-dilate", batch_size=2, size=32, device="cpu",
                        shuffle=False)
     with pytest.raises(RuntimeError, match=r"shard-000001\.tar sample 1 \(position \d+, .*\): corrupt or truncated"):
         list(ld)

@@ -157,7 +157,7 @@ def test_damaged_shards_are_named_and_the_others_still_read(data, tmp_path):
     from dali_objcrop import ObjCropLoader, plugin
     if not plugin.load():
         pytest.skip(f"operators unavailable: {plugin.error()}")
-    ld = ObjCropLoader(tmp_path, mode="obj-obj-dilate", batch_size=2, size=32, shuffle=False, device="cpu")
+    ld = ObjCropLoader.from_shards(tmp_path, mode="obj-obj-dilate", batch_size=2, size=32, shuffle=False, device="cpu")
     assert set(ld.stats["damaged_shards"]) == {t1.name, t2.name}
     pos = np.concatenate([b["index"].numpy() for b in ld])
     damaged = {p for s in ss.shards[1:3] for p in range(s["first"], s["first"] + s["count"])}
@@ -174,7 +174,7 @@ def test_loader_from_shards_equals_loader_from_files(data, tmp_path):
     S.pack(index, tmp_path, store, shard_bytes=150_000, progress=False)
     kw = dict(mode="obj-obj-dilate", batch_size=4, size=48, seed=3, device="cpu", num_threads=2)
     files = ObjCropLoader(index, boxes=str(store_path), use_plugin=True, **kw)
-    shards = ObjCropLoader(tmp_path, shuffle_buffer=8, **kw)
+    shards = ObjCropLoader.from_shards(tmp_path, shuffle_buffer=8, **kw)
     assert type(shards).__name__ == "ShardLoader" and len(shards) == len(files) == 6
     for epoch in (0, 2):
         files.set_epoch(epoch)
@@ -205,7 +205,7 @@ def test_ranks_get_disjoint_slices_and_equal_batch_counts(data, tmp_path):
     for world in (2, 3):
         got = []
         for r in range(world):
-            ld = ObjCropLoader(tmp_path, mode="obj-scene", batch_size=3, size=32, device="cpu", rank=r,
+            ld = ObjCropLoader.from_shards(tmp_path, mode="obj-scene", batch_size=3, size=32, device="cpu", rank=r,
                                world_size=world, seed=1)
             ld.set_epoch(1)
             batches = [b["index"].tolist() for b in ld]

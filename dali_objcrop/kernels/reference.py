@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..augment import AUG_COLUMNS
 from ..windows import CropConfig, sample_windows
 from .common import norm_params
 
@@ -102,9 +103,7 @@ def crop_views_reference(images: list[np.ndarray], boxes, offsets, index, seed: 
 
 
 # ---- the fused crop-and-augment operator (csrc/dali/objcrop_crop.*, fn.objcrop.crop) ----------------
-#: Columns of the per-view draws the crop operator reads (``aug`` input, (2, 9) float32 per sample;
-#: docs/plugin.md): the fields of :func:`dali_objcrop.augment.sample_aug_params`.
-AUG_COLUMNS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
+#: Columns of the per-view draws the crop operator reads: :data:`dali_objcrop.augment.AUG_COLUMNS`.
 
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
 

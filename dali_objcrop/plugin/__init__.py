@@ -35,8 +35,7 @@ __all__ = ["PluginBuildError", "library_path", "load", "available", "has_op", "w
            "WindowsOutputs", "AUG_COLUMNS", "object_views", "reader_epoch", "ReaderEpoch", "error",
            "crop_op_registered", "crop_op_usable"]
 
-# Column order of the windows operator's ``aug`` output (docs/plugin.md; csrc/dali/objcrop_augment.h OC_AUG_*).
-AUG_COLUMNS = ("colour", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "blur_window", "solarize")
+from ..augment import AUG_COLUMNS  # noqa: E402 -- column order of the windows operator's ``aug`` output
 # Per-view order of the operator's ``aug`` argument (augment.ViewAug fields).
 _VIEW_AUG_FIELDS = ("jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p", "blur_p")
 

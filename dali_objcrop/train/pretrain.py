@@ -256,14 +256,19 @@ def build_optimizer(cfg: Config, model: nn.Module, world_size: int) -> torch.opt
 def make_loader(cfg: Config, rank: int, world_size: int):
     """The object-aware DALI loader for this rank (the embedded synthetic set when ``data`` is empty)."""
     from dali_objcrop.loader import ObjCropLoader
+    from dali_objcrop.shard_loader import is_shard_set
     from dali_objcrop.synth import ensure_default_dataset
     data = cfg.data or str(ensure_default_dataset())
     boxes = None if cfg.boxes.lower() in ("", "none") else cfg.boxes
-    return ObjCropLoader(data, boxes=boxes, mode=cfg.crops, batch_size=cfg.batch_size, size=cfg.size,
-                         recipe=cfg.recipe, seed=cfg.seed, num_threads=cfg.num_threads, device=cfg.loader_device,
-                         rank=rank, world_size=world_size, drop_last=True, dilate=cfg.dilate,
-                         images_dir=cfg.images_dir or None, prepare_ahead=cfg.prepare_ahead,
-                         allow_outside_root=cfg.allow_outside_root)
+    common = dict(boxes=boxes, mode=cfg.crops, batch_size=cfg.batch_size, size=cfg.size, recipe=cfg.recipe,
+                  seed=cfg.seed, num_threads=cfg.num_threads, device=cfg.loader_device, rank=rank,
+                  world_size=world_size, drop_last=True, dilate=cfg.dilate)
+    if is_shard_set(data):   # files-only settings do not apply to shards: refused if set
+        if cfg.images_dir or cfg.allow_outside_root:
+            raise ValueError("--images-dir and --allow-outside-root apply to image files, not to a shard set")
+        return ObjCropLoader.from_shards(data, **common)
+    return ObjCropLoader(data, images_dir=cfg.images_dir or None, prepare_ahead=cfg.prepare_ahead,
+                         allow_outside_root=cfg.allow_outside_root, **common)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
