@@ -77,3 +77,17 @@ def uniforms(keys: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
     """Two float64 uniforms in [0, 1) per key for one slot: ``(u_hi, u_lo)``."""
     h = mix64(keys + np.uint64(slot))
     return (h >> _S32).astype(np.float64) * _INV32, (h & _LO32).astype(np.float64) * _INV32
+
+
+# --- per-epoch orders (NumPy PCG64 streams keyed by (seed, epoch, salt)) ----------------------------
+# One salt per order, so that the orders of one (seed, epoch) are independent; never change one (a run's
+# data order is part of what a resumed run must reproduce).
+SALT_SAMPLE_ORDER = 0x5EED     # the files loader's global permutation (sampling.shard_batches)
+SALT_SHARD_ORDER = 0x5A4D      # the shard loader's order of the shards
+SALT_SHARD_READER = 0x5AAD     # the seed of DALI's webdataset reader shuffle buffer
+
+
+def epoch_generator(seed: int, epoch: int, salt: int) -> np.random.Generator:
+    """The NumPy generator of one per-epoch order: ``PCG64([seed, epoch, salt])``."""
+    return np.random.Generator(np.random.PCG64([seed, epoch, salt]))
+

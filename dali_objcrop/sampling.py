@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .iteration import resolve_rank
+from .rng import SALT_SAMPLE_ORDER, epoch_generator
 
 
 def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
@@ -35,7 +36,7 @@ def shard_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
         raise ValueError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     rank, world_size = resolve_rank(rank, world_size)
     if shuffle:
-        order = np.random.Generator(np.random.PCG64([seed, epoch, 0x5EED])).permutation(n)
+        order = epoch_generator(seed, epoch, SALT_SAMPLE_ORDER).permutation(n)
     else:
         order = np.arange(n)
     if drop_last:

@@ -37,6 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from .iteration import FallbackWarning, LoaderCore, _file_decodes, _readable_decode_error
+from .rng import SALT_SHARD_ORDER, SALT_SHARD_READER, epoch_generator
 from .shards import BOXES, IMAGE_EXTS, MANIFEST, POS, ShardError, ShardSet, check_shard, read_index, sound_shards
 from .windows import CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
 
@@ -50,7 +51,7 @@ def is_shard_set(data) -> bool:
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.Generator(np.random.PCG64([seed, epoch, 0x5AAD])).integers(0, 2**31 - 1))
+    return int(epoch_generator(seed, epoch, SALT_SHARD_READER).integers(0, 2**31 - 1))
 
 
 class ShardLoader(LoaderCore):
@@ -148,7 +149,7 @@ class ShardLoader(LoaderCore):
         """The epoch's order of the usable shards (the same on every rank)."""
         if not self.shuffle:
             return list(self.usable)
-        perm = np.random.Generator(np.random.PCG64([self.seed, epoch, 0x5A4D])).permutation(len(self.usable))
+        perm = epoch_generator(self.seed, epoch, SALT_SHARD_ORDER).permutation(len(self.usable))
         return [self.usable[i] for i in perm]
 
     def rank_positions(self, epoch: int) -> np.ndarray:

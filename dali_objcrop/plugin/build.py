@@ -63,8 +63,9 @@ def dali_version() -> str:
 
 
 def home() -> Path:
-    """``$DALI_OBJCROP_HOME`` or ``~/.cache/dali_objcrop``."""
-    return Path(os.environ.get("DALI_OBJCROP_HOME") or Path.home() / ".cache" / "dali_objcrop")
+    """The package's cache folder (:func:`dali_objcrop.fileio.cache_home`)."""
+    from ..fileio import cache_home
+    return cache_home()
 
 
 def sources_dir() -> Path:
@@ -273,21 +274,13 @@ def _record_path(lib: Path) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..fileio import sha256_file
+    return sha256_file(path)
 
 
 def _record_library(lib: Path) -> None:
-    rec = _record_path(lib)
-    tmp = rec.with_name(rec.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"size": lib.stat().st_size, "sha256": _file_sha256(lib)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, rec)
+    from ..fileio import atomic_write_json
+    atomic_write_json(_record_path(lib), {"size": lib.stat().st_size, "sha256": _file_sha256(lib)})
 
 
 def cached_library_ok(lib: str | os.PathLike) -> bool:

@@ -127,11 +127,10 @@ def gpu_crop_verified(device_id: int | None = None, library: str | os.PathLike |
         if verdict is None:
             verdict = run_selftest(device_id)
             if cache is not None:
-                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+                from ..fileio import atomic_write_json
                 try:
-                    tmp.write_text(json.dumps({"gpu": gpu, "ok": verdict[0], "reason": verdict[1],
-                                               "library": str(library)}, indent=1))
-                    os.replace(tmp, cache)
+                    atomic_write_json(cache, {"gpu": gpu, "ok": verdict[0], "reason": verdict[1],
+                                              "library": str(library)}, indent=1)
                 except OSError:
                     pass                             # a read-only cache: the verdict holds for this process
         _verdicts[device_id] = verdict

@@ -7,7 +7,6 @@ tampered download never lands there.  The package itself ships its own model (tr
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.error
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from ..constants import home_dir
+from ..fileio import sha256_file
 
 OPENCV_CONTRIB_TAG = "5.0.0"
 BASE_URL = (f"https://raw.githubusercontent.com/opencv/opencv_contrib/{OPENCV_CONTRIB_TAG}/"
@@ -43,11 +43,7 @@ def default_cache_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 16), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def fetch_bing(cache_dir: str | os.PathLike | None = None, colors=("MAXBGR", "HSV", "I"),
