@@ -1,5 +1,8 @@
 """WebDataset shards of a dataset with its boxes: pack, index, verify, read back.
 
+One module of ~700 lines on purpose: the tar layout, its index, the checks and the reader are one
+format, and every rule about what a shard may name or hold is in this one place.
+
 A shard set is a folder::
 
     shards.json                 the plan: samples per shard, dataset fingerprint, box-store meta

@@ -1,6 +1,9 @@
 """Our BING: the same model files and the same boxes as ``cv2.saliency.ObjectnessBING``,
 vectorised with NumPy/OpenCV, with the real (stage-II calibrated) scores.
 
+One module of ~600 lines on purpose: the algorithm (gradients, the two stages, NMS) and the model files'
+format belong together; the trainer of new models is train_bing.py.
+
 BING (Cheng et al., "BING: Binarized Normed Gradients for Objectness Estimation at 300fps",
 CVPR 2014) scores every window of a set of quantised sizes (w, h) in {16, 32, ..., 512}^2:
 

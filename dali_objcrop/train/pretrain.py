@@ -1,5 +1,8 @@
 """Self-supervised pretraining (MoCo-v2, BYOL, DenseCL) on object-aware crops, in one readable file.
 
+One file of ~700 lines on purpose (nanoGPT-style): the whole training loop, its checkpoints and its
+resume read top to bottom; the methods, heads, LARS and the configuration live beside it.
+
 One code path for the CPU, one GPU and many GPUs: DDP is detected from
 torchrun's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), with gloo on
 the CPU and NCCL on GPUs; only the master process logs and writes checkpoints.
