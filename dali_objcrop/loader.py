@@ -86,6 +86,7 @@ from . import augment as _augment
 from .boxstore import BoxStore
 from . import plugin
 from .dataset import ImageIndex, coco_images_dir
+from .index import gt_store, open_index
 from .iteration import resolve_device_dtype, resolve_rank, views_to_torch
 from .ops_graph import aug_stages, dali_crop, finish_views
 from .windows import MODES, CropConfig, CropWindows, box_scale_from_mean_area, sample_windows
@@ -481,10 +482,10 @@ def _index_of(data, images_dir, allow_outside_root: bool = False) -> tuple[Image
         return data, None
     p = Path(data)
     if p.is_dir():
-        return ImageIndex.from_folder(p), None
+        return open_index(p), None
     if p.suffix.lower() == ".json" and p.is_file():
-        # the one rule of every entry point (images/ beside the JSON or beside its folder)
-        return ImageIndex.from_coco(p, coco_images_dir(p, images_dir), allow_outside_root=allow_outside_root), str(p)
+        # built once, then memory-mapped (dali_objcrop.index); images/ beside the JSON or beside its folder
+        return open_index(p, coco_images_dir(p, images_dir), allow_outside_root=allow_outside_root), str(p)
     raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
 
 
@@ -749,7 +750,7 @@ class ObjCropLoader:
         if isinstance(boxes, str) and boxes == "gt":
             if coco_json is None:
                 raise ValueError("boxes='gt' needs data to be a COCO json path")
-            store = BoxStore.from_coco(coco_json)
+            store = gt_store(coco_json, index)   # mapped from the pass that built the index
         elif isinstance(boxes, BoxStore):
             store = boxes
         elif isinstance(boxes, (str, os.PathLike)):
