@@ -133,13 +133,28 @@ class _Reader:
             items = None
             if self.pos >= single_until:
                 k = self.buf.rfind("}", self.pos, len(self.buf) - 1)
-                m = _BOUNDARY.match(self.buf, k) if k >= 0 else None
-                if m is not None and k > self.pos:
+                m = _BOUNDARY.match(self.buf, k) if k > self.pos else None
+                for _ in range(64):       # the last '}' may be a nested one or cut before its ', {'
+                    if m is not None or k <= self.pos:
+                        break
+                    k = self.buf.rfind("}", self.pos, k)
+                    m = _BOUNDARY.match(self.buf, k) if k > self.pos else None
+                if m is not None:
+                    text = "[" + self.buf[self.pos:k + 1] + "]"
                     try:
-                        items = json.loads("[" + self.buf[self.pos:k + 1] + "]")
+                        items = json.loads(text)
                         self.pos = m.end() - 1
-                    except json.JSONDecodeError:
-                        single_until, items = k, None   # e.g. the array ended before k: go one by one
+                    except json.JSONDecodeError as e:
+                        if e.msg == "Extra data":     # the array ended inside the block: text[:e.pos] is all of it
+                            try:
+                                rest = json.loads(text[:e.pos])
+                            except json.JSONDecodeError:
+                                rest = None
+                            if isinstance(rest, list):
+                                self.pos += e.pos - 1
+                                yield rest
+                                return
+                        single_until, items = k, None   # go one by one up to k (an error is found there)
             if items is not None:
                 yield items
                 continue
@@ -200,7 +215,7 @@ def _from_coco(coco: Coco, on_images) -> CocoArrays:
 
 
 def _ints(values: list, what: str) -> np.ndarray:
-    if not all(type(v) is int for v in values):
+    if values and set(map(type, values)) != {int}:       # map/set run in C; bools are not ints here
         raise _Unusual(f"{what} not all integers")
     return np.array(values, dtype=np.int64)
 
@@ -231,7 +246,7 @@ def _read_fast(path: Path, on_images, on_bytes) -> CocoArrays:
                     except (KeyError, TypeError):
                         raise _Unusual("image entry without id, file_name or size") from None
                 ids = _ints(id_l, "image ids")
-                if not all(type(n) is str and n for n in name_l):
+                if name_l and (set(map(type, name_l)) != {str} or "" in name_l):
                     raise _Unusual("file names")
                 sizes = np.stack([_ints(w_l, "widths"), _ints(h_l, "heights")], axis=1)
                 if len(sizes) and (sizes.min() < 1 or sizes.max() > np.iinfo(np.int32).max):
@@ -293,7 +308,7 @@ def _annotation_block(items: list, r: _Reader, a_img, a_box, a_crowd, a_cat) -> 
         cat = [a.get("category_id", _NO_CATEGORY) for a in items]
     except (KeyError, TypeError, AttributeError):
         raise _Unusual("annotation without image_id or bbox") from None
-    if not all(type(b) is list and len(b) == 4 for b in bb):
+    if bb and (set(map(type, bb)) != {list} or set(map(len, bb)) != {4}):
         raise _Unusual("bbox not a list of 4")
     try:
         flat = np.fromiter(itertools.chain.from_iterable(bb), np.float64, 4 * len(bb)).reshape(-1, 4)

@@ -286,21 +286,24 @@ _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def _jpeg_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's SOF marker within ``head``; None when it is not there."""
-    i, n = 2, len(head)
-    while i + 9 <= n:
+    """(width, height) from a JPEG's frame header, when ``head`` holds it and the start of scan after it
+    (PIL reads the markers up to the scan too: a file cut before it is unreadable); None otherwise."""
+    i, n, wh = 2, len(head), None
+    while i + 4 <= n:
         if head[i] != 0xFF:
             return None
         m = head[i + 1]
         if m == 0xFF:
             i += 1
-        elif m in _SOF:
-            return (head[i + 7] << 8) | head[i + 8], (head[i + 5] << 8) | head[i + 6]
+        elif m == 0xDA:
+            return wh
         elif m == 0x01 or 0xD0 <= m <= 0xD8:
             i += 2
-        elif m == 0xDA:       # start of scan before any frame header: let PIL judge
-            return None
         else:
+            if m in _SOF:
+                if i + 9 > n:
+                    return None
+                wh = (head[i + 7] << 8) | head[i + 8], (head[i + 5] << 8) | head[i + 6]
             i += 2 + ((head[i + 2] << 8) | head[i + 3])
     return None
 
@@ -512,9 +515,10 @@ def index_dir() -> Path:
 
 def index_path(source: str | os.PathLike, images_dir=None, check: bool = True, allow_outside_root: bool = False,
                cache_dir: str | os.PathLike | None = None) -> Path:
-    """The index file of a source and build settings (one per absolute source path and settings)."""
+    """The index file of a source and build settings (one per absolute source path, image folder and
+    settings: the loader, ``pack`` and ``proposals`` given the same json share one file)."""
     src = Path(source).resolve()
-    imgs = None if images_dir is None else str(Path(images_dir).resolve())
+    imgs = None if src.is_dir() else str(coco_images_dir(source, images_dir).resolve())
     tag = hashlib.sha256(json.dumps([str(src), imgs, bool(check), bool(allow_outside_root)]).encode()).hexdigest()
     return Path(cache_dir or index_dir()) / f"{src.name}-{tag[:16]}.index"
 
