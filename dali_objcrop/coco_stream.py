@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -30,13 +31,13 @@ from typing import Callable
 
 import numpy as np
 
+from .boxstore import _concat
 from .dataset import Coco, load_coco
 
 _BLOCK = 1 << 23                  # characters read per block (8 Mi: ~70k annotations)
 _WS = re.compile(r"[ \t\n\r]*")
 _BOUNDARY = re.compile(r"\}[ \t\n\r]*,[ \t\n\r]*\{")
 _DEC = json.JSONDecoder()
-_NO_CATEGORY = np.iinfo(np.int64).min
 
 
 class _Unusual(Exception):
@@ -52,7 +53,7 @@ class CocoArrays:
         image_ids: (N,) int64, in file order.
         file_names: N strings.
         sizes: (N, 2) int32 (width, height).
-        ann_image: (M,) int64 image id of each annotation, file order.
+        ann_row: (M,) int64 image row (position in ``image_ids``) of each annotation, file order.
         ann_bbox: (M, 4) float64 ``[x, y, w, h]`` pixels.
         ann_crowd: (M,) bool.
         categories: the ``categories`` list (small).
@@ -63,17 +64,11 @@ class CocoArrays:
     image_ids: np.ndarray
     file_names: list[str]
     sizes: np.ndarray
-    ann_image: np.ndarray
+    ann_row: np.ndarray
     ann_bbox: np.ndarray
     ann_crowd: np.ndarray
     categories: list
     fast: bool = True
-
-    def ann_rows(self) -> np.ndarray:
-        """(M,) int64 image row (position in ``image_ids``) of every annotation."""
-        order = np.argsort(self.image_ids, kind="stable")
-        pos = np.searchsorted(self.image_ids[order], self.ann_image)
-        return order[np.minimum(pos, len(order) - 1)].astype(np.int64)
 
 
 class _Reader:
@@ -82,6 +77,7 @@ class _Reader:
     def __init__(self, f, block: int = _BLOCK, on_bytes: Callable[[int], None] | None = None) -> None:
         self.f, self.block, self.on_bytes = f, block, on_bytes
         self.buf, self.pos, self.eof = "", 0, False
+        self.literals = True    # whether the last yielded block's text holds 'true' or 'false'
 
     def fill(self) -> bool:
         if self.pos:
@@ -144,6 +140,7 @@ class _Reader:
                     try:
                         items = json.loads(text)
                         self.pos = m.end() - 1
+                        self.literals = "true" in text or "false" in text
                     except json.JSONDecodeError as e:
                         if e.msg == "Extra data":     # the array ended inside the block: text[:e.pos] is all of it
                             try:
@@ -152,12 +149,14 @@ class _Reader:
                                 rest = None
                             if isinstance(rest, list):
                                 self.pos += e.pos - 1
+                                self.literals = True
                                 yield rest
                                 return
                         single_until, items = k, None   # go one by one up to k (an error is found there)
             if items is not None:
                 yield items
                 continue
+            self.literals = True
             yield [self.value()]
             c = self.peek()
             self.pos += 1
@@ -207,7 +206,7 @@ def _from_coco(coco: Coco, on_images) -> CocoArrays:
             a_crowd.append(bool(a.get("iscrowd", 0)))
     out = CocoArrays(path=coco.path, image_ids=ids, file_names=[im["file_name"] for im in ims],
                      sizes=np.array([[im["width"], im["height"]] for im in ims], np.int32).reshape(-1, 2),
-                     ann_image=np.array(a_img, np.int64), ann_bbox=np.array(a_box, np.float64).reshape(-1, 4),
+                     ann_row=np.array(a_img, np.int64), ann_bbox=np.array(a_box, np.float64).reshape(-1, 4),
                      ann_crowd=np.array(a_crowd, bool), categories=coco.categories, fast=False)
     if on_images is not None:
         on_images(out)
@@ -223,7 +222,7 @@ def _ints(values: list, what: str) -> np.ndarray:
 def _read_fast(path: Path, on_images, on_bytes) -> CocoArrays:
     seen: dict[str, object] = {}
     ids = names = sizes = None
-    a_img, a_box, a_crowd, a_cat = [], [], [], []
+    anns = _Anns()
     cats: list = []
     with open(path, encoding="utf-8") as f:
         r = _Reader(f, on_bytes=on_bytes)
@@ -236,31 +235,44 @@ def _read_fast(path: Path, on_images, on_bytes) -> CocoArrays:
                 raise _Unusual("odd top-level key")
             r.expect(":")
             if key == "images" and r.peek() == "[":
-                id_l, name_l, w_l, h_l = [], [], [], []
+                # per block: numbers into arrays, names into one string; the block's objects all die, so
+                # the allocator's arenas go back to the system (a kept str per dict would pin them all)
+                id_b, w_b, h_b, name_b = [], [], [], []
                 for items in r.elements():
                     try:
-                        id_l += [im["id"] for im in items]
-                        name_l += [im["file_name"] for im in items]
-                        w_l += [im["width"] for im in items]
-                        h_l += [im["height"] for im in items]
+                        got = list(map(_IMAGE_FIELDS, items))
                     except (KeyError, TypeError):
                         raise _Unusual("image entry without id, file_name or size") from None
-                ids = _ints(id_l, "image ids")
-                if name_l and (set(map(type, name_l)) != {str} or "" in name_l):
-                    raise _Unusual("file names")
-                sizes = np.stack([_ints(w_l, "widths"), _ints(h_l, "heights")], axis=1)
+                    if not got:
+                        continue
+                    a, b, c, d = zip(*got)
+                    id_b.append(_ints(a, "image ids"))
+                    w_b.append(_ints(c, "widths"))
+                    h_b.append(_ints(d, "heights"))
+                    if set(map(type, b)) != {str} or "" in b:
+                        raise _Unusual("file names")
+                    joined = "\n".join(b)
+                    if joined.count("\n") != len(b) - 1:
+                        raise _Unusual("a newline in a file name")
+                    name_b.append(joined)
+                    del got, a, b, c, d, items
+                names = "\n".join(name_b).split("\n") if name_b else []
+                del name_b
+                ids = _concat(id_b, np.int64, ())
+                sizes = np.stack([_concat(w_b, np.int64, ()), _concat(h_b, np.int64, ())], axis=1).reshape(-1, 2)
                 if len(sizes) and (sizes.min() < 1 or sizes.max() > np.iinfo(np.int32).max):
                     raise _Unusual("sizes")
-                names, sizes = name_l, sizes.astype(np.int32).reshape(-1, 2)
+                sizes = sizes.astype(np.int32)
                 if len(np.unique(ids)) != len(ids) or len(set(names)) != len(names):
                     raise _Unusual("duplicate image ids or file names")
+                anns.know(ids)
                 seen[key] = True
                 if on_images is not None and "annotations" not in seen:
                     on_images(CocoArrays(path, ids, names, sizes, np.zeros(0, np.int64), np.zeros((0, 4)),
                                          np.zeros(0, bool), [], True))
             elif key == "annotations" and r.peek() == "[":
                 for items in r.elements():
-                    _annotation_block(items, r, a_img, a_box, a_crowd, a_cat)
+                    anns.add(items, r.literals)
                 seen[key] = True
             else:
                 v = r.value()
@@ -279,49 +291,85 @@ def _read_fast(path: Path, on_images, on_bytes) -> CocoArrays:
             raise _Unusual("trailing data")
     if ids is None or "annotations" not in seen:
         raise _Unusual("no images or annotations list")
-    ann_image = np.concatenate(a_img) if a_img else np.zeros(0, np.int64)
-    ann_bbox = np.concatenate(a_box) if a_box else np.zeros((0, 4))
-    ann_crowd = np.concatenate(a_crowd) if a_crowd else np.zeros(0, bool)
-    ann_cat = np.concatenate(a_cat) if a_cat else np.zeros(0, np.int64)
-    known = np.sort(ids)
-    pos = np.searchsorted(known, ann_image)
-    if len(ann_image) and (len(known) == 0 or not (known[np.minimum(pos, len(known) - 1)] == ann_image).all()):
-        raise _Unusual("annotations of unknown images")
     if cats:
-        if not isinstance(cats, list) or not all(isinstance(c, dict) and type(c.get("id")) is int for c in cats):
+        if not isinstance(cats, list) or not all(isinstance(c, dict) for c in cats):
             raise _Unusual("categories")
-        cat_ids = np.array([c["id"] for c in cats], np.int64)
-        if len(np.unique(cat_ids)) != len(cat_ids):
-            raise _Unusual("duplicate category ids")
-        listed = ann_cat != _NO_CATEGORY
-        if not np.isin(ann_cat[listed], cat_ids).all():
-            raise _Unusual("unknown category ids")
-    return CocoArrays(path, ids, names, sizes, ann_image, ann_bbox, ann_crowd, cats if isinstance(cats, list) else [])
+        cat_ids = [c.get("id") for c in cats]
+        if len(set(cat_ids)) != len(cat_ids) or not anns.cats <= set(cat_ids):
+            raise _Unusual("duplicate or unknown category ids")
+    anns.know(ids)
+    return CocoArrays(path, ids, names, sizes, _concat(anns.row, np.int64, ()), _concat(anns.box, np.float64, (4,)),
+                      _concat(anns.crowd, bool, ()), cats if isinstance(cats, list) else [])
 
 
-def _annotation_block(items: list, r: _Reader, a_img, a_box, a_crowd, a_cat) -> None:
-    """One block of annotations into arrays, with validate_coco's checks (any doubt: _Unusual)."""
-    try:
-        img = [a["image_id"] for a in items]
-        bb = [a["bbox"] for a in items]
-        crowd = [1 if a.get("iscrowd", 0) else 0 for a in items]
-        cat = [a.get("category_id", _NO_CATEGORY) for a in items]
-    except (KeyError, TypeError, AttributeError):
-        raise _Unusual("annotation without image_id or bbox") from None
-    if bb and (set(map(type, bb)) != {list} or set(map(len, bb)) != {4}):
-        raise _Unusual("bbox not a list of 4")
-    try:
-        flat = np.fromiter(itertools.chain.from_iterable(bb), np.float64, 4 * len(bb)).reshape(-1, 4)
-    except (TypeError, ValueError):
-        raise _Unusual("bbox values") from None
-    if _bool_in(bb):
-        raise _Unusual("true/false in a bbox")
-    if not (np.isfinite(flat).all() and (flat[:, 2:] >= 0).all()):
-        raise _Unusual("bbox values")
-    a_img.append(_ints(img, "annotation image ids"))
-    a_box.append(flat)
-    a_crowd.append(np.array(crowd, bool))
-    a_cat.append(_ints(cat, "category ids"))
+_IMAGE_FIELDS = operator.itemgetter("id", "file_name", "width", "height")
+_ANN_FIELDS = operator.itemgetter("image_id", "bbox")
+
+
+class _Anns:
+    """Annotation blocks reduced to arrays (image rows, boxes, crowd flags) and the set of category ids,
+    with validate_coco's checks; any doubt raises _Unusual."""
+
+    def __init__(self) -> None:
+        self.row: list[np.ndarray] = []       # image rows once the images are known, else image ids
+        self.box: list[np.ndarray] = []
+        self.crowd: list[np.ndarray] = []
+        self.cats: set = set()
+        self._sorted = self._order = None
+        self._pending = 0                     # leading blocks that hold image ids (annotations before images)
+
+    def know(self, ids: np.ndarray) -> None:
+        if self._sorted is None:
+            self._order = np.argsort(ids, kind="stable")
+            self._sorted = ids[self._order]
+        for i in range(self._pending):
+            self.row[i] = self._rows(self.row[i])
+        self._pending = 0
+
+    def _rows(self, img: np.ndarray) -> np.ndarray:
+        s = self._sorted
+        pos = np.searchsorted(s, img)
+        if len(img) and (len(s) == 0 or not (s[np.minimum(pos, len(s) - 1)] == img).all()):
+            raise _Unusual("annotations of unknown images")
+        return self._order[np.minimum(pos, max(len(s) - 1, 0))].astype(np.int64)
+
+    def add(self, items: list, literals: bool) -> None:
+        try:
+            got = list(map(_ANN_FIELDS, items))
+        except (KeyError, TypeError):
+            raise _Unusual("annotation without image_id or bbox") from None
+        if not got:
+            return
+        img, bb = zip(*got)
+        try:
+            crowd = list(map(operator.itemgetter("iscrowd"), items))
+        except KeyError:
+            crowd = [a.get("iscrowd", 0) for a in items]
+        try:
+            self.cats.update(map(operator.itemgetter("category_id"), items))
+        except KeyError:
+            self.cats.update(a["category_id"] for a in items if "category_id" in a)
+        except TypeError:
+            raise _Unusual("unhashable category id") from None
+        if set(map(type, bb)) != {list} or set(map(len, bb)) != {4}:
+            raise _Unusual("bbox not a list of 4")
+        try:
+            flat = np.fromiter(itertools.chain.from_iterable(bb), np.float64, 4 * len(bb)).reshape(-1, 4)
+        except (TypeError, ValueError):
+            raise _Unusual("bbox values") from None
+        if literals and _bool_in(bb):
+            raise _Unusual("true/false in a bbox")
+        if not (np.isfinite(flat).all() and (flat[:, 2:] >= 0).all()):
+            raise _Unusual("bbox values")
+        ids = _ints(list(img), "annotation image ids")
+        if self._sorted is None:
+            self.row.append(ids)
+            self._pending += 1
+        else:
+            self.row.append(self._rows(ids))
+        self.box.append(flat)
+        self.crowd.append(np.array(crowd, np.int64) != 0 if set(map(type, crowd)) <= {int}
+                          else np.array([bool(c) for c in crowd]))
 
 
 def _bool_in(bb: list) -> bool:
@@ -340,12 +388,13 @@ def gt_store_of(arr: CocoArrays, top_k: int | None = None, include_crowd: bool =
     its boxes largest first (ties in file order), validated in blocks of images, so 10M boxes need no
     full-size float64 temporaries and no per-image Python objects."""
     from .boxstore import BoxStore
-    rows = arr.ann_rows()
+    rows = arr.ann_row
     b = arr.ann_bbox
     order = np.lexsort((-(b[:, 2] * b[:, 3]), rows))      # stable: equal areas keep the file order
     if not include_crowd:
         order = order[~arr.ann_crowd[order]]
-    counts = np.bincount(rows[order], minlength=len(arr.file_names)).astype(np.int64)
+    counts = np.bincount(rows, minlength=len(arr.file_names)) if include_crowd else \
+        np.bincount(rows[order], minlength=len(arr.file_names))
 
     def xyxy(idx: np.ndarray) -> np.ndarray:
         x = b[order[idx]]                                    # a copy (fancy indexing)

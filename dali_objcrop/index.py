@@ -121,6 +121,33 @@ class PathTable(Sequence):
         for k in self._keys:
             yield os.path.join(root, k)
 
+    def utf8(self) -> "Utf8Paths":
+        """The paths as utf-8 uint8 arrays (what ``fn.io.file.read`` takes), made per access."""
+        return Utf8Paths(self._root, self._keys)
+
+
+class Utf8Paths(Sequence):
+    """``root/key`` as a uint8 array per access, cut from the mapped key blob (a list of a million
+    small arrays would cost ~190 MB and ~2 s per rank)."""
+
+    def __init__(self, root: str, keys: Sequence[str]) -> None:
+        self._root = os.path.join(root, "").encode("utf-8")
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i) -> np.ndarray:
+        k = self._keys
+        if isinstance(k, KeyTable):
+            i = int(i)
+            if i < 0:
+                i += len(k)
+            key = bytes(k._blob[k._offsets[i]:k._offsets[i + 1]])
+        else:
+            key = k[i].encode("utf-8")
+        return np.frombuffer(key if key.startswith(b"/") else self._root + key, dtype=np.uint8)
+
 
 class MappedIndex(ImageIndex):
     """An :class:`~dali_objcrop.dataset.ImageIndex` whose keys and sizes live in a memory-mapped file.
@@ -469,6 +496,7 @@ def build_index(source: str | os.PathLike, images_dir: str | os.PathLike | None 
         keys, sizes, bad = arr.file_names, arr.sizes, {}
     bar.close()
     gt = gt_store_of(arr) if with_gt else None
+    arr.ann_bbox = arr.ann_row = arr.ann_crowd = None     # free them before the files are written
     built = Built(root, keys, sizes, bad, gt, time.perf_counter() - t0)
     check_found(ImageIndex(root, built.keys, built.sizes, built.bad), source)
     return built

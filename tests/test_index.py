@@ -342,3 +342,29 @@ def test_index_command_builds_then_maps(tmp_path):
     assert r1.returncode == 0 and "built in" in r1.stdout and "images/s" in r1.stdout, r1.stderr
     assert "read json" in r1.stderr and "rejected: trunc.jpg" in r1.stderr
     assert r2.returncode == 0 and "already built" in r2.stdout, r2.stdout
+
+
+def test_paths_as_utf8_arrays_equal_the_paths(tmp_path, cache):
+    ann = _set(tmp_path)
+    idx = open_index(ann)
+    u = idx.paths.utf8()
+    assert len(u) == len(idx) and [bytes(u[i]).decode() for i in range(len(u))] == list(idx.paths)
+    assert [bytes(x).decode() for x in (u[-1],)] == [idx.paths[-1]]
+    from dali_objcrop.index import Utf8Paths
+    assert bytes(Utf8Paths("/r", ["/abs/x.jpg", "a/b.jpg"])[0]) == b"/abs/x.jpg"
+
+
+def test_mean_area_in_blocks_equals_the_exact_mean(monkeypatch):
+    from dali_objcrop import boxstore
+    rng = np.random.default_rng(0)
+    n = 500
+    boxes = []
+    for i in range(n):
+        k = int(rng.integers(0, 15))
+        xy = rng.uniform(0, 0.5, (k, 2))
+        boxes.append(np.concatenate([xy, xy + rng.uniform(0.05, 0.5, (k, 2))], axis=1))
+    store = BoxStore.from_arrays([f"{i}.jpg" for i in range(n)], np.full((n, 2), 500), boxes)
+    exact = [store.mean_area_fraction(k) for k in (None, 3)]
+    monkeypatch.setattr(boxstore, "_EXACT_MEAN_MAX", 10)
+    monkeypatch.setattr(boxstore, "_MEAN_ROWS", 37)
+    np.testing.assert_allclose([store.mean_area_fraction(k) for k in (None, 3)], exact, rtol=1e-12)
