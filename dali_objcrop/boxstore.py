@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .coco_stream import CocoArrays, _concat, read_coco_arrays
 from .dataset import fingerprint
 
 MAGIC = b"OBJCROPBOX\x00\x02"
@@ -259,9 +260,28 @@ class BoxStore:
     def from_coco(cls, annotations: str | os.PathLike, top_k: int | None = None,
                   include_crowd: bool = True) -> "BoxStore":
         """Ground-truth boxes of a COCO-format JSON as proposals (largest first)."""
-        from .coco_stream import gt_store_of, read_coco_arrays   # one streaming pass, no per-box objects
-        return gt_store_of(read_coco_arrays(annotations), top_k, include_crowd,
-                           params={"annotations": str(annotations), "top_k": top_k})
+        return cls.from_coco_arrays(read_coco_arrays(annotations), top_k, include_crowd,   # one streaming pass
+                                    params={"annotations": str(annotations), "top_k": top_k})
+
+    @classmethod
+    def from_coco_arrays(cls, arr: CocoArrays, top_k: int | None = None, include_crowd: bool = True,
+                         params: dict | None = None) -> "BoxStore":
+        """The ground-truth store of a COCO json read by :func:`~dali_objcrop.coco_stream.read_coco_arrays`:
+        per image its boxes largest first (ties in file order), validated in blocks of images, so 10M
+        boxes need no full-size float64 temporaries and no per-image Python objects."""
+        rows, b = arr.ann_row, arr.ann_bbox
+        order = np.lexsort((-(b[:, 2] * b[:, 3]), rows))      # stable: equal areas keep the file order
+        if not include_crowd:
+            order = order[~arr.ann_crowd[order]]
+        counts = np.bincount(rows[order] if not include_crowd else rows, minlength=len(arr.file_names))
+
+        def xyxy(idx: np.ndarray) -> np.ndarray:
+            x = b[order[idx]]                                   # a copy (fancy indexing)
+            x[:, 2:] += x[:, :2]
+            return x
+
+        return cls.from_flat(arr.file_names, arr.sizes, xyxy, counts, method="gt", normalized=False, top_k=top_k,
+                             params=params if params is not None else {"annotations": str(arr.path), "top_k": top_k})
 
     # ---- access --------------------------------------------------------------
     def __len__(self) -> int:
@@ -488,18 +508,6 @@ class BoxStore:
                 f"{v.get('dropped_degenerate', 0)} degenerate dropped"
                 + (f", {self.meta['images_emptied_by_validation']} images lost all their boxes"
                    if self.meta.get("images_emptied_by_validation") else ""))
-
-
-def _concat(blocks: list, dtype, tail: tuple) -> np.ndarray:
-    """np.concatenate that frees each block once copied (peak: the result plus one block, not twice it)."""
-    out = np.empty((sum(len(b) for b in blocks),) + tail, dtype)
-    at = 0
-    for i in range(len(blocks)):
-        out[at:at + len(blocks[i])] = blocks[i]
-        at += len(blocks[i])
-        blocks[i] = None
-    blocks.clear()
-    return out
 
 
 def _raw(a: np.ndarray):

@@ -31,7 +31,6 @@ from typing import Callable
 
 import numpy as np
 
-from .boxstore import _concat
 from .dataset import Coco, load_coco
 
 _BLOCK = 1 << 23                  # characters read per block (8 Mi: ~70k annotations)
@@ -306,6 +305,18 @@ _IMAGE_FIELDS = operator.itemgetter("id", "file_name", "width", "height")
 _ANN_FIELDS = operator.itemgetter("image_id", "bbox")
 
 
+def _concat(blocks: list, dtype, tail: tuple) -> np.ndarray:
+    """np.concatenate that frees each block once copied (peak: the result plus one block, not twice it)."""
+    out = np.empty((sum(len(b) for b in blocks),) + tail, dtype)
+    at = 0
+    for i in range(len(blocks)):
+        out[at:at + len(blocks[i])] = blocks[i]
+        at += len(blocks[i])
+        blocks[i] = None
+    blocks.clear()
+    return out
+
+
 class _Anns:
     """Annotation blocks reduced to arrays (image rows, boxes, crowd flags) and the set of category ids,
     with validate_coco's checks; any doubt raises _Unusual."""
@@ -381,25 +392,3 @@ def _bool_in(bb: list) -> bool:
                 if v is True or v is False:
                     return True
     return False
-
-
-def gt_store_of(arr: CocoArrays, top_k: int | None = None, include_crowd: bool = True, params: dict | None = None):
-    """The ground-truth box store of a read COCO json (what ``BoxStore.from_coco`` returns): per image
-    its boxes largest first (ties in file order), validated in blocks of images, so 10M boxes need no
-    full-size float64 temporaries and no per-image Python objects."""
-    from .boxstore import BoxStore
-    rows = arr.ann_row
-    b = arr.ann_bbox
-    order = np.lexsort((-(b[:, 2] * b[:, 3]), rows))      # stable: equal areas keep the file order
-    if not include_crowd:
-        order = order[~arr.ann_crowd[order]]
-    counts = np.bincount(rows, minlength=len(arr.file_names)) if include_crowd else \
-        np.bincount(rows[order], minlength=len(arr.file_names))
-
-    def xyxy(idx: np.ndarray) -> np.ndarray:
-        x = b[order[idx]]                                    # a copy (fancy indexing)
-        x[:, 2:] += x[:, :2]
-        return x
-
-    return BoxStore.from_flat(arr.file_names, arr.sizes, xyxy, counts, method="gt", normalized=False, top_k=top_k,
-                              params=params if params is not None else {"annotations": str(arr.path), "top_k": top_k})

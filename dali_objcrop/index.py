@@ -54,6 +54,7 @@ _ALIGN = 64
 _DIGEST = 32
 _PARALLEL_FROM = 4096      # images from which the header scan uses worker processes
 _SCAN_BLOCK = 2048         # images per scan task
+_SUBPROCESS_FROM = 64 << 20  # json bytes from which the build runs in a child process (see _build_in_child)
 
 
 class IndexFileError(ValueError):
@@ -336,8 +337,9 @@ def _jpeg_size(head: bytes) -> tuple[int, int] | None:
 
 
 def scan_fast(path: str) -> tuple[str, tuple[int, int] | None]:
-    """:func:`~dali_objcrop.dataset.scan_image`'s status and size, reading a JPEG's first 4 KiB and
-    last 64 bytes directly (PIL for anything else, or a JPEG whose frame header is further in)."""
+    """:func:`~dali_objcrop.dataset.scan_image`'s status and size, reading a JPEG's markers (first 4 KiB,
+    128 KiB where large APP segments come first) and last 64 bytes directly; PIL for anything else
+    (9 us per file instead of PIL's 54 on COCO photos)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -349,7 +351,9 @@ def scan_fast(path: str) -> tuple[str, tuple[int, int] | None]:
         head = os.pread(fd, 4096, 0)
         if head[:3] == b"\xff\xd8\xff":
             wh = _jpeg_size(head)
-            if wh is not None and wh[0] > 0 and wh[1] > 0:
+            if wh is None and len(head) == 4096:   # big APP segments (ICC, Photoshop): look further
+                wh = _jpeg_size(os.pread(fd, 1 << 17, 0))
+            if wh is not None and wh[0] and wh[1]:
                 tail = os.pread(fd, 64, max(0, size - 64))
                 return (OK if b"\xff\xd9" in tail else TRUNCATED), wh
     except OSError:
@@ -363,15 +367,17 @@ def scan_fast(path: str) -> tuple[str, tuple[int, int] | None]:
 def _scan_block(task: tuple[str, list[str], np.ndarray | None]) -> tuple[list[str], np.ndarray]:
     """Statuses and (n, 2) sizes of a block of keys (``sizes`` given: a differing header is a reject)."""
     root, keys, sizes = task
-    status, out = [], np.zeros((len(keys), 2), np.int32)
+    want = None if sizes is None else [tuple(x) for x in np.asarray(sizes).tolist()]
+    status, out, join = [], [], os.path.join
     for j, k in enumerate(keys):
-        st, wh = scan_fast(os.path.join(root, k))
-        if st == OK and sizes is not None and (wh[0] != sizes[j][0] or wh[1] != sizes[j][1]):
-            st = f"size {wh[0]}x{wh[1]} differs from annotation {sizes[j][0]}x{sizes[j][1]}"
-        if wh is not None:
-            out[j] = wh
+        st, wh = scan_fast(join(root, k))
+        if wh is None:
+            wh = (0, 0)
+        elif st == OK and want is not None and wh != want[j]:
+            st = f"size {wh[0]}x{wh[1]} differs from annotation {want[j][0]}x{want[j][1]}"
         status.append(st)
-    return status, out
+        out.append(wh)
+    return status, np.array(out, np.int32).reshape(-1, 2)
 
 
 class _Scan:
@@ -464,7 +470,8 @@ def build_index(source: str | os.PathLike, images_dir: str | os.PathLike | None 
         keys, sizes, bad = _split(files, status, sizes)
         bar.close()
         return Built(source, keys, sizes, bad, None, time.perf_counter() - t0)
-    from .coco_stream import gt_store_of, read_coco_arrays
+    from .boxstore import BoxStore
+    from .coco_stream import read_coco_arrays
     root = coco_images_dir(source, images_dir)
     state: dict = {}
 
@@ -495,7 +502,7 @@ def build_index(source: str | os.PathLike, images_dir: str | os.PathLike | None 
     else:
         keys, sizes, bad = arr.file_names, arr.sizes, {}
     bar.close()
-    gt = gt_store_of(arr) if with_gt else None
+    gt = BoxStore.from_coco_arrays(arr) if with_gt else None
     arr.ann_bbox = arr.ann_row = arr.ann_crowd = None     # free them before the files are written
     built = Built(root, keys, sizes, bad, gt, time.perf_counter() - t0)
     check_found(ImageIndex(root, built.keys, built.sizes, built.bad), source)
@@ -616,16 +623,59 @@ def open_index(source: str | os.PathLike, images_dir: str | os.PathLike | None =
             idx = _try_open(path, source)
             if idx is not None:
                 return idx
-        built = build_index(source, images_dir, check, allow_outside_root, workers, progress)
-        dirs = _dirs_of(built.keys + list(built.bad), source)
-        meta = {"source": str(source.resolve()), "images_dir": None if images_dir is None else str(images_dir),
-                "check": check, "allow_outside_root": allow_outside_root, "dirs": dirs,
-                "source_state": _source_state(source, root, dirs), "build_seconds": round(built.seconds, 3),
-                "kind": "folder" if source.is_dir() else "coco"}
-        if built.gt is not None:
-            built.gt.save(gt_path(path))
-        save_index(path, root, built.keys, built.sizes, built.bad, meta)
+        args = (str(source), None if images_dir is None else str(images_dir), check, allow_outside_root, workers,
+                progress, str(path))
+        if source.is_file() and source.stat().st_size >= _SUBPROCESS_FROM:
+            _build_in_child(args)
+        else:
+            _build_and_save(*args)
     return load_index_file(path)
+
+
+def _build_and_save(source: str, images_dir: str | None, check: bool, allow_outside_root: bool,
+                    workers: int | None, progress: bool, path: str) -> None:
+    source, path = Path(source), Path(path)
+    root = source if source.is_dir() else coco_images_dir(source, images_dir)
+    built = build_index(source, images_dir, check, allow_outside_root, workers, progress)
+    dirs = _dirs_of(built.keys + list(built.bad), source)
+    meta = {"source": str(source.resolve()), "images_dir": images_dir,
+            "check": check, "allow_outside_root": allow_outside_root, "dirs": dirs,
+            "source_state": _source_state(source, root, dirs), "build_seconds": round(built.seconds, 3),
+            "kind": "folder" if source.is_dir() else "coco"}
+    if built.gt is not None:
+        built.gt.save(gt_path(path))
+    save_index(path, root, built.keys, built.sizes, built.bad, meta)
+
+
+def _build_in_child(args: tuple) -> None:
+    """Build in a fresh interpreter: the caller (a training process holding torch and DALI) never holds
+    the parse's arrays, and their memory goes back to the system when the child exits.  The child's
+    error is raised here with its type and message."""
+    import subprocess
+    from .dataset import CocoFormatError
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from dali_objcrop.index import _child_main; _child_main()")
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(list(args)), res.name])
+        if p.returncode == 0:
+            return
+        try:
+            err = json.loads(Path(res.name).read_text())
+        except (OSError, ValueError):
+            err = {"type": "RuntimeError", "message": f"the image index build of {args[0]} died "
+                                                      f"(exit status {p.returncode})"}
+    kinds = {"CocoFormatError": CocoFormatError, "ValueError": ValueError, "FileNotFoundError": FileNotFoundError,
+             "IndexFileError": IndexFileError}
+    raise kinds.get(err["type"], RuntimeError)(err["message"])
+
+
+def _child_main() -> None:
+    args, res = json.loads(sys.argv[1]), sys.argv[2]
+    try:
+        _build_and_save(*args)
+    except Exception as e:
+        Path(res).write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        sys.exit(1)
 
 
 def _try_open(path: Path, source: Path) -> MappedIndex | None:

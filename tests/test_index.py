@@ -117,7 +117,7 @@ def test_streamed_read_equals_load_coco_however_the_file_is_cut(tmp_path, monkey
     assert arr.fast
     assert arr.file_names == [im["file_name"] for im in coco.images]
     np.testing.assert_array_equal(arr.sizes, [[im["width"], im["height"]] for im in coco.images])
-    _same_store(coco_stream.gt_store_of(arr), _old_gt(ann))
+    _same_store(BoxStore.from_coco_arrays(arr), _old_gt(ann))
 
 
 def test_index_equals_imageindex_for_a_json_and_a_folder(tmp_path, cache):
@@ -368,3 +368,20 @@ def test_mean_area_in_blocks_equals_the_exact_mean(monkeypatch):
     monkeypatch.setattr(boxstore, "_EXACT_MEAN_MAX", 10)
     monkeypatch.setattr(boxstore, "_MEAN_ROWS", 37)
     np.testing.assert_allclose([store.mean_area_fraction(k) for k in (None, 3)], exact, rtol=1e-12)
+
+
+def test_large_json_builds_in_a_child_process_with_the_same_result_and_errors(tmp_path, cache, monkeypatch):
+    from dali_objcrop import index as index_mod
+    monkeypatch.setattr(index_mod, "_SUBPROCESS_FROM", 0)
+    monkeypatch.setattr(index_mod, "build_index", lambda *a, **k: pytest.fail("built in this process"))
+    ann = _set(tmp_path)
+    idx = open_index(ann)
+    _same(idx, ImageIndex.from_coco(ann))
+    _same_store(gt_store(ann, idx), _old_gt(ann))
+    p = tmp_path / "bad.json"
+    p.write_text(BAD["unknown image"])
+    with pytest.raises(CocoFormatError) as ref:
+        load_coco(p)
+    with pytest.raises(CocoFormatError) as e:
+        open_index(p)
+    assert str(e.value) == str(ref.value)
