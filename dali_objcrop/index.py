@@ -65,6 +65,10 @@ class IndexRebuiltWarning(UserWarning):
     """A damaged index file was found and rebuilt (the warning names it and why)."""
 
 
+class IndexNotCachedWarning(UserWarning):
+    """The cache folder cannot be written: the index is built in memory for this process only."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # the mapped index
 # ---------------------------------------------------------------------------------------------------
@@ -617,8 +621,17 @@ def open_index(source: str | os.PathLike, images_dir: str | os.PathLike | None =
         idx = _try_open(path, source)
         if idx is not None:
             return idx
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _Lock(path.with_name(path.name + ".lock")):
+    lock = _Lock(path.with_name(path.name + ".lock"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.__enter__()
+    except OSError as e:   # no writable cache: this process builds its own index in memory (as before)
+        warnings.warn(f"cannot keep the image index in {path.parent} ({e}); building it in memory for this "
+                      f"process only (set DALI_OBJCROP_HOME to a writable folder)", IndexNotCachedWarning,
+                      stacklevel=2)
+        built = build_index(source, images_dir, check, allow_outside_root, workers, progress, with_gt=False)
+        return ImageIndex(root=Path(built.root), keys=list(built.keys), sizes=built.sizes, bad=built.bad)
+    with lock:
         if not rebuild:                   # another process may have built it while we waited
             idx = _try_open(path, source)
             if idx is not None:
@@ -698,6 +711,8 @@ class _Lock:
         self.path, self.fd = path, None
 
     def __enter__(self) -> "_Lock":
+        if self.fd is not None:      # already taken (open_index takes it before its with-block)
+            return self
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -710,6 +725,7 @@ class _Lock:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+        self.fd = None
 
 
 def gt_store(annotations: str | os.PathLike, index: ImageIndex | None = None):

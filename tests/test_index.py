@@ -385,3 +385,13 @@ def test_large_json_builds_in_a_child_process_with_the_same_result_and_errors(tm
     with pytest.raises(CocoFormatError) as e:
         open_index(p)
     assert str(e.value) == str(ref.value)
+
+
+def test_unwritable_cache_builds_in_memory_with_one_warning(tmp_path, monkeypatch):
+    from dali_objcrop.index import IndexNotCachedWarning
+    ann = _set(tmp_path)
+    (tmp_path / "home").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("DALI_OBJCROP_HOME", str(tmp_path / "home"))
+    with pytest.warns(IndexNotCachedWarning, match="building it in memory"):
+        idx = open_index(ann)
+    _same(idx, ImageIndex.from_coco(ann))
