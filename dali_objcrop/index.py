@@ -9,6 +9,7 @@ objects and scans every file's header in one thread: at 1M images ~110 s and 6.6
   as soon as the ``images`` array is read, while the main process reads the annotations.  The ground-truth
   boxes of the same pass become a box store (what ``boxes="gt"``, ``BoxStore.from_coco`` and
   ``proposals --method gt`` use), so the json is parsed once.
+  (the scan itself: :mod:`dali_objcrop.header_scan`)
 * **Save**: an ``.index`` file in the cache (``$DALI_OBJCROP_HOME/index/``; a source folder may be
   read-only): magic, a JSON header (the source's fingerprint, the scan's rejects, counts), a sha256 of
   the header and one of the arrays (utf-8 keys and their offsets, (N, 2) int32 sizes), written to a
@@ -27,7 +28,9 @@ objects and scans every file's header in one thread: at 1M images ~110 s and 6.6
   mismatch, arrays that break the format) and :func:`open_index` rebuilds it, saying so once.
 
 The result is an :class:`~dali_objcrop.dataset.ImageIndex` (a :class:`MappedIndex`), so everything that
-takes one (the loader, ``pack``, the proposals driver) takes it unchanged.
+takes one (the loader, ``pack``, the proposals driver) takes it unchanged.  (Over 500 lines because the
+mapped index, its file format, the build and the cache protocol are one idea; the json reader and the
+header scan live in their own modules.)
 """
 from __future__ import annotations
 
@@ -41,19 +44,17 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from .dataset import (IMAGE_SUFFIXES, MISSING, OK, TRUNCATED, EMPTY, ImageIndex, check_found, check_keys,
-                      coco_images_dir, fingerprint, scan_image, _some)
+from .dataset import IMAGE_SUFFIXES, OK, ImageIndex, check_found, check_keys, coco_images_dir, fingerprint, _some
+from .header_scan import Scan as _Scan
 
 MAGIC = b"OBJCROPIDX\x00\x01"
 FORMAT_VERSION = 1
 _ALIGN = 64
 _DIGEST = 32
-_PARALLEL_FROM = 4096      # images from which the header scan uses worker processes
-_SCAN_BLOCK = 2048         # images per scan task
 _SUBPROCESS_FROM = 64 << 20  # json bytes from which the build runs in a child process (see _build_in_child)
 
 
@@ -312,120 +313,6 @@ def load_index_file(path: str | os.PathLike, verify: bool = True) -> MappedIndex
 
 
 # ---------------------------------------------------------------------------------------------------
-# the header scan, across processes
-# ---------------------------------------------------------------------------------------------------
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def _jpeg_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, when ``head`` holds it and the start of scan after it
-    (PIL reads the markers up to the scan too: a file cut before it is unreadable); None otherwise."""
-    i, n, wh = 2, len(head), None
-    while i + 4 <= n:
-        if head[i] != 0xFF:
-            return None
-        m = head[i + 1]
-        if m == 0xFF:
-            i += 1
-        elif m == 0xDA:
-            return wh
-        elif m == 0x01 or 0xD0 <= m <= 0xD8:
-            i += 2
-        else:
-            if m in _SOF:
-                if i + 9 > n:
-                    return None
-                wh = (head[i + 7] << 8) | head[i + 8], (head[i + 5] << 8) | head[i + 6]
-            i += 2 + ((head[i + 2] << 8) | head[i + 3])
-    return None
-
-
-def scan_fast(path: str) -> tuple[str, tuple[int, int] | None]:
-    """:func:`~dali_objcrop.dataset.scan_image`'s status and size, reading a JPEG's markers (first 4 KiB,
-    128 KiB where large APP segments come first) and last 64 bytes directly; PIL for anything else
-    (9 us per file instead of PIL's 54 on COCO photos)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return MISSING, None
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return EMPTY, None
-        head = os.pread(fd, 4096, 0)
-        if head[:3] == b"\xff\xd8\xff":
-            wh = _jpeg_size(head)
-            if wh is None and len(head) == 4096:   # big APP segments (ICC, Photoshop): look further
-                wh = _jpeg_size(os.pread(fd, 1 << 17, 0))
-            if wh is not None and wh[0] and wh[1]:
-                tail = os.pread(fd, 64, max(0, size - 64))
-                return (OK if b"\xff\xd9" in tail else TRUNCATED), wh
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    status, wh, _ = scan_image(path)
-    return status, wh
-
-
-def _scan_block(task: tuple[str, list[str], np.ndarray | None]) -> tuple[list[str], np.ndarray]:
-    """Statuses and (n, 2) sizes of a block of keys (``sizes`` given: a differing header is a reject)."""
-    root, keys, sizes = task
-    want = None if sizes is None else [tuple(x) for x in np.asarray(sizes).tolist()]
-    status, out, join = [], [], os.path.join
-    for j, k in enumerate(keys):
-        st, wh = scan_fast(join(root, k))
-        if wh is None:
-            wh = (0, 0)
-        elif st == OK and want is not None and wh != want[j]:
-            st = f"size {wh[0]}x{wh[1]} differs from annotation {want[j][0]}x{want[j][1]}"
-        status.append(st)
-        out.append(wh)
-    return status, np.array(out, np.int32).reshape(-1, 2)
-
-
-class _Scan:
-    """The header scan of a key list: blocks handed to worker processes (or done inline when small)."""
-
-    def __init__(self, root: Path, keys: list[str], sizes: np.ndarray | None, workers: int | None,
-                 progress: Callable[[int], None] | None = None) -> None:
-        self.n, self.progress = len(keys), progress
-        blocks = [(str(root), keys[s:s + _SCAN_BLOCK], None if sizes is None else sizes[s:s + _SCAN_BLOCK])
-                  for s in range(0, len(keys), _SCAN_BLOCK)]
-        workers = workers or os.cpu_count() or 1
-        self.pool = None
-        if workers > 1 and len(keys) >= _PARALLEL_FROM:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-            # forkserver: the caller may hold DALI / CUDA / torch threads, which a fork would copy mid-state
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"))
-            self.futures = [self.pool.submit(_scan_block, b) for b in blocks]
-        else:
-            self.blocks = blocks
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-
-    def result(self) -> tuple[list[str], np.ndarray]:
-        status, sizes = [], []
-        try:
-            if self.pool is None:
-                parts = (_scan_block(b) for b in self.blocks)
-            else:
-                parts = (f.result() for f in self.futures)
-            for st, wh in parts:
-                status += st
-                sizes.append(wh)
-                if self.progress is not None:
-                    self.progress(len(st))
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown(cancel_futures=True)
-        return status, (np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int32))
-
-
-# ---------------------------------------------------------------------------------------------------
 # building
 # ---------------------------------------------------------------------------------------------------
 def _safe_keys(keys: list[str], root: Path, allow_outside_root: bool) -> None:
@@ -615,7 +502,8 @@ def open_index(source: str | os.PathLike, images_dir: str | os.PathLike | None =
     source = Path(source)
     if not (source.is_dir() or source.is_file()):
         raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")
-    root = source if source.is_dir() else coco_images_dir(source, images_dir)
+    if not source.is_dir():
+        coco_images_dir(source, images_dir)   # no image folder: the same error as before, before any build
     path = index_path(source, images_dir, check, allow_outside_root, cache_dir)
     if not rebuild:
         idx = _try_open(path, source)

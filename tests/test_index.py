@@ -22,8 +22,9 @@ from PIL import Image
 from dali_objcrop import coco_stream
 from dali_objcrop.boxstore import BoxStore
 from dali_objcrop.dataset import CocoFormatError, ImageIndex, load_coco
+from dali_objcrop.header_scan import scan_fast
 from dali_objcrop.index import (IndexFileError, IndexRebuiltWarning, MappedIndex, gt_path, gt_store,
-                                load_index_file, open_index, scan_fast)
+                                load_index_file, open_index)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,11 +140,11 @@ def test_index_equals_the_real_coco_json(coco_ann, cache):
 
 
 def test_parallel_scan_equals_the_inline_one(tmp_path, cache, monkeypatch):
-    from dali_objcrop import index as index_mod
+    from dali_objcrop import header_scan, index as index_mod
     ann = _set(tmp_path)
     inline = index_mod.build_index(ann, workers=1)
-    monkeypatch.setattr(index_mod, "_PARALLEL_FROM", 1)
-    monkeypatch.setattr(index_mod, "_SCAN_BLOCK", 3)
+    monkeypatch.setattr(header_scan, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(header_scan, "SCAN_BLOCK", 3)
     par = index_mod.build_index(ann, workers=2)
     assert par.keys == inline.keys and par.bad == inline.bad
     np.testing.assert_array_equal(par.sizes, inline.sizes)
@@ -151,7 +152,7 @@ def test_parallel_scan_equals_the_inline_one(tmp_path, cache, monkeypatch):
 
 def test_fast_header_read_agrees_with_pil(tmp_path):
     from dali_objcrop.dataset import scan_image
-    ann = _set(tmp_path)
+    _set(tmp_path)
     for p in sorted((tmp_path / "images").rglob("*.*")) + [tmp_path / "images" / "nope.jpg"]:
         st, wh, _ = scan_image(p)
         assert scan_fast(str(p)) == (st, wh if wh is None else tuple(wh)), p
