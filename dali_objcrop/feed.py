@@ -125,8 +125,9 @@ class _Source:
     # ---- the operators' path (dali_objcrop.plugin): only positions and file names are handed over ----
     def path_bytes(self) -> list[np.ndarray]:
         """Every file path as utf-8 bytes (``fn.io.file.read``'s input), built once."""
-        if getattr(self, "_path_bytes", None) is None:
-            self._path_bytes = [np.frombuffer(p.encode("utf-8"), dtype=np.uint8) for p in self.paths]
+        if getattr(self, "_path_bytes", None) is None:   # a mapped index makes them per access (utf8())
+            self._path_bytes = (self.paths.utf8() if hasattr(self.paths, "utf8") else
+                                [np.frombuffer(p.encode("utf-8"), dtype=np.uint8) for p in self.paths])
         return self._path_bytes
 
     def handover(self, index: np.ndarray, epoch: int, roi_decode: bool = True,

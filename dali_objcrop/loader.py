@@ -23,6 +23,7 @@ from . import augment as _augment
 from .boxstore import BoxStore
 from . import plugin
 from .dataset import ImageIndex, coco_images_dir
+from .index import gt_store, open_index
 from .iteration import FallbackWarning, LoaderCore
 from .iteration import _file_decodes, _readable_decode_error  # noqa: F401 (their home was here)
 from .windows import CropConfig, CropWindows, box_scale_from_mean_area
@@ -52,10 +53,10 @@ def _index_of(data, images_dir, allow_outside_root: bool = False) -> tuple[Image
         return data, None
     p = Path(data)
     if p.is_dir():
-        return ImageIndex.from_folder(p), None
+        return open_index(p), None
     if p.suffix.lower() == ".json" and p.is_file():
-        # the one rule of every entry point (images/ beside the JSON or beside its folder)
-        return ImageIndex.from_coco(p, coco_images_dir(p, images_dir), allow_outside_root=allow_outside_root), str(p)
+        # built once, then memory-mapped (dali_objcrop.index); images/ beside the JSON or beside its folder
+        return open_index(p, coco_images_dir(p, images_dir), allow_outside_root=allow_outside_root), str(p)
     raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
 
 
@@ -297,7 +298,7 @@ class ObjCropLoader(LoaderCore):
         if isinstance(boxes, str) and boxes == "gt":
             if coco_json is None:
                 raise ValueError("boxes='gt' needs data to be a COCO json path")
-            store = BoxStore.from_coco(coco_json)
+            store = gt_store(coco_json, index)   # mapped from the pass that built the index
         elif isinstance(boxes, BoxStore):
             store = boxes
         elif isinstance(boxes, (str, os.PathLike)):

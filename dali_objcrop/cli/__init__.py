@@ -31,6 +31,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("fetch-model", "dali_objcrop.cli.fetch_model"),
     ("pack", "dali_objcrop.cli.pack"),
     ("merge", "dali_objcrop.cli.merge"),
+    ("index", "dali_objcrop.cli.index"),
 ]
 
 # (subcommand, module with main(argv), help): dataclass-configured, --help lists the settings

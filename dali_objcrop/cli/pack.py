@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.boxes == "gt":
         if not str(args.source).endswith(".json"):
             raise SystemExit("--boxes gt needs a COCO .json source")
-        store = BoxStore.from_coco(args.source)
+        from ..index import gt_store
+        store = gt_store(args.source, index)   # mapped from the pass that built the index
     elif args.boxes:
         store = BoxStore.load(args.boxes)
     part, num = 0, 1

@@ -402,17 +402,19 @@ def assemble(index: ImageIndex, parts: Path, n_chunks: int, job: ProposalJob, pa
 
 def load_index(source: str | os.PathLike, images: str | os.PathLike | None = None, check: bool = True,
                allow_outside_root: bool = False) -> ImageIndex:
-    """An image folder, or a COCO JSON (its images where :func:`~dali_objcrop.dataset.coco_images_dir`
+    """The image index (:func:`dali_objcrop.index.open_index`: built once, then mapped) of an image
+    folder, or a COCO JSON (its images where :func:`~dali_objcrop.dataset.coco_images_dir`
     finds them: ``images``, else ``images/`` beside the JSON or beside its folder).
 
     Raises:
         FileNotFoundError: the source does not exist, or (almost) none of its images are found.
     """
+    from ..index import open_index   # built once per source, then memory-mapped (dali_objcrop.index)
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".json":
-        return ImageIndex.from_coco(source, images, check=check, allow_outside_root=allow_outside_root)
+        return open_index(source, images, check=check, allow_outside_root=allow_outside_root)
     if source.is_dir():
-        index = ImageIndex.from_folder(source, check=check)
+        index = open_index(source, check=check)
         check_found(index, source)
         return index
     raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")
