@@ -143,10 +143,11 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _images_beside(coco_json: Path) -> Path:
-    for c in (coco_json.parent / "images", coco_json.parent.parent / "images"):
-        if c.is_dir():
-            return c
-    raise SystemExit(f"no images/ folder beside {coco_json}; pass --images")
+    from dali_objcrop.dataset import coco_images_dir   # the one images-folder rule
+    try:
+        return coco_images_dir(coco_json)
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}; pass --images") from None
 
 
 def scale_coco(coco: dict, images: list[dict], new_sizes: dict[int, tuple[int, int]]) -> dict:

@@ -561,10 +561,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- helpers -------------------------------------------------------------------------------------------------
 def _images_beside(coco_json: Path) -> Path:
-    for c in (coco_json.parent / "images", coco_json.parent.parent / "images"):
-        if c.is_dir():
-            return c
-    raise ValueError(f"no images/ folder beside {coco_json}; pass --images")
+    from dali_objcrop.dataset import coco_images_dir   # the one images-folder rule
+    try:
+        return coco_images_dir(coco_json)
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}; pass --images") from None
 
 
 def _jsonable(x):

@@ -635,3 +635,38 @@ def gt_store(annotations: str | os.PathLike, index: ImageIndex | None = None):
                 store.save(path)
             return BoxStore.load(path)
     return BoxStore.from_coco(annotations)
+
+
+def index_of(data, images_dir: str | os.PathLike | None = None, allow_outside_root: bool = False,
+             check: bool = True, max_images: int | None = None):
+    """The one way every entry point turns ``data`` into an image index: ``(index, coco_json or None)``.
+
+    Args:
+        data: a COCO json (its images where :func:`~dali_objcrop.dataset.coco_images_dir` finds them), an
+            image folder (both built once, then memory-mapped: :func:`open_index`), or an ``ImageIndex``.
+        images_dir: the json's image folder.
+        allow_outside_root: accept ``file_name`` entries outside the image folder.
+        check: scan every file's header.
+        max_images: only the first N images.
+
+    Raises:
+        ValueError: ``data`` is none of these.
+    """
+    from .dataset import ImageIndex, coco_images_dir
+    coco = None
+    if isinstance(data, ImageIndex):
+        index = data
+    else:
+        p = Path(data)
+        if p.is_dir():
+            index = open_index(p, check=check)
+        elif p.suffix.lower() == ".json" and p.is_file():
+            index = open_index(p, coco_images_dir(p, images_dir), check=check, allow_outside_root=allow_outside_root)
+            coco = str(p)
+        else:
+            raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
+    if max_images:
+        index = ImageIndex(root=index.root, keys=list(index.keys[:max_images]), sizes=index.sizes[:max_images],
+                           bad=index.bad)
+    return index, coco
+

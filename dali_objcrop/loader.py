@@ -22,8 +22,8 @@ import numpy as np
 from . import augment as _augment
 from .boxstore import BoxStore
 from . import plugin
-from .dataset import ImageIndex, coco_images_dir
-from .index import gt_store, open_index
+from .dataset import ImageIndex
+from .index import gt_store, index_of
 from .iteration import FallbackWarning, LoaderCore
 from .iteration import _file_decodes, _readable_decode_error  # noqa: F401 (their home was here)
 from .windows import CropConfig, CropWindows, box_scale_from_mean_area
@@ -40,24 +40,9 @@ from .sampling import shard_batches  # noqa: F401
 # ---------------------------------------------------------------------------------------------
 def resolve_data(data, images_dir=None, max_images: int | None = None, allow_outside_root: bool = False
                  ) -> tuple[ImageIndex, str | None]:
-    """An ImageIndex from a COCO json / folder / ImageIndex (its first ``max_images``), and the json path if any."""
-    index, coco = _index_of(data, images_dir, allow_outside_root)
-    if max_images:
-        index = ImageIndex(root=index.root, keys=list(index.keys[:max_images]), sizes=index.sizes[:max_images],
-                           bad=index.bad)
-    return index, coco
-
-
-def _index_of(data, images_dir, allow_outside_root: bool = False) -> tuple[ImageIndex, str | None]:
-    if isinstance(data, ImageIndex):
-        return data, None
-    p = Path(data)
-    if p.is_dir():
-        return open_index(p), None
-    if p.suffix.lower() == ".json" and p.is_file():
-        # built once, then memory-mapped (dali_objcrop.index); images/ beside the JSON or beside its folder
-        return open_index(p, coco_images_dir(p, images_dir), allow_outside_root=allow_outside_root), str(p)
-    raise ValueError(f"data must be a COCO json, an image folder or an ImageIndex, got {str(data)[:200]!r}")
+    """An ImageIndex from a COCO json / folder / ImageIndex (its first ``max_images``), and the json path if
+    any (:func:`dali_objcrop.index.index_of`, the one function every entry point uses)."""
+    return index_of(data, images_dir, allow_outside_root, max_images=max_images)
 
 
 def _stamp(path) -> tuple | None:

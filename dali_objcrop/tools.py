@@ -50,7 +50,8 @@ def load_tool_data(coco: str | os.PathLike, images: str | os.PathLike | None = N
             the pixels anyway).
         allow_outside_root: accept ``file_name`` entries outside the image folder.
     """
-    index = ImageIndex.from_coco(coco, images, check=check, allow_outside_root=allow_outside_root)
+    from .index import index_of
+    index, _ = index_of(os.fspath(coco), images, allow_outside_root, check=check)
     if len(index) == 0:
         raise ValueError(f"no usable images in {coco}")
     gt = BoxStore.from_coco(coco)

@@ -409,12 +409,11 @@ def load_index(source: str | os.PathLike, images: str | os.PathLike | None = Non
     Raises:
         FileNotFoundError: the source does not exist, or (almost) none of its images are found.
     """
-    from ..index import open_index   # built once per source, then memory-mapped (dali_objcrop.index)
+    from ..index import index_of   # the one data -> index function (built once, then memory-mapped)
     source = Path(source)
-    if source.is_file() and source.suffix.lower() == ".json":
-        return open_index(source, images, check=check, allow_outside_root=allow_outside_root)
+    if not (source.is_dir() or (source.is_file() and source.suffix.lower() == ".json")):
+        raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")
+    index, _ = index_of(source, images, allow_outside_root, check=check)
     if source.is_dir():
-        index = open_index(source, check=check)
         check_found(index, source)
-        return index
-    raise FileNotFoundError(f"{source} is neither an image folder nor a COCO .json file")
+    return index
