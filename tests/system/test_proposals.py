@@ -8,12 +8,12 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import cv2
@@ -142,24 +142,23 @@ def test_interrupted_and_resumed_equals_uninterrupted(synth_set, tmp_path):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(synth_set, tmp_path):
-    """A real kill -9 of the CLI (2 worker processes) mid-run, then the same command again."""
+    """kill -9 of the CLI (2 worker processes) at a known point -- right after it counted its second chunk
+    (the fault hook ``DALI_OBJCROP_FAULT``) -- then the same command again: it resumes every finished chunk
+    and writes the store of an uninterrupted run."""
     cmd = [sys.executable, "-m", "dali_objcrop", "proposals", str(synth_set), "--chunk-size", "2",
            "--workers", "2", "--no-progress"]
     ref = tmp_path / "ref.boxes"
     subprocess.run(cmd + ["--out", str(ref)], check=True, capture_output=True, timeout=300)
     out = tmp_path / "killed.boxes"
-    p = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    parts = Path(str(out) + ".parts")
-    t0 = time.time()
-    while time.time() - t0 < 120 and len(list(parts.glob("chunk_*.npz"))) < 2 and p.poll() is None:
-        time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    killed_early = not out.exists()
+    p = subprocess.run(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
+                       env={**os.environ, "DALI_OBJCROP_FAULT": "proposals.chunk:2:kill"})
+    assert p.returncode == -signal.SIGKILL
+    chunks = len(list(Path(str(out) + ".parts").glob("chunk_*.npz")))
+    assert not out.exists() and 2 <= chunks < 12     # killed mid-run: 24 images in 12 chunks of 2
     r = subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
-    if killed_early:
-        assert "resumed from earlier chunks" in r.stderr
+    computed, resumed = map(int, re.search(r"(\d+) images computed .*?, (\d+) resumed from earlier chunks",
+                                           r.stderr).groups())
+    assert (resumed, computed) == (2 * chunks, 24 - 2 * chunks), r.stderr
     _stores_equal(BoxStore.load(ref), BoxStore.load(out))
 
 

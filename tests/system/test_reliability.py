@@ -175,24 +175,40 @@ def test_second_proposals_job_on_the_same_output_is_refused(tmp_path):
     assert len(store) == 4 and not lock.exists()     # released (and removed) at the end
 
 
+def _stopped_at_fault(p: subprocess.Popen) -> None:
+    """Wait until ``p`` stops itself at its ``DALI_OBJCROP_FAULT=...:stop`` point (SIGSTOP); fail if it ends."""
+    _, status = os.waitpid(p.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"the job ended (status {status}) before reaching its fault point"
+
+
 def test_two_concurrent_cli_jobs_one_fails_clearly(tmp_path):
-    ann = _plain_set(tmp_path / "set", n=24)
+    """Job A is frozen holding the output's lock (SIGSTOP after its first chunk, the fault hook); job B on the
+    same --out fails at once naming the lock and writes nothing; A, continued, finishes: exactly one job
+    succeeds and the store holds what its label says (A's parameters)."""
+    ann = _plain_set(tmp_path / "set", n=8)
     out = tmp_path / "p.boxes"
-    procs = [subprocess.Popen([sys.executable, "-m", "dali_objcrop", "proposals", str(ann), "--out", str(out),
-                               "--nms-iou", nms, "--workers", "1", "--chunk-size", "2", "--no-progress"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for nms in ("0.5", "0.9")]
-    res = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
-    ok = [r for r in res if r[2] == 0]
-    assert len(ok) >= 1
-    for r in res:
-        if r[2] != 0:
-            assert "locked by another proposals job" in r[1] and "p.boxes.lock" in r[1]
-    if len(ok) == 1:  # the store holds what its label says: recompute with the winner's parameters
-        nms = BoxStore.load(out).meta["params"]["nms_iou"]
-        ref = tmp_path / "ref.boxes"
-        assert _run_cli("proposals", str(ann), "--out", str(ref), "--nms-iou", str(nms), "--workers", "1",
-                        "--no-progress").returncode == 0
-        np.testing.assert_array_equal(np.asarray(BoxStore.load(ref).boxes), np.asarray(BoxStore.load(out).boxes))
+    cmd = [sys.executable, "-m", "dali_objcrop", "proposals", str(ann), "--out", str(out), "--workers", "1",
+           "--chunk-size", "2", "--no-progress"]
+    a = subprocess.Popen(cmd + ["--nms-iou", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "DALI_OBJCROP_FAULT": "proposals.chunk:1:stop"})
+    try:
+        _stopped_at_fault(a)
+        b = subprocess.run(cmd + ["--nms-iou", "0.9"], capture_output=True, text=True, timeout=300)
+        assert b.returncode == 1, b.stderr
+        assert "locked by another proposals job" in b.stderr and "p.boxes.lock" in b.stderr, b.stderr
+        assert not out.exists() and len(list((tmp_path / "p.boxes.parts").glob("chunk_*.npz"))) == 1
+        os.kill(a.pid, signal.SIGCONT)
+        _, err = a.communicate(timeout=300)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert a.returncode == 0, err
+    assert BoxStore.load(out).meta["params"]["nms_iou"] == 0.5
+    ref = tmp_path / "ref.boxes"
+    assert _run_cli("proposals", str(ann), "--out", str(ref), "--nms-iou", "0.5", "--workers", "1",
+                    "--no-progress").returncode == 0
+    np.testing.assert_array_equal(np.asarray(BoxStore.load(ref).boxes), np.asarray(BoxStore.load(out).boxes))
 
 
 def test_chunk_of_another_job_is_refused_on_resume(tmp_path):
@@ -504,30 +520,31 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_parent_stops_its_workers(tmp_path, sig):
-    ann = _plain_set(tmp_path / "set", n=40, w=320, h=240)
+    """The job is frozen after its first chunk (SIGSTOP, the fault hook) with both workers alive; then it gets
+    ``sig`` (and SIGCONT, so that a SIGTERM is delivered): no worker outlives it."""
+    ann = _plain_set(tmp_path / "set", n=8)
     p = subprocess.Popen([sys.executable, "-m", "dali_objcrop", "proposals", str(ann), "--out",
-                          str(tmp_path / "p.boxes"), "--method", "selective-search", "--workers", "2",
-                          "--chunk-size", "1", "--no-progress"], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                          str(tmp_path / "p.boxes"), "--workers", "2", "--chunk-size", "1", "--no-progress"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "DALI_OBJCROP_FAULT": "proposals.chunk:1:stop"})
+    kids = []
     try:
-        t0 = time.time()   # wait until both workers are computing (a chunk file exists)
-        while time.time() - t0 < 120 and p.poll() is None and not list((tmp_path / "p.boxes.parts").glob("chunk_*")):
-            time.sleep(0.05)
+        _stopped_at_fault(p)
         kids = _children(p.pid)
-        assert p.poll() is None and len(kids) >= 2, "the job ended before the test could kill it"
+        assert len(kids) >= 2 and all(_alive(k) for k in kids), kids
         os.kill(p.pid, sig)
-        p.wait(timeout=30)
-        t0 = time.time()
-        while time.time() - t0 < 10 and any(_alive(k) for k in kids):
+        os.kill(p.pid, signal.SIGCONT)
+        assert p.wait(timeout=30) == -sig
+        t0 = time.monotonic()   # the kernel (PR_SET_PDEATHSIG) or the watchdog (1 s) ends them: allow 10 s
+        while time.monotonic() - t0 < 10 and any(_alive(k) for k in kids):
             time.sleep(0.1)
         left = [k for k in kids if _alive(k)]
         assert not left, f"worker processes {left} outlived their parent"
     finally:
-        for k in _children(p.pid) + ([] if p.poll() is not None else [p.pid]):
+        for k in kids + ([] if p.poll() is not None else [p.pid]):
             try:
                 os.kill(k, signal.SIGKILL)
             except ProcessLookupError:

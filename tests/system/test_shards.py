@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -81,17 +82,15 @@ def test_killed_pack_resumes_to_the_same_bytes(data, tmp_path):
     # a kill mid-shard leaves only a temporary file (and here also a torn final tar without its index)
     (b / "shard-000002.tar.999.tmp").write_bytes(b"partial")
     (b / "shard-000003.tar").write_bytes((tmp_path / "a" / "shard-000003.tar").read_bytes()[:5000])
-    # a real kill: a subprocess packing, killed right after its first shard
-    code = ("import sys, os, signal; sys.path.insert(0, %r)\n"
-            "from dali_objcrop import shards as S\n"
-            "orig = S.write_shard\n"
-            "def w(*a, **k):\n    r = orig(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
-            "S.write_shard = w\n"
+    # a real kill: a subprocess packing, killed right after its first shard (the fault hook)
+    code = ("from dali_objcrop import shards as S\n"
             "from dali_objcrop.dataset import ImageIndex; from dali_objcrop.boxstore import BoxStore\n"
             "S.pack(ImageIndex.from_coco(%r, %r), %r, BoxStore.load(%r), shard_bytes=150_000, progress=False)\n"
-            % (str(REPO), str(index.root.parent / "annotations.json"), str(index.root), str(b), str(data[2])))
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True)
-    assert p.returncode == -9, p.stderr.decode()[-2000:]
+            % (str(index.root.parent / "annotations.json"), str(index.root), str(b), str(data[2])))
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "DALI_OBJCROP_FAULT": "pack.shard:1:kill"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
     rep = S.pack(index, b, store, shard_bytes=150_000, progress=False)
     assert rep.resumed == 3 and rep.written == rep.shards - 3
     for p in b.glob("*.tmp"):

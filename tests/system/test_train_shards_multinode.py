@@ -24,15 +24,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], port: int, script: Path | None = None) -> list[subprocess.Popen]:
-    """Node 0 and node 1 (one process each), as two separate torchrun launches."""
+def _launch(args: list[str], port: int, fault: str | None = None) -> list[subprocess.Popen]:
+    """Node 0 and node 1 (one process each), as two separate torchrun launches (``fault``: their
+    ``DALI_OBJCROP_FAULT``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if fault:
+        env["DALI_OBJCROP_FAULT"] = fault
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               str(script or REPO / "dali_objcrop" / "train" / "pretrain.py"), *args]
+               str(REPO / "dali_objcrop" / "train" / "pretrain.py"), *args]
         procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
     return procs
@@ -64,22 +67,12 @@ def test_two_nodes_from_shards_checkpoint_kill_resume(synth_set, tmp_path):
     _wait(_launch([f"--data={shards}", "--boxes=shards", f"--out={full}", *TINY], _free_port()))
     ref = _log(full)
     assert [r["step"] for r in ref] == [1, 2, 3, 4, 5] and [r["epoch"] for r in ref] == [0, 0, 0, 1, 1]
-    # the same run, killed: node 0's process is SIGKILLed right after writing its first checkpoint (step 2);
-    # node 1's process then loses its peer and fails; whatever is left of either launch is killed too
-    killer = tmp_path / "killed_after_first_checkpoint.py"
-    killer.write_text(
-        "import os, signal, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "try:\n    import dali_objcrop.train.pretrain as P\n"   # the installed trainer, where it is one
-        "except ImportError:\n    import train.pretrain as P\n"
-        "orig = P.save_checkpoint\n"
-        "def save(*a, **k):\n"
-        "    orig(*a, **k)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "P.save_checkpoint = save\n"
-        "sys.exit(P.main(sys.argv[1:]))\n")
+    # the same run, killed: node 0's process (the master rank) is SIGKILLed right after writing its first
+    # checkpoint (step 2; the fault hook); node 1's process then loses its peer and fails; whatever is left of
+    # either launch is killed too
     run = tmp_path / "run"
-    procs = _launch([f"--data={shards}", "--boxes=shards", f"--out={run}", *TINY], _free_port(), script=killer)
+    procs = _launch([f"--data={shards}", "--boxes=shards", f"--out={run}", *TINY], _free_port(),
+                    fault="pretrain.checkpoint:1:kill")
     procs[0].wait(timeout=300)
     try:
         procs[1].wait(timeout=60)
