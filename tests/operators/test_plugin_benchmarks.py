@@ -30,7 +30,10 @@ def test_gpu_profile_runs_every_stage_on_cpu(synth_set, tmp_path):
     stages = [r["stage"] for r in d["results"]]
     assert stages == ["read", "decode", "decode-roi", "crop", "colour", "blur", "normalise", "fused-crop",
                       "loader-plugin", "loader-dali-ops"]
-    assert all(r.get("images_per_s", 0) > 0 for r in d["results"]), d["results"]
+    # each stage counted images (images > 0) over at least its --seconds 0.2: its rate cannot exceed images / 0.2
+    # (a rate over the wrong time, or of more images than were counted, fails here)
+    assert all(r["images"] > 0 and 0 < r["images_per_s"] <= r["images"] / 0.2 + 0.01 for r in d["results"]), \
+        d["results"]
     assert {"loader-plugin / decode", "decode-roi / decode", "loader-plugin / loader-dali-ops"} <= set(d["ratios"])
 
 

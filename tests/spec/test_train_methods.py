@@ -323,6 +323,12 @@ def test_pretrain_speed_benchmark_smoke(synth_set, tmp_path):
     d = json.loads(out.read_text())
     assert [r["feed"] for r in d["runs"]] == ["loader", "resident"]
     s = d["summary"]
-    assert s["loader_images_per_s"] > 0 and s["resident_images_per_s"] > 0
+    # the summary is the runs' mean; a run's rate counts the steps after the 2 warm-up ones (steps 3 and 4)
+    # x 4 images over their step time, which lies inside the run's wall time
+    for feed in ("loader", "resident"):
+        runs = [r for r in d["runs"] if r["feed"] == feed]
+        assert s[f"{feed}_images_per_s"] == pytest.approx(sum(r["images_per_s"] for r in runs) / len(runs))
+        assert all(r["images_per_s"] * r["wall_s"] >= 2 * 4 for r in runs), runs
+    assert s["loader_over_resident"] == pytest.approx(s["loader_images_per_s"] / s["resident_images_per_s"])
     assert 0 <= s["loader_data_wait_frac"] < 1 and 0 <= s["resident_data_wait_frac"] < 0.01
     assert d["config"]["arch"] == "resnet18" and d["config"]["queue_size"] == 64
