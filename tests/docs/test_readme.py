@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 
@@ -21,6 +23,7 @@ def fenced_block_after(text: str, marker: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_as_written(tmp_path):
     """Both quickstart blocks, verbatim, in a fresh folder: synthetic set, BING proposals, two epochs of MoCo-v2."""
     text = README.read_text()

@@ -38,6 +38,7 @@ def _run_check(tmp_path: Path, *args: str, timeout: int = 600) -> dict:
 
 
 # ---- the kernel check -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kernel_check_emulated_every_case(tmp_path):
     """Every case of the kernel check (odd shapes, 1x1 / whole / enlarging windows, every dtype, sizes 1 to
     4096, blur windows wider than the view, a batch at the grid limit, a 4000x3000 photo, a batch of 256 at

@@ -61,6 +61,7 @@ def test_demo_runs_every_mode_and_draws_both_views(tmp_path, monkeypatch, capsys
         assert np.abs(pics["view1"] - pics["view2"]).mean() > 2, f"{r['key']}: the views are identical"
 
 
+@pytest.mark.slow
 def test_throughput_writes_rows_and_chart(tmp_path, synth_set):
     js, png = tmp_path / "t.json", tmp_path / "t.png"
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--coco", str(synth_set),

@@ -64,6 +64,7 @@ def test_settings_are_typed_flags_and_reach_the_trainer():
         budget.lr, budget.queue_size, budget.momentum, budget.head_hidden)
 
 
+@pytest.mark.slow
 def test_quick_end_to_end(tmp_path):
     out = tmp_path / "pq"
     # one torch thread: a CPU cell is then bit-for-bit deterministic (more threads may split work differently)

@@ -436,6 +436,7 @@ def _steps(out: Path) -> list[int]:
     return [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_rerun_on_an_existing_out_is_refused_without_resume_or_restart(tmp_path):
     import torch
     from dali_objcrop.train.pretrain import OutputExistsError, main, train

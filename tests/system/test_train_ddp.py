@@ -14,6 +14,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow   # three torchrun runs of ~15-30 s each, and their resumes
 
 TINY = ["--arch=resnet18", "--size=32", "--batch-size=4", "--queue-size=32", "--head-hidden=64", "--head-out=32",
         "--pred-hidden=64", "--num-threads=1", "--log-every=1", "--progress=false", "--loader-device=cpu"]
