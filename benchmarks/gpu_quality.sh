@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_quality.sh run          # ON THE GPU MACHINE, after the carry-dali parts, with
 #                                               # carry [".carry/gpuq"]; results in $OUT (4 files); resumable
 #   bash benchmarks/gpu_quality.sh dry-run --data=DIR --work=DIR --out=DIR
-#                                               # the same run at toy scale on the CPU (tests/test_gpu_quality.py)
+#                                               # the same run at toy scale on the CPU (tests/system/test_gpu_quality.py)
 #
 # Extra flags go to the Python verb (`python benchmarks/gpu_quality.py prepare|run --help`).
 # DALI: found on PYTHONPATH or in /tmp/dali_site (where ../shared/tools/carry-dali installs it).

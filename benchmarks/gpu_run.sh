@@ -138,7 +138,7 @@ sys.exit(0 if res.get('selftest_ok') else 1)"
     # deselected: step (a) of the `kernels` verb ran it, with the sanitizers
     step pytest_gpu 150 "$WORK/json/pytest_gpu.json" bash -c "\"$PY\" -m pytest tests -m gpu -q -p no:cacheprovider \
       --continue-on-collection-errors -o junit_family=xunit1 --junitxml='$WORK/json/pytest_gpu.xml' \
-      --deselect tests/test_crop_gpu_path.py::test_kernel_check_on_the_gpu ${GPU_RUN_PYTEST_ARGS:-}; rc=\$?; \
+      --deselect tests/operators/test_crop_gpu_path.py::test_kernel_check_on_the_gpu ${GPU_RUN_PYTEST_ARGS:-}; rc=\$?; \
       \"$PY\" benchmarks/junit_summary.py '$WORK/json/pytest_gpu.xml' '$WORK/json/pytest_gpu.json'; exit \$rc"
     # c: the loader profile on the carried real COCO photos (the 128 full-size photos listed 8 times, as links, so
     # that an epoch holds several batches of 256; the first hw_decoder_load is the one the later rows use)

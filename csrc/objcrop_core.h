@@ -2,7 +2,7 @@
 //
 // Everything the CUDA kernels in objcrop_kernel.cu compute lives here as plain
 // functions marked OC_HD: under nvcc / NVRTC they are __host__ __device__, under
-// g++ they are ordinary inline C++ (tests/csrc/objcrop_host.cpp wraps them for a CPU
+// g++ they are ordinary inline C++ (tests/helpers/csrc/objcrop_host.cpp wraps them for a CPU
 // test through ctypes).  So the arithmetic that runs on the GPU is the same
 // text that the CPU test compares with dali_objcrop/windows.py (exactly) and
 // with dali_objcrop/kernels/reference.py (within 1/255 per pixel).

@@ -44,6 +44,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import faults
 from .boxstore import BoxStore, fingerprint
 from .dataset import ImageIndex
 
@@ -337,6 +338,7 @@ def _pack(index, out: Path, store, shard_bytes, max_samples, prefix, restart, pr
             rep.written += 1
             rep.samples += n
             rep.bytes += nbytes
+            faults.point("pack.shard")
     finally:
         bar.close()
     rep.seconds = time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic set (session-scoped) and the real COCO subset in ../shared."""
+"""Shared fixtures of every tier (spec/, operators/, system/, docs/): a small synthetic set (session-scoped) and the
+real COCO subset in ../shared."""
 from __future__ import annotations
 
 from pathlib import Path

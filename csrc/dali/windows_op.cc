@@ -4,7 +4,7 @@
 // dali_objcrop.windows.sample_windows + augment.sample_aug_params, computed from
 // the same counter-based key (seed, epoch, sample index), so a sample is still
 // recomputable alone and the outputs equal the NumPy specification exactly
-// (tests/test_plugin_windows.py).  The window arithmetic is csrc/objcrop_core.h
+// (tests/operators/test_plugin_windows.py).  The window arithmetic is csrc/objcrop_core.h
 // (oc_sample_windows), the very text the CUDA kernels run.
 //
 // Inputs:  [boxes,] shape, index

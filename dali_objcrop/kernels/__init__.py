@@ -7,5 +7,5 @@
   (imports CuPy lazily; nothing here needs a GPU to be imported).
 
 The CPU test harness (the kernel body built with g++ and the CUDA kernels run
-serially) is test code: ``tests/kernel_host.py`` and ``tests/csrc/``.
+serially) is test code: ``tests/helpers/kernel_host.py`` and ``tests/helpers/csrc/``.
 """

@@ -25,7 +25,7 @@ CVPR 2014) scores every window of a set of quantised sizes (w, h) in {16, 32, ..
    (ties as OpenCV: later insertion first).
 
 The result is OpenCV's list (same boxes, same order) with real scores; see
-tests/test_proposals_bing.py for the measured agreement.
+tests/spec/test_proposals_bing.py for the measured agreement.
 
 A box store keeps only the top k (10) after NMS across sizes, which needs only the head of
 that list: :meth:`Bing.top` computes it lazily and exactly (each size's greedy NMS on its 64

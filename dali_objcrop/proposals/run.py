@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..boxstore import BoxStore
 from ..dataset import ImageIndex, check_found, fingerprint
 from ..joblock import JobLock, OutputLockedError  # noqa: F401  (OutputLockedError: re-exported)
@@ -334,6 +335,7 @@ def _run_locked(index: ImageIndex, out: Path, job: ProposalJob, workers: int, ch
                 _, k, f = process_chunk(task(c))
                 report.computed += k
                 bar.update(k)
+                faults.point("proposals.chunk")
         else:
             import multiprocessing as mp
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -355,6 +357,7 @@ def _run_locked(index: ImageIndex, out: Path, job: ProposalJob, workers: int, ch
                             _, k, _ = fut.result()
                             report.computed += k
                             bar.update(k)
+                            faults.point("proposals.chunk")
                 except BrokenProcessPool as e:
                     raise RuntimeError(f"a worker process died ({e}); {report.computed} images of this run are "
                                        f"saved in {parts}: rerun the same command to resume") from e

@@ -67,6 +67,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # absolute imports: this file also runs as a script (python / torchrun dali_objcrop/train/pretrain.py)
+from dali_objcrop import faults
 from dali_objcrop.train import config
 from dali_objcrop.train.heads import Backbone, head_keys, preset
 from dali_objcrop.train.lars import LARS, param_groups
@@ -673,6 +674,7 @@ def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
                 save_checkpoint(out / "ckpt.pt", model, opt, step, cfg, env.world_size)
                 if cfg.keep_ckpts:
                     save_checkpoint(out / f"ckpt_{step:07d}.pt", model, opt, step, cfg, env.world_size)
+                faults.point("pretrain.checkpoint")
             t0 = time.perf_counter()  # logging and checkpoint I/O count neither as step nor as data time
         if ep_n:
             epoch_losses.append(float(ep_sum) / ep_n)
