@@ -26,7 +26,7 @@ from dali_objcrop.header_scan import scan_fast
 from dali_objcrop.index import (IndexFileError, IndexRebuiltWarning, MappedIndex, gt_path, gt_store,
                                 load_index_file, open_index)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _jpeg(w: int, h: int, seed: int = 0, **kw) -> bytes:

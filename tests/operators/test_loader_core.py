@@ -11,7 +11,7 @@ import pytest
 from dali_objcrop import CropConfig
 from dali_objcrop.iteration import LoaderCore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_both_loaders_share_one_core():
