@@ -24,11 +24,9 @@ load, with the same structural checks.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -37,6 +35,7 @@ import numpy as np
 
 from .coco_stream import CocoArrays, _concat, read_coco_arrays
 from .dataset import fingerprint
+from .fileio import array_bytes as _raw, atomic_write_sections
 
 MAGIC = b"OBJCROPBOX\x00\x02"
 MAGIC_V1 = b"OBJCROPBOX\x00\x01"
@@ -408,28 +407,9 @@ class BoxStore:
                              "data_sha256": data.hexdigest()}).encode("utf-8")
         head = MAGIC + np.uint64(len(header)).tobytes() + header
         data_start = -(-(len(head) + _DIGEST) // _ALIGN) * _ALIGN
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                f.write(hashlib.sha256(head).digest())
-                f.write(b"\0" * (data_start - len(head) - _DIGEST))
-                for name, a in arrays.items():
-                    f.seek(data_start + layout[name]["offset"])
-                    f.write(_raw(a))
-                f.truncate(data_start + pos)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(e, OSError) and e.errno is not None:  # name the store (and a full disk)
-                raise OSError(e.errno, f"{'disk full: ' if e.errno == errno.ENOSPC else ''}cannot write box store "
-                                       f"{path}: {e.strerror or e}; the previous file is unchanged") from e
-            raise
-        return path
+        return atomic_write_sections(path, head, [(data_start + layout[name]["offset"], _raw(a))
+                                                  for name, a in arrays.items()],
+                                     data_start + pos, "box store", 0o666 & ~_umask(), zero_fill=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "BoxStore":
@@ -508,11 +488,6 @@ class BoxStore:
                 f"{v.get('dropped_degenerate', 0)} degenerate dropped"
                 + (f", {self.meta['images_emptied_by_validation']} images lost all their boxes"
                    if self.meta.get("images_emptied_by_validation") else ""))
-
-
-def _raw(a: np.ndarray):
-    """The bytes of a C-contiguous array without a copy (``tobytes`` copies)."""
-    return memoryview(a.reshape(-1).view(np.uint8)) if a.size else b""
 
 
 def _check_arrays(path: Path, a: dict) -> None:

@@ -60,3 +60,50 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) ->
 def atomic_write_json(path: str | os.PathLike, obj, fsync: bool = True, **dump_kwargs) -> Path:
     """:func:`atomic_write_text` of ``json.dumps(obj)``."""
     return atomic_write_text(path, json.dumps(obj, **dump_kwargs), fsync)
+
+
+def array_bytes(a) -> memoryview | bytes:
+    """The bytes of an array without a copy where it is C-contiguous (``tobytes`` always copies)."""
+    import numpy as np
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) if a.size else b""
+
+
+def atomic_write_sections(path: str | os.PathLike, head: bytes, sections: list[tuple[int, object]], size: int,
+                          what: str, mode: int | None = None, zero_fill: bool = False) -> Path:
+    """Write a file of ``head`` followed by its sha256 (32 bytes), then each ``(offset, bytes)`` section at its
+    offset, ``size`` bytes in all: through a temporary file in the same folder, fsync and a rename.
+
+    ``mode``: the file's permission bits (default: what ``open()`` would give under the umask).  ``zero_fill``
+    writes the gap after the digest explicitly (else it is a hole).  An ``OSError`` names ``what`` and the
+    path ("disk full" included); the previous file is left unchanged.  The box store and the image index use it.
+    """
+    import errno
+    import tempfile
+    path = Path(path)
+    if mode is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)   # mkstemp creates 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            f.write(hashlib.sha256(head).digest())
+            if zero_fill and sections:
+                f.write(b"\0" * (min(o for o, _ in sections) - len(head) - 32))
+            for offset, data in sections:
+                f.seek(offset)
+                f.write(data)
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"{'disk full: ' if e.errno == errno.ENOSPC else ''}cannot write {what} "
+                                   f"{path}: {e.strerror or e}; the previous file is unchanged") from e
+        raise
+    return path

@@ -34,7 +34,6 @@ header scan live in their own modules.)
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -49,6 +48,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .dataset import IMAGE_SUFFIXES, OK, ImageIndex, check_found, check_keys, coco_images_dir, fingerprint, _some
+from .fileio import array_bytes as _raw, atomic_write_sections
 from .header_scan import Scan as _Scan
 
 MAGIC = b"OBJCROPIDX\x00\x01"
@@ -181,10 +181,6 @@ class MappedIndex(ImageIndex):
 # ---------------------------------------------------------------------------------------------------
 # the file
 # ---------------------------------------------------------------------------------------------------
-def _raw(a: np.ndarray):
-    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) if a.size else b""
-
-
 def _key_arrays(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     blobs = [k.encode("utf-8") for k in keys]
     offsets = np.zeros(len(blobs) + 1, np.int64)
@@ -213,27 +209,8 @@ def save_index(path: str | os.PathLike, root: Path, keys: Sequence[str], sizes: 
                          "data_sha256": data.hexdigest()}).encode("utf-8")
     head = MAGIC + np.uint64(len(header)).tobytes() + header
     start = -(-(len(head) + _DIGEST) // _ALIGN) * _ALIGN
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            f.write(hashlib.sha256(head).digest())
-            for name, a in arrays.items():
-                f.seek(start + layout[name]["offset"])
-                f.write(_raw(a))
-            f.truncate(start + pos)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, f"{'disk full: ' if e.errno == errno.ENOSPC else ''}cannot write image index "
-                                   f"{path}: {e.strerror or e}") from e
-        raise
-    return path
+    return atomic_write_sections(path, head, [(start + layout[name]["offset"], _raw(a)) for name, a in arrays.items()],
+                                 start + pos, "image index", 0o644)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
