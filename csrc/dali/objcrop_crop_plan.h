@@ -78,9 +78,10 @@ inline void oc_plan_begin(OcCropPlan &p, int n, int size, int out_kind, const fl
 // (OC_AUG_K floats).  Returns "" or the fault, naming the sample, the view and the value.
 inline std::string oc_plan_view(OcCropPlan &p, int i, int v, int img_w, int img_h, const int *win, int flip,
                                 const float *aug, float contrast_center) {
-  const std::string where = "sample " + std::to_string(i) + " view " + std::to_string(v) + ": ";
+  // the fault's prefix, built only on a fault (this runs for every view of every batch)
+  auto where = [i, v] { return "sample " + std::to_string(i) + " view " + std::to_string(v) + ": "; };
   if (!(0 <= win[0] && win[0] < win[2] && win[2] <= img_w && 0 <= win[1] && win[1] < win[3] && win[3] <= img_h))
-    return where + "window [" + std::to_string(win[0]) + ", " + std::to_string(win[1]) + ", " +
+    return where() + "window [" + std::to_string(win[0]) + ", " + std::to_string(win[1]) + ", " +
            std::to_string(win[2]) + ", " + std::to_string(win[3]) + ") is not inside the " + std::to_string(img_w) +
            "x" + std::to_string(img_h) + " image (windows are [x1, y1, x2, y2) in the decoded image)";
   OcViewParams &q = p.params[2 * static_cast<size_t>(i) + v];
@@ -90,7 +91,7 @@ inline std::string oc_plan_view(OcCropPlan &p, int i, int v, int img_w, int img_
   q.flip = flip != 0;
   int bad = oc_view_from_aug(aug, contrast_center, &q);
   if (bad)
-    return where + "invalid aug column " + std::to_string(bad - 1) + " (blur needs sigma > 0 and an odd blur_window " +
+    return where() + "invalid aug column " + std::to_string(bad - 1) + " (blur needs sigma > 0 and an odd blur_window " +
            "in [1, " + std::to_string(OC_MAX_BLUR_WINDOW) + "], got sigma " + std::to_string(aug[OC_AUG_SIGMA]) +
            ", window " + std::to_string(aug[OC_AUG_BLUR_WINDOW]) + ")";
   q.blur_offset = static_cast<int>(p.taps.size());
