@@ -175,14 +175,7 @@ class BoxStore:
             raise ValueError(f"keys ({len(keys)}), sizes ({len(sizes)}) and boxes ({len(boxes)}) differ in length")
         if scores is not None and len(scores) != len(keys):
             raise ValueError(f"scores ({len(scores)}) and keys ({len(keys)}) differ in length")
-        if len(set(keys)) != len(keys):
-            seen, dup = set(), []
-            for k in keys:
-                if k in seen and k not in dup:
-                    dup.append(k)
-                seen.add(k)
-            raise ValueError(f"image keys must be unique; {len(dup)} repeated: "
-                             + ", ".join(repr(k) for k in dup[:5]) + (" ..." if len(dup) > 5 else ""))
+        # repeated keys are refused by from_flat (one check, one message)
         counts = np.array([len(np.asarray(b).reshape(-1, 4)) for b in boxes], dtype=np.int64)
         flat = (np.concatenate([np.asarray(b, np.float64).reshape(-1, 4) for b in boxes])
                 if len(boxes) else np.zeros((0, 4)))
