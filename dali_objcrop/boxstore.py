@@ -29,12 +29,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .coco_stream import CocoArrays, _concat, read_coco_arrays
-from .dataset import fingerprint
+from .dataset import PackedKeys, fingerprint
 from .fileio import array_bytes as _raw, atomic_write_sections
 
 MAGIC = b"OBJCROPBOX\x00\x02"
@@ -145,7 +145,7 @@ class BoxStore:
         meta: method, params, validation counts, fingerprint.
     """
 
-    keys: list[str] | "_LazyKeys"
+    keys: list[str] | PackedKeys
     sizes: np.ndarray
     offsets: np.ndarray
     boxes: np.ndarray
@@ -467,7 +467,7 @@ class BoxStore:
             else:
                 arrays[name] = np.memmap(path, dtype=dt, mode="r", offset=data_start + off, shape=shape)
         _check_arrays(path, arrays)
-        keys = _LazyKeys(arrays["key_bytes"], arrays["key_offsets"])
+        keys = PackedKeys(arrays["key_bytes"], arrays["key_offsets"])
         if magic == MAGIC_V1:
             meta = dict(meta, format_version=1)
         return cls(keys=keys, sizes=arrays["sizes"], offsets=arrays["offsets"], boxes=arrays["boxes"],
@@ -525,28 +525,3 @@ def _check_arrays(path: Path, a: dict) -> None:
 
 def _key_at(blob: np.ndarray, offsets: np.ndarray, i: int) -> str:
     return bytes(blob[offsets[i]:offsets[i + 1]]).decode("utf-8", "replace")
-
-
-class _LazyKeys(Sequence):
-    """Image keys decoded on demand from the memory-mapped utf-8 blob."""
-
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
-        self._blob, self._offsets = blob, offsets
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return bytes(self._blob[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
-
-    def __iter__(self) -> Iterable[str]:
-        data = bytes(self._blob)
-        off = self._offsets
-        for i in range(len(self)):
-            yield data[off[i]:off[i + 1]].decode("utf-8")

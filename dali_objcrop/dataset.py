@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence as SequenceABC
 from typing import Sequence
 
 import numpy as np
@@ -349,3 +350,34 @@ class ImageIndex:
             good.append(k)
             good_sizes.append(wh if sizes is None else sizes[i])
         return cls(root=root, keys=good, sizes=np.array(good_sizes, dtype=np.int32).reshape(-1, 2), bad=bad)
+
+
+class PackedKeys(SequenceABC):
+    """Image keys decoded on demand from one utf-8 blob and its (N + 1,) offsets (memory-mapped or not): the
+    key list of a box store or an image index without a million Python strings."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self._blob, self._offsets = blob, offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def raw(self, i: int) -> bytes:
+        """Key ``i`` as its utf-8 bytes."""
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return bytes(self._blob[self._offsets[i]:self._offsets[i + 1]])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.raw(i).decode("utf-8")
+
+    def __iter__(self):
+        data, off = bytes(self._blob), self._offsets.tolist()
+        for i in range(len(off) - 1):
+            yield data[off[i]:off[i + 1]].decode("utf-8")
+

@@ -43,11 +43,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .dataset import IMAGE_SUFFIXES, OK, ImageIndex, check_found, check_keys, coco_images_dir, fingerprint, _some
+from .dataset import (IMAGE_SUFFIXES, OK, ImageIndex, PackedKeys,
+                       check_found, check_keys, coco_images_dir, fingerprint, _some)
 from .fileio import array_bytes as _raw, atomic_write_sections
 from .header_scan import Scan as _Scan
 
@@ -73,7 +74,7 @@ class IndexNotCachedWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------------
 # the mapped index
 # ---------------------------------------------------------------------------------------------------
-class KeyTable(Sequence):
+class KeyTable(PackedKeys):
     """Image keys decoded on demand from a utf-8 blob and (N + 1,) offsets (memory-mapped or not).
 
     ``fingerprint`` (the sha256 of :func:`~dali_objcrop.dataset.fingerprint`) is stored with the table,
@@ -81,25 +82,8 @@ class KeyTable(Sequence):
     """
 
     def __init__(self, blob: np.ndarray, offsets: np.ndarray, fingerprint: str) -> None:
-        self._blob, self._offsets, self.fingerprint = blob, offsets, fingerprint
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return bytes(self._blob[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
-
-    def __iter__(self) -> Iterable[str]:
-        data, off = bytes(self._blob), self._offsets.tolist()
-        for i in range(len(off) - 1):
-            yield data[off[i]:off[i + 1]].decode("utf-8")
+        super().__init__(blob, offsets)
+        self.fingerprint = fingerprint
 
     def __contains__(self, key) -> bool:
         return any(k == key for k in self)
@@ -145,13 +129,7 @@ class Utf8Paths(Sequence):
 
     def __getitem__(self, i) -> np.ndarray:
         k = self._keys
-        if isinstance(k, KeyTable):
-            i = int(i)
-            if i < 0:
-                i += len(k)
-            key = bytes(k._blob[k._offsets[i]:k._offsets[i + 1]])
-        else:
-            key = k[i].encode("utf-8")
+        key = k.raw(i) if isinstance(k, PackedKeys) else k[i].encode("utf-8")
         return np.frombuffer(key if key.startswith(b"/") else self._root + key, dtype=np.uint8)
 
 
