@@ -509,10 +509,12 @@ def _build_in_child(args: tuple) -> None:
     error is raised here with its type and message."""
     import subprocess
     from .dataset import CocoFormatError
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            "from dali_objcrop.index import _child_main; _child_main()")
+    # the child imports this very package: its folder's parent goes first on the child's PYTHONPATH
+    here = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    code = "from dali_objcrop.index import _child_main; _child_main()"
     with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
-        p = subprocess.run([sys.executable, "-c", code, json.dumps(list(args)), res.name])
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(list(args)), res.name], env=env)
         if p.returncode == 0:
             return
         try:
