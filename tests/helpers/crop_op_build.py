@@ -1,4 +1,5 @@
-"""Test helpers for fn.objcrop.crop: load the operators, and run the GPU kernels emulated on the CPU.
+"""Test helpers for fn.objcrop.crop: load the operators, run the CPU operator, and run the GPU kernels emulated
+on the CPU.
 
 The operators are built and loaded by the package itself (``dali_objcrop.plugin.load``: g++ and, where
 nvcc is found, nvcc against the installed DALI, cached by DALI version and source hash), so every test
@@ -79,3 +80,36 @@ def emulate_gpu_crop(ims, windows, flips, aug, size: int, norm, kind: int, contr
     if rc != 0:
         raise ValueError(f"invalid aug row for view {rc - 1}")
     return outs
+
+
+def run_cpu_crop(ims, win, flip, aug, size, dtype="float32", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                 num_threads: int = 2, **kw):
+    """Both views from fn.objcrop.crop (CPU), as float32 (bfloat16 bits widened)."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    n = len(ims)
+
+    @pipeline_def(batch_size=n, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
+    def pipe():
+        im = fn.external_source(source=lambda: ims, batch=True, layout="HWC")
+        w = fn.external_source(source=lambda: list(win), batch=True)
+        f = fn.external_source(source=lambda: list(flip), batch=True)
+        a = fn.external_source(source=lambda: list(aug), batch=True)
+        return tuple(fn.objcrop.crop(im, w, f, a, size=size, dtype=dtype, mean=list(map(float, mean)),
+                                     std=list(map(float, std)), **kw))
+
+    p = pipe()
+    p.build()
+    outs = p.run()
+    views = []
+    for tl in outs:
+        arr = np.stack([np.array(tl[i]) for i in range(n)])
+        if dtype == "bfloat16":
+            assert arr.dtype == np.uint16
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        elif dtype == "float16":
+            assert arr.dtype == np.float16
+        views.append(arr.astype(np.float32))
+    assert outs[0].layout() == "CHW"
+    return views

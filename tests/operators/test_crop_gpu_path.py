@@ -100,23 +100,10 @@ def test_kernel_check_on_the_gpu(tmp_path):
 
 # ---- the blur cap and the closed-form reflection ----------------------------------------------------
 def _cpu_crop(ims, win, flip, aug, size):
-    from nvidia.dali import fn, pipeline_def
-    from crop_op_build import load_crop_op
+    """Both views from the CPU operator, unnormalised (mean 0, std 1)."""
+    from crop_op_build import load_crop_op, run_cpu_crop
     load_crop_op()
-    n = len(ims)
-
-    @pipeline_def(batch_size=n, num_threads=1, device_id=None, prefetch_queue_depth=1)
-    def pipe():
-        im = fn.external_source(source=lambda: ims, batch=True, layout="HWC")
-        w = fn.external_source(source=lambda: list(win), batch=True)
-        f = fn.external_source(source=lambda: list(flip), batch=True)
-        a = fn.external_source(source=lambda: list(aug), batch=True)
-        return tuple(fn.objcrop.crop(im, w, f, a, size=size))
-
-    p = pipe()
-    p.build()
-    outs = p.run()
-    return [np.stack([np.array(tl[i]) for i in range(n)]) for tl in outs]
+    return run_cpu_crop(ims, win, flip, aug, size, num_threads=1)
 
 
 def test_blur_window_far_wider_than_the_view_equals_numpy():

@@ -26,7 +26,7 @@ pytest.importorskip("nvidia.dali")
 from dali_objcrop import augment  # noqa: E402
 from dali_objcrop.kernels import reference  # noqa: E402
 from dali_objcrop.windows import CropConfig, sample_windows  # noqa: E402
-from crop_op_build import emulate_gpu_crop, load_crop_op  # noqa: E402
+from crop_op_build import emulate_gpu_crop, load_crop_op, run_cpu_crop  # noqa: E402
 from dali_objcrop.plugin import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,34 +108,8 @@ def _aug(keys, recipe: str, seed: int) -> np.ndarray:
 
 
 def _run_op(ims, win, flip, aug, size, dtype="float32", mean=MEAN_PX, std=STD_PX, **kw):
-    """Both views from fn.objcrop.crop (CPU), as float32 (bfloat16 bits widened)."""
-    from nvidia.dali import fn, pipeline_def
-
-    n = len(ims)
-
-    @pipeline_def(batch_size=n, num_threads=2, device_id=None, prefetch_queue_depth=1)
-    def pipe():
-        im = fn.external_source(source=lambda: ims, batch=True, layout="HWC")
-        w = fn.external_source(source=lambda: list(win), batch=True)
-        f = fn.external_source(source=lambda: list(flip), batch=True)
-        a = fn.external_source(source=lambda: list(aug), batch=True)
-        return tuple(fn.objcrop.crop(im, w, f, a, size=size, dtype=dtype, mean=list(map(float, mean)),
-                                     std=list(map(float, std)), **kw))
-
-    p = pipe()
-    p.build()
-    outs = p.run()
-    views = []
-    for tl in outs:
-        arr = np.stack([np.array(tl[i]) for i in range(n)])
-        if dtype == "bfloat16":
-            assert arr.dtype == np.uint16
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        elif dtype == "float16":
-            assert arr.dtype == np.float16
-        views.append(arr.astype(np.float32))
-    assert outs[0].layout() == "CHW"
-    return views
+    """Both views from fn.objcrop.crop (CPU), as float32, with ImageNet's normalisation by default."""
+    return run_cpu_crop(ims, win, flip, aug, size, dtype, mean, std, **kw)
 
 
 def _within_a_level(got, ref, std=STD_PX, frac=1.0, mask=None):
