@@ -35,7 +35,7 @@ import numpy as np
 
 from .coco_stream import CocoArrays, _concat, read_coco_arrays
 from .dataset import PackedKeys, fingerprint
-from .fileio import array_bytes as _raw, atomic_write_sections
+from .fileio import array_bytes as _raw, atomic_write_sections, section_layout
 
 MAGIC = b"OBJCROPBOX\x00\x02"
 MAGIC_V1 = b"OBJCROPBOX\x00\x01"
@@ -388,16 +388,9 @@ class BoxStore:
             arrays["scores"] = np.ascontiguousarray(self.scores, dtype=np.float32)
         meta = dict(self.meta)
         meta["fingerprint"] = fingerprint(list(self.keys))
-        layout, pos = {}, 0
-        data = hashlib.sha256()
-        for name, a in arrays.items():
-            layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": pos}
-            padded = -(-a.nbytes // _ALIGN) * _ALIGN
-            data.update(_raw(a))
-            data.update(b"\0" * (padded - a.nbytes))
-            pos += padded
+        layout, pos, data_sha256 = section_layout(arrays, _ALIGN)
         header = json.dumps({"meta": meta, "arrays": layout, "data_bytes": pos,
-                             "data_sha256": data.hexdigest()}).encode("utf-8")
+                             "data_sha256": data_sha256}).encode("utf-8")
         head = MAGIC + np.uint64(len(header)).tobytes() + header
         data_start = -(-(len(head) + _DIGEST) // _ALIGN) * _ALIGN
         return atomic_write_sections(path, head, [(data_start + layout[name]["offset"], _raw(a))

@@ -107,3 +107,17 @@ def atomic_write_sections(path: str | os.PathLike, head: bytes, sections: list[t
                                    f"{path}: {e.strerror or e}; the previous file is unchanged") from e
         raise
     return path
+
+
+def section_layout(arrays: dict, align: int) -> tuple[dict, int, str]:
+    """Where each array goes in a file of aligned sections: ``(layout, data_bytes, data_sha256)`` with
+    ``layout[name] = {"dtype", "shape", "offset"}`` (offsets from the data start, each a multiple of
+    ``align``), the data's total length and the sha256 of the data with its zero padding."""
+    layout, pos, data = {}, 0, hashlib.sha256()
+    for name, a in arrays.items():
+        layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": pos}
+        padded = -(-a.nbytes // align) * align
+        data.update(array_bytes(a))
+        data.update(b"\0" * (padded - a.nbytes))
+        pos += padded
+    return layout, pos, data.hexdigest()

@@ -49,7 +49,7 @@ import numpy as np
 
 from .dataset import (IMAGE_SUFFIXES, OK, ImageIndex, PackedKeys,
                        check_found, check_keys, coco_images_dir, fingerprint, _some)
-from .fileio import array_bytes as _raw, atomic_write_sections
+from .fileio import array_bytes as _raw, atomic_write_sections, section_layout
 from .header_scan import Scan as _Scan
 
 MAGIC = b"OBJCROPIDX\x00\x01"
@@ -174,17 +174,11 @@ def save_index(path: str | os.PathLike, root: Path, keys: Sequence[str], sizes: 
     blob, offsets = _key_arrays(keys)
     arrays = {"key_bytes": blob, "key_offsets": offsets,
               "sizes": np.ascontiguousarray(sizes, np.int32).reshape(-1, 2)}
-    layout, pos, data = {}, 0, hashlib.sha256()
-    for name, a in arrays.items():
-        layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": pos}
-        padded = -(-a.nbytes // _ALIGN) * _ALIGN
-        data.update(_raw(a))
-        data.update(b"\0" * (padded - a.nbytes))
-        pos += padded
+    layout, pos, data_sha256 = section_layout(arrays, _ALIGN)
     header = json.dumps({"meta": dict(meta, root=str(root), num_images=len(keys), num_bad=len(bad),
                                       key_fingerprint=fingerprint(keys), format_version=FORMAT_VERSION),
                          "bad": bad, "arrays": layout, "data_bytes": pos,
-                         "data_sha256": data.hexdigest()}).encode("utf-8")
+                         "data_sha256": data_sha256}).encode("utf-8")
     head = MAGIC + np.uint64(len(header)).tobytes() + header
     start = -(-(len(head) + _DIGEST) // _ALIGN) * _ALIGN
     return atomic_write_sections(path, head, [(start + layout[name]["offset"], _raw(a)) for name, a in arrays.items()],
