@@ -113,13 +113,18 @@ def cuda_archs(nvcc_path: str | None = None) -> list[int]:
         except ValueError:
             raise PluginBuildError(f"DALI_OBJCROP_CUDA_ARCHS={env!r}: give numbers such as 90 or 75,90") from None
         return archs
-    nvcc_path = nvcc_path or nvcc()
+    return list(_listed_archs(nvcc_path or nvcc()))
+
+
+@functools.lru_cache(maxsize=None)
+def _listed_archs(nvcc_path: str | None) -> tuple[int, ...]:
+    """``nvcc --list-gpu-code``'s real architectures from sm_75 up, asked once per nvcc."""
     try:
         out = subprocess.run([nvcc_path, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError, TypeError):
         out = ""
     archs = sorted({int(m) for m in re.findall(r"^sm_(\d+)$", out, re.M) if int(m) >= MIN_CUDA_ARCH})
-    return archs or [80, 90]   # an nvcc too old to list its targets
+    return tuple(archs) or (80, 90)   # an nvcc too old to list its targets
 
 
 def gencode_flags(archs: list[int]) -> list[str]:
