@@ -15,7 +15,12 @@ because the crop backends apply it as part of the crop):
   Gaussian blur sigma U(0.1, 2) with p 0.5, on both views.
 * ``byol`` (Grill et al., "Bootstrap Your Own Latent", 2020, table 6): colour
   jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale p 0.2, blur p 1.0 / 0.1 and
-  solarisation p 0 / 0.2 on views 1 / 2.
+  solarisation p 0 / 0.2 on views 1 / 2.  Its local (multi-crop) views are
+  DINO's (Caron et al., 2021): the same jitter, blur p 0.5, no solarisation --
+  DINO's global views are BYOL's.
+
+Local views (``CropConfig.local_crops``) all use the recipe's ``local`` augmentation;
+view ``2 + j`` draws from its own slots (``rng.aug_slot``).
 
 Slot layout (each slot gives two uniforms, ``hi`` and ``lo``; append only):
 
@@ -87,16 +92,28 @@ class ViewAug:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named pair of view augmentations."""
+    """A named pair of global view augmentations and the augmentation of every local view.
+
+    Args:
+        name: the recipe's name.
+        views: the two global views' augmentations.
+        local: the local (multi-crop) views' augmentation (``CropConfig.local_crops``).
+    """
 
     name: str
     views: tuple[ViewAug, ViewAug]
+    local: ViewAug = ViewAug()
+
+    def view_aug(self, view: int) -> ViewAug:
+        """The augmentation of view ``view``: 0 and 1 global, ``2 + j`` local view ``j``."""
+        return self.views[view] if view in (0, 1) else self.local
 
 
 RECIPES: dict[str, Recipe] = {
-    "mocov2": Recipe("mocov2", (ViewAug(), ViewAug())),
+    "mocov2": Recipe("mocov2", (ViewAug(), ViewAug()), ViewAug()),
     "byol": Recipe("byol", (ViewAug(saturation=0.2, blur_p=1.0, solarize_p=0.0),
-                            ViewAug(saturation=0.2, blur_p=0.1, solarize_p=0.2))),
+                            ViewAug(saturation=0.2, blur_p=0.1, solarize_p=0.2)),
+                   ViewAug(saturation=0.2, blur_p=0.5, solarize_p=0.0)),
 }
 
 
@@ -148,8 +165,8 @@ def sample_aug_params(keys: np.ndarray, view: int, aug: ViewAug) -> dict[str, np
 
     Args:
         keys: (N,) uint64 sample keys (``CropWindows.keys``).
-        view: 0 or 1.
-        aug: the view's :class:`ViewAug`.
+        view: 0 or 1 (global), ``2 + j`` (local view ``j``).
+        aug: the view's :class:`ViewAug` (``Recipe.view_aug(view)``).
 
     Returns:
         Dict of (N,) arrays: ``jitter``, ``gray``, ``colour`` (jitter or gray),
@@ -158,8 +175,8 @@ def sample_aug_params(keys: np.ndarray, view: int, aug: ViewAug) -> dict[str, np
         saturation 0 where grayscale), ``hue`` (float32 degrees), ``sigma``
         (float32) and ``blur_window`` (int32 odd kernel size).
     """
-    if view not in (0, 1):
-        raise ValueError(f"view must be 0 or 1, got {view!r}")
+    if not 0 <= view < 2 + rng.MAX_LOCAL_VIEWS:
+        raise ValueError(f"view must be 0, 1 (global) or 2..{1 + rng.MAX_LOCAL_VIEWS} (local), got {view!r}")
     keys = np.asarray(keys, dtype=np.uint64)
     u_jit, u_gray = rng.uniforms(keys, rng.aug_slot(view, K_APPLY))
     u_b, u_c = rng.uniforms(keys, rng.aug_slot(view, K_BC))

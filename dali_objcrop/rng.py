@@ -36,16 +36,33 @@ VIEW_FLIP = 11              #   hi: flip, lo: unused
 SLOT_AUG_BASE = 40          # augmentation: SLOT_AUG_BASE + v * SLOTS_PER_AUG + k
 SLOTS_PER_AUG = 8
 MAX_TRIES = 10
+# Local (multi-crop) views: view 2 + j is local view j; each has a block of SLOTS_PER_LOCAL slots from
+# SLOT_LOCAL_BASE: the VIEW_* offsets above, then its augmentation draws at LOCAL_AUG + k.
+SLOT_LOCAL_BASE = 64
+SLOTS_PER_LOCAL = 32
+LOCAL_AUG = 16
+MAX_LOCAL_VIEWS = 16
+
+
+def _local_base(view: int) -> int:
+    if not 2 <= view < 2 + MAX_LOCAL_VIEWS:
+        raise ValueError(f"view must be 0, 1 (global) or 2..{1 + MAX_LOCAL_VIEWS} (local), got {view!r}")
+    return SLOT_LOCAL_BASE + (view - 2) * SLOTS_PER_LOCAL
 
 
 def view_slot(view: int, offset: int) -> int:
-    """Slot number of ``offset`` (one of the ``VIEW_*`` constants) for view 0 or 1."""
-    return SLOT_VIEW_BASE + view * SLOTS_PER_VIEW + offset
+    """Slot number of ``offset`` (one of the ``VIEW_*`` constants) for view ``view``: 0 and 1 are the
+    global views, ``2 + j`` local view ``j``."""
+    if view in (0, 1):
+        return SLOT_VIEW_BASE + view * SLOTS_PER_VIEW + offset
+    return _local_base(view) + offset
 
 
 def aug_slot(view: int, k: int) -> int:
-    """Slot number of augmentation draw ``k`` (0..7) for view 0 or 1."""
-    return SLOT_AUG_BASE + view * SLOTS_PER_AUG + k
+    """Slot number of augmentation draw ``k`` (0..7) for view ``view`` (0, 1 global; ``2 + j`` local)."""
+    if view in (0, 1):
+        return SLOT_AUG_BASE + view * SLOTS_PER_AUG + k
+    return _local_base(view) + LOCAL_AUG + k
 
 
 def mix64(x: np.ndarray) -> np.ndarray:

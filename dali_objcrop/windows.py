@@ -24,6 +24,14 @@ TMLR 2022; docs/method.md):
 * every region narrower or shorter than ``min_box_size`` (224) is widened to
   ``min(min_box_size, image side)`` around its centre and kept in the image.
 * images without proposals get scene crops in every view (counted).
+* local (multi-crop) views, ``local_crops = M`` of them (default 0: none, and every
+  other output is unchanged): the same sampler with scale ``local_scale`` (a fraction of
+  the region) inside a region set by ``local_from``: ``box`` -- the union of the regions
+  of the global object views (the proposal for ``obj-scene`` / ``obj-obj``, the dilated
+  region for ``obj-obj-dilate``, proposal and shifted region for ``obj-obj-shift``);
+  ``boxes`` -- local view ``j`` inside proposal ``(b + j) mod k`` (``b`` the global views'
+  proposal, ``k`` the image's top-k count; widened as above), so one sample covers several
+  objects; ``scene`` -- the whole image.  Images without proposals: the whole image.
 
 All windows are integer pixel rectangles ``[x1, y1, x2, y2)`` (x2, y2 exclusive).
 """
@@ -37,6 +45,8 @@ import numpy as np
 from . import rng
 
 MODES = ("scene-scene", "obj-scene", "obj-obj", "obj-obj-dilate", "obj-obj-shift")
+LOCAL_SOURCES = ("box", "boxes", "scene")
+LOCAL_SCALE = (0.05, 0.4)
 SCENE_SCALE = (0.2, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -70,6 +80,10 @@ class CropConfig:
         top_k: proposals considered per image (the store keeps them best-first).
         num_tries: RandomResizedCrop tries before the centre fallback (at most 10).
         flip_p: probability of a horizontal flip, per view.
+        local_crops: number M of local (multi-crop) views (0..16; 0: none, today's two views only).
+        local_scale: local-crop area range, a fraction of its region (DINO: (0.05, 0.4)).
+        local_size: output side of the local views in pixels (the crop backends read it).
+        local_from: where local views are drawn: ``box``, ``boxes`` or ``scene`` (:data:`LOCAL_SOURCES`).
     """
 
     mode: str = "obj-obj-dilate"
@@ -82,11 +96,15 @@ class CropConfig:
     top_k: int = 10
     num_tries: int = 10
     flip_p: float = 0.5
+    local_crops: int = 0
+    local_scale: tuple[float, float] = LOCAL_SCALE
+    local_size: int = 96
+    local_from: str = "box"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("scale", "ratio") + (("box_scale",) if self.box_scale is not None else ()):
+        for name in ("scale", "ratio", "local_scale") + (("box_scale",) if self.box_scale is not None else ()):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi) or (name != "ratio" and hi > 1):
                 raise ValueError(f"{name} must satisfy 0 < lo <= hi{' <= 1' if name != 'ratio' else ''}, "
@@ -103,6 +121,15 @@ class CropConfig:
             raise ValueError(f"num_tries must be in [1, {rng.MAX_TRIES}], got {self.num_tries!r}")
         if not 0 <= self.flip_p <= 1:
             raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
+        if not 0 <= self.local_crops <= rng.MAX_LOCAL_VIEWS:
+            raise ValueError(f"local_crops must be in [0, {rng.MAX_LOCAL_VIEWS}], got {self.local_crops!r}")
+        if self.local_size < 1:
+            raise ValueError(f"local_size must be >= 1, got {self.local_size!r}")
+        if self.local_from not in LOCAL_SOURCES:
+            raise ValueError(f"local_from must be one of {LOCAL_SOURCES}, got {self.local_from!r}")
+        if self.local_crops and self.local_from != "scene" and not self.uses_boxes:
+            raise ValueError(f"local_from={self.local_from!r} draws local views inside proposals, and mode "
+                             f"'scene-scene' uses none: use local_from='scene' (or an object mode)")
 
     @property
     def view_kinds(self) -> tuple[str, str]:
@@ -123,6 +150,11 @@ class CropConfig:
     def uses_boxes(self) -> bool:
         return self.mode != "scene-scene"
 
+    @property
+    def num_views(self) -> int:
+        """All views of a sample: the two global views and ``local_crops`` local views."""
+        return 2 + self.local_crops
+
 
 @dataclass
 class CropWindows:
@@ -137,6 +169,10 @@ class CropWindows:
         box_index: (N,) int64, index of the chosen proposal within its image (-1 without).
         fallback: (N,) bool, the mode wanted a box but the image had none.
         keys: (N,) uint64 per-sample random keys (for augmentation draws).
+        local_windows: (N, M, 4) int32, the local views' crops (M = ``CropConfig.local_crops``; M = 0: empty).
+        local_flip: (N, M) bool.
+        local_regions: (N, M, 4) int32, the region each local view was sampled in.
+        local_box_index: (N, M) int64, the proposal a local view was drawn in (-1: none, or ``scene``).
     """
 
     windows: np.ndarray
@@ -147,10 +183,36 @@ class CropWindows:
     fallback: np.ndarray
     keys: np.ndarray
     extras: dict = field(default_factory=dict)
+    local_windows: np.ndarray | None = None
+    local_flip: np.ndarray | None = None
+    local_regions: np.ndarray | None = None
+    local_box_index: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.windows)
+        if self.local_windows is None:
+            self.local_windows = np.zeros((n, 0, 4), np.int32)
+            self.local_regions = np.zeros((n, 0, 4), np.int32)
+            self.local_flip = np.zeros((n, 0), bool)
+            self.local_box_index = np.zeros((n, 0), np.int64)
 
     @property
     def num_fallback(self) -> int:
         return int(self.fallback.sum())
+
+    @property
+    def num_local(self) -> int:
+        return int(self.local_windows.shape[1])
+
+    @property
+    def all_windows(self) -> np.ndarray:
+        """(N, 2 + M, 4) int32: global views, then local views (the operators' order)."""
+        return np.concatenate([self.windows, self.local_windows], axis=1)
+
+    @property
+    def all_flip(self) -> np.ndarray:
+        """(N, 2 + M) bool: global views, then local views."""
+        return np.concatenate([self.flip, self.local_flip], axis=1)
 
     def normalized(self, sizes: np.ndarray) -> np.ndarray:
         """Windows as float32 fractions of the image size, (N, 2, 4)."""
@@ -343,4 +405,41 @@ def sample_windows(sizes: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, in
                       box=box_px, box_index=box_index, fallback=fallback, keys=keys)
     if kinds[1] == "shifted":
         out.extras["shift"] = shift
+    if config.local_crops:
+        _sample_local(out, config, wf, hf, whole, regions, boxes, offsets, count, has_box, pick_cols=box_index)
     return out
+
+
+def _sample_local(out: CropWindows, config: CropConfig, wf: np.ndarray, hf: np.ndarray, whole: Cols,
+                  regions: list, boxes: np.ndarray, offsets: np.ndarray, count: np.ndarray, has_box: np.ndarray,
+                  pick_cols: np.ndarray) -> None:
+    """The local views of :func:`sample_windows` (``config.local_crops`` of them), written into ``out``."""
+    n, m = len(out.keys), config.local_crops
+    kinds = config.view_kinds
+    out.local_windows = np.empty((n, m, 4), np.int32)
+    out.local_regions = np.empty((n, m, 4), np.int32)
+    out.local_box_index = np.full((n, m), -1, np.int64)
+    s_lo, s_hi = np.full(n, config.local_scale[0]), np.full(n, config.local_scale[1])
+    if config.local_from == "box":
+        # the union of the global object views' regions (each is the whole image where there is no box)
+        obj = [v for v in (0, 1) if kinds[v] != "scene"]
+        region = tuple(np.minimum(regions[obj[0]][c], regions[obj[-1]][c]) if c < 2 else
+                       np.maximum(regions[obj[0]][c], regions[obj[-1]][c]) for c in range(4))
+        out.local_box_index[:] = out.box_index[:, None]
+    elif config.local_from == "scene":
+        region = whole
+    for j in range(m):
+        if config.local_from == "boxes":
+            # proposal (b + j) mod k: local view 0 on the global views' proposal, the others on the next ones
+            pick = np.where(has_box, (np.maximum(pick_cols, 0) + j) % np.maximum(count, 1), -1)
+            b = boxes[np.minimum(offsets[:-1] + np.maximum(pick, 0), max(len(boxes) - 1, 0))] if len(boxes) \
+                else np.zeros((n, 4))
+            b = np.where(has_box[:, None], b, np.array([0.0, 0.0, 1.0, 1.0]))
+            region = _min_size_region(_to_pixels(b, wf, hf), wf, hf, config.min_box_size)
+            out.local_box_index[:, j] = pick
+        for c in range(4):
+            out.local_regions[:, j, c] = region[c]
+        _random_resized_crop_cols(out.keys, 2 + j, region, s_lo, s_hi, config.ratio, config.num_tries,
+                                  out.local_windows[:, j])
+    out.local_flip = np.stack([rng.uniforms(out.keys, rng.view_slot(2 + j, rng.VIEW_FLIP))[0] < config.flip_p
+                               for j in range(m)], axis=1)
