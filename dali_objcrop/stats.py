@@ -5,7 +5,10 @@ Mishra et al. (TMLR 2022), appendix D, measure "the fraction of pixels in
 on COCO 99% for object-scene crops and 92.1% for scene-scene crops.  This
 module computes that figure exactly (pixel counts through a summed-area table
 of the union of an image's ground-truth boxes) together with the view IoU, the
-window area and how often a view holds at least half of some object.
+window area and how often a view holds at least half of some object.  Local
+(multi-crop) views get the same figures per pair of a local and a global view
+(the pairs a multi-crop loss compares) with :func:`local_per_sample_stats` and
+:func:`summarize_local`.
 
 Conventions: windows are integer ``[x1, y1, x2, y2)`` pixel rectangles (as
 :func:`dali_objcrop.windows.sample_windows` returns them); ground-truth boxes
@@ -19,6 +22,10 @@ import numpy as np
 # the figures summarize() returns, all fractions in [0, 1]
 FIGURES = ("intersection_on_object", "intersection_on_object_pooled", "intersection_touches_object", "view_iou",
            "mean_window_area", "views_with_object", "views_overlap", "image_on_object")
+# the figures summarize_local() returns, all fractions in [0, 1]
+LOCAL_FIGURES = ("intersection_on_object", "intersection_on_object_pooled", "intersection_touches_object",
+                 "view_iou", "views_overlap", "window_on_object", "mean_window_area", "views_with_object",
+                 "image_on_object")
 
 
 def rect_area(r: np.ndarray) -> np.ndarray:
@@ -111,6 +118,48 @@ def max_box_fraction_inside(windows: np.ndarray, image: np.ndarray, gt_boxes: np
     return best
 
 
+def _check_rows(sizes: np.ndarray, gt_offsets: np.ndarray, image: np.ndarray, windows: np.ndarray) -> None:
+    if len(windows) != len(image):
+        raise ValueError(f"windows ({len(windows)}) and image ({len(image)}) differ in length")
+    if gt_offsets.shape != (len(sizes) + 1,):
+        raise ValueError(f"gt_offsets must have shape ({len(sizes) + 1},), got {gt_offsets.shape}")
+    if len(image) and (image.min() < 0 or image.max() >= len(sizes)):
+        raise ValueError(f"image rows must be in [0, {len(sizes)}), got {image.min()}..{image.max()}")
+
+
+def on_object_counts(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.ndarray, image: np.ndarray,
+                     rects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels inside a ground-truth box, per rectangle, one summed-area table per image.
+
+    Args:
+        sizes: (N, 2) image (width, height).
+        gt_boxes, gt_offsets: ground-truth boxes in float pixels, image ``i`` owning
+            ``gt_boxes[gt_offsets[i]:gt_offsets[i+1]]``.
+        image: (S,) image row of each sample.
+        rects: (S, R, 4) integer ``[x1, y1, x2, y2)`` rectangles of each sample (empty ones count 0).
+
+    Returns:
+        ``(counts, covered)``: (S, R) int64 object pixels inside each rectangle, and (S,) int64 object
+        pixels of the whole image.
+    """
+    rects = np.asarray(rects, dtype=np.int64)
+    s, r = rects.shape[:2]
+    counts = np.zeros((s, r), dtype=np.int64)
+    covered = np.zeros(s, dtype=np.int64)
+    # the samples of an image are counted together
+    order = np.argsort(image, kind="stable")
+    rows, first = np.unique(image[order], return_index=True)
+    bounds = np.append(first, len(order))
+    for k, i in enumerate(rows):
+        sel = order[bounds[k]:bounds[k + 1]]
+        if gt_offsets[i + 1] == gt_offsets[i]:
+            continue
+        sat = union_summed_area(np.asarray(gt_boxes)[gt_offsets[i]:gt_offsets[i + 1]], *sizes[i])
+        counts[sel] = count_in_rects(sat, rects[sel].reshape(-1, 4)).reshape(len(sel), r)
+        covered[sel] = int(sat[-1, -1])
+    return counts, covered
+
+
 def per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.ndarray, image: np.ndarray,
                      windows: np.ndarray) -> dict[str, np.ndarray]:
     """Per-sample diagnostics of two-view crops.
@@ -134,27 +183,11 @@ def per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.nda
     image = np.asarray(image, dtype=np.int64)
     windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2, 4)
     gt_offsets = np.asarray(gt_offsets, dtype=np.int64)
-    if len(windows) != len(image):
-        raise ValueError(f"windows ({len(windows)}) and image ({len(image)}) differ in length")
-    if gt_offsets.shape != (len(sizes) + 1,):
-        raise ValueError(f"gt_offsets must have shape ({len(sizes) + 1},), got {gt_offsets.shape}")
-    if len(image) and (image.min() < 0 or image.max() >= len(sizes)):
-        raise ValueError(f"image rows must be in [0, {len(sizes)}), got {image.min()}..{image.max()}")
+    _check_rows(sizes, gt_offsets, image, windows)
     inter = rect_intersection(windows[:, 0], windows[:, 1])
     overlap = rect_area(inter)
-    on_object = np.zeros(len(image), dtype=np.int64)
-    covered = np.zeros(len(image), dtype=np.int64)
-    # one summed-area table per image; the samples of an image are counted together
-    order = np.argsort(image, kind="stable")
-    rows, first = np.unique(image[order], return_index=True)
-    bounds = np.append(first, len(order))
-    for k, i in enumerate(rows):
-        sel = order[bounds[k]:bounds[k + 1]]
-        if gt_offsets[i + 1] == gt_offsets[i]:
-            continue
-        sat = union_summed_area(np.asarray(gt_boxes)[gt_offsets[i]:gt_offsets[i + 1]], *sizes[i])
-        on_object[sel] = count_in_rects(sat, inter[sel])
-        covered[sel] = int(sat[-1, -1])
+    on_object, covered = on_object_counts(sizes, gt_boxes, gt_offsets, image, inter[:, None])
+    on_object = on_object[:, 0]
     img_area = (sizes[image, 0] * sizes[image, 1]).astype(np.float64)
     box_frac = np.stack([max_box_fraction_inside(windows[:, v], image, gt_boxes, gt_offsets) for v in (0, 1)], 1)
     return {
@@ -210,4 +243,92 @@ def summarize(per_sample: dict[str, np.ndarray], min_box_fraction: float = 0.5) 
         "views_with_object_view1": mean(has[:, 0]),
         "views_with_object_view2": mean(has[:, 1]),
         "samples": n,
+    }
+
+
+def local_per_sample_stats(sizes: np.ndarray, gt_boxes: np.ndarray, gt_offsets: np.ndarray, image: np.ndarray,
+                           windows: np.ndarray, local_windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample diagnostics of local (multi-crop) views, against the two global views.
+
+    A multi-crop loss compares every local view with every global view, so the overlap figures are
+    taken per (local view ``j``, global view ``v``) pair, exactly as :func:`per_sample_stats` takes
+    them for the two global views.
+
+    Args:
+        sizes, gt_boxes, gt_offsets, image: as :func:`per_sample_stats`.
+        windows: (S, 2, 4) integer windows of the global views.
+        local_windows: (S, M, 4) integer windows of the local views.
+
+    Returns:
+        dict of per-sample arrays: ``overlap`` (S, M, 2) pixels in local view ``j`` intersected with
+        global view ``v``, ``overlap_on_object`` (S, M, 2) of them inside a ground-truth box, ``iou``
+        (S, M, 2), ``window_pixels`` (S, M) and ``window_on_object`` (S, M) pixels of the local
+        window and of them inside a ground-truth box, ``area_fraction`` (S, M), ``box_fraction``
+        (S, M) largest fraction of a ground-truth box inside the local view, ``image_on_object`` (S,).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    image = np.asarray(image, dtype=np.int64)
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 2, 4)
+    gt_offsets = np.asarray(gt_offsets, dtype=np.int64)
+    local = np.asarray(local_windows, dtype=np.int64)
+    if local.ndim != 3 or local.shape[0] != len(windows) or local.shape[2] != 4:
+        raise ValueError(f"local_windows must be ({len(windows)}, M, 4), got {local.shape}")
+    _check_rows(sizes, gt_offsets, image, windows)
+    s, m = local.shape[:2]
+    inter = rect_intersection(local[:, :, None], windows[:, None])          # (S, M, 2, 4)
+    # one pass over the images: the M x 2 intersections, then the M local windows
+    counts, covered = on_object_counts(sizes, gt_boxes, gt_offsets, image,
+                                       np.concatenate([inter.reshape(s, 2 * m, 4), local], axis=1))
+    img_area = (sizes[image, 0] * sizes[image, 1]).astype(np.float64)
+    box_frac = max_box_fraction_inside(local.reshape(-1, 4), np.repeat(image, m), gt_boxes, gt_offsets)
+    return {
+        "overlap": rect_area(inter),
+        "overlap_on_object": counts[:, :2 * m].reshape(s, m, 2).astype(np.float64),
+        "iou": rect_iou(local[:, :, None], windows[:, None]),
+        "window_pixels": rect_area(local),
+        "window_on_object": counts[:, 2 * m:].astype(np.float64),
+        "area_fraction": rect_area(local) / img_area[:, None],
+        "image_on_object": covered / img_area,
+        "box_fraction": box_frac.reshape(s, m),
+    }
+
+
+def summarize_local(per_sample: dict[str, np.ndarray], min_box_fraction: float = 0.5) -> dict[str, float]:
+    """The figures of :func:`local_per_sample_stats`, over all (sample, local view, global view) pairs.
+
+    Returns:
+        ``intersection_on_object``: mean, over local-global pairs that overlap, of the fraction of
+        overlap pixels inside a ground-truth box (:func:`summarize`'s figure, per pair);
+        ``intersection_on_object_pooled``, ``intersection_touches_object``, ``view_iou`` (mean IoU of
+        a local and a global window) and ``views_overlap`` (fraction of pairs that overlap) likewise;
+        ``window_on_object``: mean fraction of a local window's own pixels inside a ground-truth box;
+        ``mean_window_area``: mean local window area as a fraction of the image;
+        ``views_with_object``: fraction of local views containing at least ``min_box_fraction`` of some
+        ground-truth box; ``image_on_object``: the chance level (as :func:`summarize`); plus
+        ``intersection_on_object_view1/2`` (pairs with global view 1 or 2 only), ``samples`` and
+        ``local_views``.
+    """
+    ov = per_sample["overlap"]
+    obj = per_sample["overlap_on_object"]
+    some = ov > 0
+    frac = np.divide(obj, ov, out=np.zeros_like(obj), where=some)
+    px = per_sample["window_pixels"]
+
+    def mean(x) -> float:
+        return float(np.mean(x)) if np.size(x) else float("nan")
+
+    return {
+        "intersection_on_object": mean(frac[some]),
+        "intersection_on_object_pooled": float(obj.sum() / ov.sum()) if ov.sum() > 0 else float("nan"),
+        "intersection_touches_object": mean(obj[some] > 0),
+        "view_iou": mean(per_sample["iou"]),
+        "views_overlap": mean(some),
+        "window_on_object": mean(per_sample["window_on_object"][px > 0] / px[px > 0]),
+        "mean_window_area": mean(per_sample["area_fraction"]),
+        "views_with_object": mean(per_sample["box_fraction"] >= min_box_fraction),
+        "image_on_object": mean(per_sample["image_on_object"]),
+        "intersection_on_object_view1": mean(frac[:, :, 0][some[:, :, 0]]),
+        "intersection_on_object_view2": mean(frac[:, :, 1][some[:, :, 1]]),
+        "samples": int(ov.shape[0]),
+        "local_views": int(ov.shape[1]),
     }

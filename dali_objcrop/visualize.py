@@ -3,7 +3,10 @@
 ``crop_grid(rows, out_png)`` draws, per sample, the image with all its
 proposals (thin), the chosen proposal (thick), both crop windows (labelled
 ``1`` and ``2``, distinct colours, ``f`` when the view is flipped) and, to the
-right, the two resulting crops side by side.  ``cut_crop`` cuts one window with
+right, the two resulting crops side by side.  With local (multi-crop) views the
+image also carries their windows (thin, a magenta-violet family, lettered
+``a``, ``b``, ... and ``f`` when flipped) and, where the row has their crops,
+their thumbnails follow the two views.  ``cut_crop`` cuts one window with
 OpenCV for tools that do not need DALI.  Both are deterministic: the random
 decisions come from :func:`dali_objcrop.windows.sample_windows`.
 """
@@ -22,6 +25,8 @@ from .constants import IMAGENET_MEAN_PX, IMAGENET_STD_PX
 PROPOSAL_RGB = (255, 230, 60)     # thin yellow
 BOX_RGB = (255, 40, 40)           # thick red: the chosen proposal
 WINDOW_RGB = ((40, 170, 255), (60, 230, 90))   # view 1 blue, view 2 green
+# local view j: LOCAL_RGB[j % 4], thin; magenta to violet, apart from every colour above
+LOCAL_RGB = ((255, 60, 220), (190, 90, 255), (255, 120, 190), (150, 80, 255))
 TEXT_RGB = (255, 255, 255)
 BG_RGB = (32, 32, 32)
 
@@ -109,8 +114,14 @@ def _rect(canvas: np.ndarray, r: Sequence[float], s: float, colour, thickness: i
     return x1, y1, x2, y2
 
 
+def local_name(j: int) -> str:
+    """The letter of local view ``j`` (``a``, ``b``, ...)."""
+    return chr(ord("a") + j)
+
+
 def draw_sample(image: np.ndarray, proposals: np.ndarray | None, box: np.ndarray | None,
-                windows: np.ndarray, flips: Sequence[bool] = (False, False), height: int = 256) -> np.ndarray:
+                windows: np.ndarray, flips: Sequence[bool] = (False, False), height: int = 256,
+                local_windows: np.ndarray | None = None, local_flips: Sequence[bool] | None = None) -> np.ndarray:
     """The image scaled to ``height`` with proposals, chosen box and both windows drawn on it.
 
     Args:
@@ -120,6 +131,9 @@ def draw_sample(image: np.ndarray, proposals: np.ndarray | None, box: np.ndarray
         windows: (2, 4) int ``[x1, y1, x2, y2)`` of views 1 and 2.
         flips: per view, drawn as ``f`` after the view number.
         height: panel height in pixels.
+        local_windows: (M, 4) int windows of the local views (1 px, :data:`LOCAL_RGB`, lettered at
+            their top-left corner), or None.
+        local_flips: (M,) per local view, ``f`` after its letter.
 
     Returns:
         (height, round(W * height / H), 3) uint8 RGB.
@@ -134,6 +148,14 @@ def draw_sample(image: np.ndarray, proposals: np.ndarray | None, box: np.ndarray
             _rect(panel, p, s, PROPOSAL_RGB, 1)
     if box is not None and np.all(np.isfinite(np.asarray(box, np.float64))):
         _rect(panel, box, s, BOX_RGB, 3)
+    if local_windows is not None and len(local_windows):
+        # under the global windows (drawn next), so the two views stay readable over many local ones
+        lw = np.asarray(local_windows).reshape(-1, 4)
+        lf = np.zeros(len(lw), bool) if local_flips is None else np.asarray(local_flips, bool)
+        corners = [_rect(panel, w, s, LOCAL_RGB[j % len(LOCAL_RGB)], 1) for j, w in enumerate(lw)]
+        for j, (x1, y1, _, _) in enumerate(corners):
+            _label(panel, f"{local_name(j)}{'f' if lf[j] else ''}", (x1 + 2, y1 + 11), LOCAL_RGB[j % len(LOCAL_RGB)],
+                   0.38)
     win = np.asarray(windows).reshape(2, 4)
     # view 2 thick underneath, view 1 thin on top: both stay visible when the windows coincide
     corners = {v: _rect(panel, win[v], s, WINDOW_RGB[v], 4 if v else 2) for v in (1, 0)}
@@ -158,20 +180,47 @@ def _titled(panel: np.ndarray, title: str, colour=TEXT_RGB, pad: int = _TITLE_PA
     return out
 
 
+def _local_panel(crops: Sequence, flips: Sequence[bool], height: int, mean, std, gap: int = 4
+                 ) -> tuple[np.ndarray, list[list[int]]]:
+    """The local views' thumbnails tiled in one or two rows of square tiles, ``height`` tall, each framed
+    in its colour and lettered; also each tile's ``[x, y, w, h]`` in the panel."""
+    m = len(crops)
+    rows = 1 if m <= 2 else 2
+    cols = -(-m // rows)
+    t = max(1, (height - (rows - 1) * gap) // rows)
+    panel = np.full((height, cols * t + (cols - 1) * gap, 3), BG_RGB, np.uint8)
+    tiles = []
+    for j, crop in enumerate(crops):
+        c = crop_to_uint8(crop, mean, std)
+        c = cv2.resize(c, (t, t), interpolation=cv2.INTER_AREA if max(c.shape[:2]) > t else cv2.INTER_LINEAR)
+        colour = LOCAL_RGB[j % len(LOCAL_RGB)]
+        cv2.rectangle(c, (0, 0), (t - 1, t - 1), colour, 2)
+        _label(c, f"{local_name(j)}{'f' if flips[j] else ''}", (4, 14), colour, 0.42)
+        x, y = (j % cols) * (t + gap), (j // cols) * (t + gap)
+        panel[y:y + t, x:x + t] = c
+        tiles.append([x, y, t, t])
+    return panel, tiles
+
+
 def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float] = IMAGENET_MEAN_PX,
                std: Sequence[float] = IMAGENET_STD_PX, layout: list[dict] | None = None) -> np.ndarray:
     """One grid row (see :func:`crop_grid` for the keys of ``row``), (H, W, 3) uint8 RGB.
 
-    ``layout``, when given, receives one dict per panel (``name`` "image", "view1", "view2" and the
-    picture's ``x``, ``y``, ``w``, ``h`` inside the returned row, title strips excluded)."""
+    ``layout``, when given, receives one dict per panel (``name`` "image", "view1", "view2", then
+    "local" where the row has local crops, and the picture's ``x``, ``y``, ``w``, ``h`` inside the
+    returned row, title strips excluded; "local" also has its thumbnails' ``tiles``, ``[x, y, w, h]``
+    each in the same coordinates)."""
     for k in ("image", "windows", "crops"):
         if k not in row:
             raise ValueError(f"a crop_grid row needs key {k!r}, got keys {sorted(row)}")
     flips = tuple(bool(f) for f in row.get("flips", (False, False)))
     win = np.asarray(row["windows"]).reshape(2, 4)
     ih, iw = np.asarray(row["image"]).shape[:2]
+    lw = row.get("local_windows")
+    m = 0 if lw is None else len(lw)
+    lflips = tuple(bool(f) for f in row.get("local_flips", np.zeros(m, bool)))
     panels = [_titled(draw_sample(row["image"], row.get("proposals"), row.get("box"), row["windows"], flips,
-                                  height), f"image {iw}x{ih}px")]
+                                  height, lw if m else None, lflips), f"image {iw}x{ih}px")]
     for v, crop in enumerate(row["crops"][:2]):
         c = crop_to_uint8(crop, mean, std)
         c = cv2.resize(c, (int(round(c.shape[1] * height / c.shape[0])), height), interpolation=cv2.INTER_AREA
@@ -180,14 +229,28 @@ def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float]
         x1, y1, x2, y2 = (int(t) for t in win[v])
         panels.append(_titled(c, f"view {v + 1}{' flipped' if flips[v] else ''}  {x2 - x1}x{y2 - y1}px",
                               WINDOW_RGB[v]))
+    names = ["image", "view1", "view2"]
+    tiles: list[list[int]] = []
+    local_crops = row.get("local_crops")
+    if local_crops is not None and len(local_crops):
+        if len(local_crops) != m:
+            raise ValueError(f"a crop_grid row has {len(local_crops)} local crops and {m} local windows")
+        pic, tiles = _local_panel(local_crops, lflips, height, mean, std)
+        size = row.get("local_size")
+        panels.append(_titled(pic, f"{m} local views{f'  {size}px' if size else ''}"
+                                   f"{'  from ' + row['local_from'] if row.get('local_from') else ''}",
+                              LOCAL_RGB[0]))
+        names.append("local")
     hh = max(p.shape[0] for p in panels)
     sep = np.full((hh, gap, 3), BG_RGB, np.uint8)
     if layout is not None:
         x = 0
-        for name, p in zip(("image", "view1", "view2"), panels):
+        for name, p in zip(names, panels):
             # the picture sits under its title strip (_titled) and the row's header strip (_header)
-            layout.append({"name": name, "x": x, "y": _HEADER_PAD + _TITLE_PAD, "w": int(p.shape[1]),
-                           "h": int(p.shape[0]) - _TITLE_PAD})
+            y = _HEADER_PAD + _TITLE_PAD
+            layout.append({"name": name, "x": x, "y": y, "w": int(p.shape[1]), "h": int(p.shape[0]) - _TITLE_PAD})
+            if name == "local":
+                layout[-1]["tiles"] = [[x + tx, y + ty, tw, th] for tx, ty, tw, th in tiles]
             x += p.shape[1] + gap
     parts = []
     for p in panels:
@@ -195,16 +258,18 @@ def render_row(row: dict, height: int = 256, gap: int = 6, mean: Sequence[float]
             p = np.concatenate([p, np.full((hh - p.shape[0], p.shape[1], 3), BG_RGB, np.uint8)])
         parts += [p, sep]
     body = np.concatenate(parts[:-1], axis=1)
-    return _header(body, row.get("title") or _default_title(row))
+    return _header(body, row.get("title") or _default_title(row), local=m)
 
 
-def _header(body: np.ndarray, title: str, pad: int = _HEADER_PAD, scale: float = 0.5) -> np.ndarray:
+def _header(body: np.ndarray, title: str, pad: int = _HEADER_PAD, scale: float = 0.5, local: int = 0) -> np.ndarray:
     """``body`` under a strip: the title, then a colour legend (as far as the width allows)."""
     out = np.full((body.shape[0] + pad, body.shape[1], 3), BG_RGB, np.uint8)
     out[pad:] = body
     x = 3
     pieces = [(title + "   ", TEXT_RGB), ("proposals ", PROPOSAL_RGB), ("chosen ", BOX_RGB),
               ("window 1 ", WINDOW_RGB[0]), ("window 2 ", WINDOW_RGB[1]), ("(f = flipped)", TEXT_RGB)]
+    if local:
+        pieces.insert(-1, (f"local a{'-' + local_name(local - 1) if local > 1 else ''} ", LOCAL_RGB[0]))
     for k, (text, colour) in enumerate(pieces):
         tw = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
         if k and x + tw > out.shape[1]:  # a legend word that does not fit is left out, never cut
@@ -232,7 +297,11 @@ def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, he
             ``(x - mean) / std`` in HWC or CHW layout;
             optional ``proposals`` (k, 4) pixel boxes, ``box`` (4,) the chosen
             proposal in pixels (NaN for none), ``flips`` (2,) bool, and
-            ``title`` or ``key`` / ``mode`` for the row's title.
+            ``title`` or ``key`` / ``mode`` for the row's title;
+            optional local views: ``local_windows`` (M, 4) int and
+            ``local_flips`` (M,) bool (drawn on the image), ``local_crops``
+            (M crops, as ``crops``; their thumbnails follow the two views),
+            ``local_size`` and ``local_from`` (for the panel's title).
         out_png: where to write the PNG (parent folders are created); None
             only returns the picture.
         height: height of every panel in pixels.
@@ -240,7 +309,8 @@ def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, he
         mean, std: normalisation constants of float crops (see :func:`crop_to_uint8`).
         layout: if a list, one dict per row is appended: the row's ``y`` and ``h`` in the grid and
             its ``panels`` (``name``, ``x``, ``y``, ``w``, ``h`` of the image and of both views'
-            pictures, in grid pixels), so a caller can say what the picture shows.
+            pictures, and of the local thumbnails with their ``tiles``, in grid pixels), so a caller
+            can say what the picture shows.
 
     Returns:
         The grid, (H, W, 3) uint8 RGB.
@@ -256,7 +326,9 @@ def crop_grid(rows: Sequence[dict], out_png: str | os.PathLike | None = None, he
     y = 0
     for d, p in zip(drawn, panels):
         if layout is not None:
-            layout.append({"y": y, "h": int(d.shape[0]), "panels": [{**q, "y": q["y"] + y} for q in p]})
+            layout.append({"y": y, "h": int(d.shape[0]), "panels": [
+                {**q, "y": q["y"] + y, **({"tiles": [[tx, ty + y, tw, th] for tx, ty, tw, th in q["tiles"]]}
+                                          if "tiles" in q else {})} for q in p]})
         y += d.shape[0] + gap
         if d.shape[1] < width:  # rows of portrait images are narrower
             d = np.concatenate([d, np.full((d.shape[0], width - d.shape[1], 3), BG_RGB, np.uint8)], axis=1)

@@ -96,3 +96,56 @@ def test_throughput_rejects_unknown_mode():
     throughput = benchmark_module.load("throughput")
     with pytest.raises(SystemExit):
         throughput.parse_args(["--modes", "obj-everything"])
+
+
+
+def test_demo_draws_local_windows_where_its_record_says(tmp_path, monkeypatch):
+    """--local-crops: the image panel carries each local window's outline in its local colour, where the
+    JSON record's windows put it (scaled to the panel); the same pixels do not without local views, and the
+    rest of the row is the two-view one."""
+    import numpy as np
+    from dali_objcrop.cli import main
+    from dali_objcrop.visualize import LOCAL_RGB
+    monkeypatch.setenv("DALI_OBJCROP_HOME", str(tmp_path / "home"))
+    common = ["demo", "--set-size", "24", "--images", "8", "--batch-size", "4", "--device", "cpu",
+              "--modes", "obj-obj-dilate", "--rows", "2"]
+    assert main(common + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(common + ["--out", str(tmp_path / "local.png"), "--local-crops", "3", "--local-from", "boxes"]) == 0
+    rec = json.loads((tmp_path / "local.json").read_text())
+    plain_rec = json.loads((tmp_path / "plain.json").read_text())
+    info = rec["modes"][0]["local"]
+    assert (info["crops"], info["from"]) == (3, "boxes") and "local" not in plain_rec["modes"][0]
+    heights = {i["file_name"]: i["height"] for i in json.loads(Path(rec["set"]).read_text())["images"]}
+    local = cv2.imread(str(tmp_path / "local.png"))[..., ::-1]   # RGB
+    plain = cv2.imread(str(tmp_path / "plain.png"))[..., ::-1]
+    for row, plain_row in zip(rec["grid"]["rows"], plain_rec["grid"]["rows"]):
+        assert row["key"] == plain_row["key"] and "local_windows" not in plain_row
+        assert len(row["local_windows"]) == 3
+        # thumbnails only where the loader's batches carry the local views
+        assert [p["name"] for p in row["panels"]] == ["image", "view1", "view2"] + (["local"] if info["thumbnails"]
+                                                                                      else [])
+        assert row["panels"][:3] == plain_row["panels"]
+        img = row["panels"][0]
+        k = img["h"] / heights[row["key"]]
+
+        def outline(r, pad=0):
+            """Panel pixels (ys, xs) on rectangle r's outline, as _rect scales it, grown by pad."""
+            x1, y1 = int(round(r[0] * k)), int(round(r[1] * k))
+            x2, y2 = int(round(r[2] * k)) - 1, int(round(r[3] * k)) - 1
+            yy, xx = np.mgrid[y1 - pad:y2 + pad + 1, x1 - pad:x2 + pad + 1]
+            edge = (np.minimum(np.abs(yy - y1), np.abs(yy - y2)) <= pad) | (np.minimum(np.abs(xx - x1),
+                                                                                       np.abs(xx - x2)) <= pad)
+            edge &= (yy >= 0) & (yy < img["h"]) & (xx >= 0) & (xx < img["w"])
+            return yy[edge], xx[edge]
+
+        hidden = np.zeros((img["h"], img["w"]), bool)   # under the thick global windows, drawn on top
+        for w in row["windows"]:
+            hidden[outline(w, 3)] = True
+        for j, win in enumerate(row["local_windows"]):
+            ys, xs = outline(win)
+            seen = ~hidden[ys, xs]
+            assert seen.sum() >= 20, (row["key"], j)
+            ys, xs = ys[seen] + img["y"], xs[seen] + img["x"]
+            on = (np.abs(local[ys, xs].astype(int) - LOCAL_RGB[j]) <= 30).all(-1).mean()
+            off = (np.abs(plain[ys, xs].astype(int) - LOCAL_RGB[j]) <= 30).all(-1).mean()
+            assert on > 0.6 and off < 0.2, (row["key"], j, on, off)
