@@ -10,6 +10,7 @@
 // Contents:
 //   * SplitMix64 counter-based RNG, a port of dali_objcrop/rng.py
 //   * oc_sample_windows: a per-sample port of windows.sample_windows
+//   * oc_sample_local: its local (multi-crop) views (windows._sample_local; the windows operator's)
 //   * oc_resample_pixel: antialiased bilinear (triangle filter) resampling of one
 //     output pixel of a crop window, flip, normalisation
 //   * float -> fp16 / bf16 bit conversions (round to nearest even)
@@ -48,6 +49,18 @@ typedef long long oc_i64;
 #define OC_VIEW_POS 10
 #define OC_VIEW_FLIP 11
 #define OC_MAX_TRIES 10
+#define OC_SLOT_AUG_BASE 40
+#define OC_SLOTS_PER_AUG 8
+// local (multi-crop) views: view 2 + j is local view j, with its own block of slots
+#define OC_SLOT_LOCAL_BASE 64
+#define OC_SLOTS_PER_LOCAL 32
+#define OC_LOCAL_AUG 16
+#define OC_MAX_LOCAL_VIEWS 16
+
+// where local views are drawn (windows.LOCAL_SOURCES)
+#define OC_LOCAL_FROM_BOX 0
+#define OC_LOCAL_FROM_BOXES 1
+#define OC_LOCAL_FROM_SCENE 2
 
 // ---- view kinds and the float64 parameter block (see kernels/common.py) -----
 #define OC_KIND_SCENE 0
@@ -128,6 +141,18 @@ OC_HD void oc_uniforms(oc_u64 key, int slot, double* u_hi, double* u_lo) {
   *u_lo = (double)(h & 0xFFFFFFFFULL) * (1.0 / 4294967296.0);
 }
 
+// rng.view_slot: slot of `offset` (OC_VIEW_*) for view `view` (0, 1 global; 2 + j local view j).
+OC_HD int oc_view_slot(int view, int offset) {
+  return view < 2 ? OC_SLOT_VIEW_BASE + view * OC_SLOTS_PER_VIEW + offset
+                  : OC_SLOT_LOCAL_BASE + (view - 2) * OC_SLOTS_PER_LOCAL + offset;
+}
+
+// rng.aug_slot: slot of augmentation draw k (0..7) for view `view`.
+OC_HD int oc_aug_slot(int view, int k) {
+  return view < 2 ? OC_SLOT_AUG_BASE + view * OC_SLOTS_PER_AUG + k
+                  : OC_SLOT_LOCAL_BASE + (view - 2) * OC_SLOTS_PER_LOCAL + OC_LOCAL_AUG + k;
+}
+
 // ---- windows (windows.py) ----------------------------------------------------
 struct OcRect {
   oc_i64 x1, y1, x2, y2;
@@ -170,7 +195,8 @@ OC_HD OcRect oc_min_size_region(OcRect r, oc_i64 w, oc_i64 h, oc_i64 min_size) {
   return r;
 }
 
-// windows.random_resized_crop for one sample and one view (torchvision get_params).
+// windows.random_resized_crop for one sample and one view (torchvision get_params); view 0, 1 global,
+// 2 + j local view j (its slots: oc_view_slot).
 OC_HD OcRect oc_random_resized_crop(oc_u64 key, int view, OcRect region, double scale_lo, double scale_hi,
                                     const double* p) {
   double rw = (double)(region.x2 - region.x1);
@@ -181,7 +207,7 @@ OC_HD OcRect oc_random_resized_crop(oc_u64 key, int view, OcRect region, double 
   int num_tries = (int)p[OC_P_NUM_TRIES];
   double cw = 0.0, ch = 0.0;
   int found = 0;
-  int base = OC_SLOT_VIEW_BASE + view * OC_SLOTS_PER_VIEW;
+  int base = oc_view_slot(view, 0);  // views 0, 1: OC_SLOT_VIEW_BASE + view * OC_SLOTS_PER_VIEW
   for (int t = 0; t < num_tries && !found; ++t) {
     double u_s, u_r;
     oc_uniforms(key, base + OC_VIEW_TRY + t, &u_s, &u_r);
@@ -308,6 +334,68 @@ OC_HD void oc_store_sample(int n, const OcSample& s, int* windows, int* regions,
   }
   box_index[n] = s.box_index;
   fallback[n] = (unsigned char)s.fallback;
+}
+
+// What oc_sample_local decides for one local view (mirrors CropWindows.local_*).
+struct OcLocal {
+  int win[4];     // [x1, y1, x2, y2)
+  int region[4];  // the region it was sampled in
+  int flip;
+  int box_index;  // the proposal it was drawn in (-1: none, or local_from scene)
+};
+
+// windows._sample_local for local view j (0 <= j < OC_MAX_LOCAL_VIEWS) of sample n: RandomResizedCrop with
+// scale (local_lo, local_hi) of its region (local_from: OC_LOCAL_FROM_*) on the slots of view 2 + j.
+//   s: oc_sample_windows of the same sample and arguments (its regions and proposal); key: the sample's
+//   key (oc_sample_key); the other arguments as oc_sample_windows.
+// Not used by the CUDA kernels (two views); the windows operator (csrc/dali/windows_op.cc) calls it.
+OC_HD OcLocal oc_sample_local(int n, int j, const OcSample& s, int local_from, double local_lo, double local_hi,
+                              const int* sizes, const float* boxes, const oc_i64* offsets, oc_u64 key,
+                              const double* p) {
+  OcLocal l;
+  oc_i64 w = sizes[2 * n], h = sizes[2 * n + 1];
+  OcRect region = {0, 0, w, h};  // scene, and every source on an image without proposals
+  l.box_index = -1;
+  if (local_from == OC_LOCAL_FROM_BOX) {
+    // the union of the global object views' regions (each the whole image where there is no box)
+    int kinds[2] = {(int)p[OC_P_KIND0], (int)p[OC_P_KIND1]};
+    int first = -1, last = -1;
+    for (int v = 0; v < 2; ++v) {
+      if (kinds[v] != OC_KIND_SCENE) {
+        if (first < 0) first = v;
+        last = v;
+      }
+    }
+    if (first >= 0) {
+      const int* a = s.region[first];
+      const int* b = s.region[last];
+      region.x1 = a[0] < b[0] ? a[0] : b[0];
+      region.y1 = a[1] < b[1] ? a[1] : b[1];
+      region.x2 = a[2] > b[2] ? a[2] : b[2];
+      region.y2 = a[3] > b[3] ? a[3] : b[3];
+    }
+    l.box_index = s.box_index;
+  } else if (local_from == OC_LOCAL_FROM_BOXES) {
+    // proposal (b + j) mod k: local view 0 on the global views' proposal, the others on the next ones
+    oc_i64 count = offsets[n + 1] - offsets[n];
+    oc_i64 top_k = (oc_i64)p[OC_P_TOP_K];
+    count = count < top_k ? count : top_k;
+    if (count > 0) {
+      oc_i64 b0 = s.box_index > 0 ? (oc_i64)s.box_index : 0;
+      oc_i64 pick = (b0 + j) % count;
+      const float* bf = boxes + 4 * (offsets[n] + pick);
+      double b[4] = {(double)bf[0], (double)bf[1], (double)bf[2], (double)bf[3]};
+      region = oc_min_size_region(oc_to_pixels(b, w, h), w, h, (oc_i64)p[OC_P_MIN_BOX]);
+      l.box_index = (int)pick;
+    }
+  }
+  OcRect win = oc_random_resized_crop(key, 2 + j, region, local_lo, local_hi, p);
+  oc_set_rect(l.win, win);
+  oc_set_rect(l.region, region);
+  double u_f, unused;
+  oc_uniforms(key, oc_view_slot(2 + j, OC_VIEW_FLIP), &u_f, &unused);
+  l.flip = u_f < p[OC_P_FLIP_P];
+  return l;
 }
 
 // ---- resampling ---------------------------------------------------------------

@@ -1,11 +1,11 @@
 // windows_op.cc -- the objcrop__Windows DALI operator (fn.objcrop.windows), CPU backend.
 //
-// Per sample: the two views' crop windows, flips and augmentation draws of
-// dali_objcrop.windows.sample_windows + augment.sample_aug_params, computed from
+// Per sample: the two global views' and the `local_crops` = M local views' crop windows, flips and
+// augmentation draws of dali_objcrop.windows.sample_windows + augment.sample_aug_params, computed from
 // the same counter-based key (seed, epoch, sample index), so a sample is still
 // recomputable alone and the outputs equal the NumPy specification exactly
 // (tests/operators/test_plugin_windows.py).  The window arithmetic is csrc/objcrop_core.h
-// (oc_sample_windows), the very text the CUDA kernels run.
+// (oc_sample_windows, and oc_sample_local for the local views), the very text the CUDA kernels run.
 //
 // Inputs:  [boxes,] shape, index
 //   boxes  (K, 4) float32 normalised [x1, y1, x2, y2], best-first (e.g. readers.coco(ltrb=True,
@@ -13,11 +13,13 @@
 //          scene crops only.
 //   shape  image shape (H, W[, C]) of the ENCODED image, e.g. fn.peek_image_shape (any integer type).
 //   index  the sample's key (its dataset position or any non-negative integer id), one integer.
-// Outputs (CPU, per sample): roi (4,) int32 [x, y, w, h]; windows (2, 4) int32 [x1, y1, x2, y2)
-//   relative to the roi; flip (2,) uint8; aug (2, 9) float32; then, in this order, where asked:
-//   details (12,) int32 = regions (2x4, absolute), box_index, fallback, shift dx, dy;
-//   resize_rois (2, 4) float32 (fn.resize's roi_start/roi_end); blur_kernels (2, W) float32;
-//   image_windows (2, 4) int32 [x1, y1, x2, y2) in the whole image's pixels (for a full decode).
+// Outputs (CPU, per sample; V = 2 + M view rows, the global views first, then the local views in order;
+//   M = 0 gives exactly the two-view outputs): roi (4,) int32 [x, y, w, h], the union of all V windows;
+//   windows (V, 4) int32 [x1, y1, x2, y2) relative to the roi; flip (V,) uint8; aug (V, 9) float32; then,
+//   in this order, where asked: details (12 + 5M,) int32 = regions (2x4, absolute), box_index, fallback,
+//   shift dx, dy, then per local view [region x1, y1, x2, y2, box index]; resize_rois (V, 4) float32
+//   (fn.resize's roi_start/roi_end); blur_kernels (V, W) float32; image_windows (V, 4) int32
+//   [x1, y1, x2, y2) in the whole image's pixels (for a full decode).
 // Traps refused (a user's own pipeline): boxes not finite, inverted or outside [0, 1] (pixel
 //   boxes; `box_check="clip"` accepts boxes reaching outside the image), an object mode with
 //   neither boxes nor boxes_store; box_scale left unset with a store is derived from it as the
@@ -51,12 +53,16 @@ using dali::Workspace;
 constexpr int kAugCols = 9;       // colour, brightness, contrast, saturation, hue, blur, sigma, window, solarize
 constexpr int kViewAugParams = 10;  // jitter_p, b, c, s, hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p
 constexpr int kDetails = 12;
+constexpr int kLocalDetails = 5;  // per local view: region x1, y1, x2, y2, box index
 
-// augment.RECIPES, flattened per view in the kViewAugParams order.
-static const double kMocoV2[2 * kViewAugParams] = {0.8, 0.4, 0.4, 0.4, 0.1, 0.2, 0.5, 0.1, 2.0, 0.0,
+// augment.RECIPES, flattened per view in the kViewAugParams order: the two global views, then the
+// local (multi-crop) views' augmentation (Recipe.local).
+static const double kMocoV2[3 * kViewAugParams] = {0.8, 0.4, 0.4, 0.4, 0.1, 0.2, 0.5, 0.1, 2.0, 0.0,
+                                                   0.8, 0.4, 0.4, 0.4, 0.1, 0.2, 0.5, 0.1, 2.0, 0.0,
                                                    0.8, 0.4, 0.4, 0.4, 0.1, 0.2, 0.5, 0.1, 2.0, 0.0};
-static const double kByol[2 * kViewAugParams] = {0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 1.0, 0.1, 2.0, 0.0,
-                                                 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 0.1, 0.1, 2.0, 0.2};
+static const double kByol[3 * kViewAugParams] = {0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 1.0, 0.1, 2.0, 0.0,
+                                                 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 0.1, 0.1, 2.0, 0.2,
+                                                 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 0.5, 0.1, 2.0, 0.0};
 
 // augment._factor: uniform in [max(0, 1 - s), 1 + s], float64 as NumPy evaluates it.
 static inline double Factor(double u, double s) {
@@ -64,15 +70,15 @@ static inline double Factor(double u, double s) {
   return lo + u * ((1.0 + s) - lo);
 }
 
-// augment.sample_aug_params for one sample and one view, in the contract's column order.
+// augment.sample_aug_params for one sample and one view (0, 1 global; 2 + j local view j), in the
+// contract's column order.
 static void AugParams(oc_u64 key, int view, const double *a, float *out) {
-  const int base = 40 + view * 8;  // rng.SLOT_AUG_BASE + view * rng.SLOTS_PER_AUG
   double u_jit, u_gray, u_b, u_c, u_s, u_h, u_blur, u_sigma, u_sol, unused;
-  oc_uniforms(key, base + 0, &u_jit, &u_gray);
-  oc_uniforms(key, base + 1, &u_b, &u_c);
-  oc_uniforms(key, base + 2, &u_s, &u_h);
-  oc_uniforms(key, base + 3, &u_blur, &u_sigma);
-  oc_uniforms(key, base + 4, &u_sol, &unused);
+  oc_uniforms(key, oc_aug_slot(view, 0), &u_jit, &u_gray);  // rng.aug_slot(view, k)
+  oc_uniforms(key, oc_aug_slot(view, 1), &u_b, &u_c);
+  oc_uniforms(key, oc_aug_slot(view, 2), &u_s, &u_h);
+  oc_uniforms(key, oc_aug_slot(view, 3), &u_blur, &u_sigma);
+  oc_uniforms(key, oc_aug_slot(view, 4), &u_sol, &unused);
   const bool jitter = u_jit < a[0], gray = u_gray < a[5];
   const double brightness = jitter ? Factor(u_b, a[1]) : 1.0;
   const double contrast = jitter ? Factor(u_c, a[2]) : 1.0;
@@ -318,23 +324,59 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
     p[OC_P_NUM_TRIES] = num_tries;
     p[OC_P_FLIP_P] = flip_p;
 
+    // local (multi-crop) views: windows._sample_local, M = local_crops of them after the two global views
+    const int local_crops = spec.GetArgument<int>("local_crops");
+    DALI_ENFORCE(local_crops >= 0 && local_crops <= OC_MAX_LOCAL_VIEWS,
+                 dali::make_string("objcrop.windows: local_crops must be in [0, ", OC_MAX_LOCAL_VIEWS, "], got ",
+                                   local_crops));
+    num_local_ = local_crops;
+    auto local_scale = pair("local_scale", true);
+    local_lo_ = local_scale[0];
+    local_hi_ = local_scale[1];
+    const std::string local_from = spec.GetArgument<std::string>("local_from");
+    if (local_from == "box") local_from_ = OC_LOCAL_FROM_BOX;
+    else if (local_from == "boxes") local_from_ = OC_LOCAL_FROM_BOXES;
+    else if (local_from == "scene") local_from_ = OC_LOCAL_FROM_SCENE;
+    else DALI_FAIL(dali::make_string("objcrop.windows: local_from must be one of box, boxes, scene, got '",
+                                     local_from, "'"));
+    DALI_ENFORCE(!(num_local_ > 0 && local_from_ != OC_LOCAL_FROM_SCENE && mode == "scene-scene"),
+                 dali::make_string("objcrop.windows: local_from='", local_from, "' draws local views inside "
+                                   "proposals, and mode 'scene-scene' uses none: use local_from='scene' (or an "
+                                   "object mode)"));
+
+    // aug: 20 numbers (the global views; the local views take the recipe's local augmentation) or 30
     std::vector<double> aug = Numbers(spec, "aug", 0);
+    const std::string recipe = spec.GetArgument<std::string>("recipe");
+    const double *r = recipe == "mocov2" ? kMocoV2 : recipe == "byol" ? kByol : nullptr;
     if (aug.empty()) {
-      const std::string recipe = spec.GetArgument<std::string>("recipe");
-      const double *r = recipe == "mocov2" ? kMocoV2 : recipe == "byol" ? kByol : nullptr;
       DALI_ENFORCE(r != nullptr, dali::make_string("objcrop.windows: unknown recipe '", recipe,
                                                    "' (mocov2, byol; or give `aug`)"));
-      aug.assign(r, r + 2 * kViewAugParams);
+      aug.assign(r, r + 3 * kViewAugParams);
     }
-    DALI_ENFORCE(aug.size() == 2 * kViewAugParams,
-                 "objcrop.windows: aug must hold 20 values (per view: jitter_p, brightness, contrast, saturation, "
-                 "hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p)");
+    DALI_ENFORCE(aug.size() == 2 * kViewAugParams || aug.size() == 3 * kViewAugParams,
+                 "objcrop.windows: aug must hold 20 values (per global view: jitter_p, brightness, contrast, "
+                 "saturation, hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p) or 30 (then the local views' "
+                 "10 in the same order)");
+    if (aug.size() == 2 * kViewAugParams) {
+      if (r != nullptr) {
+        aug.insert(aug.end(), r + 2 * kViewAugParams, r + 3 * kViewAugParams);
+      } else {
+        DALI_ENFORCE(num_local_ == 0, dali::make_string("objcrop.windows: local_crops > 0 with a 20-number aug "
+                                                        "takes the local views' augmentation from recipe, and "
+                                                        "recipe '", recipe, "' is unknown (mocov2, byol; or give "
+                                                        "30 numbers in aug)"));
+        aug.insert(aug.end(), aug.begin(), aug.begin() + kViewAugParams);  // unused: no local view
+      }
+    }
     std::copy(aug.begin(), aug.end(), aug_);
     details_ = spec.GetArgument<bool>("details");
     resize_rois_ = spec.GetArgument<bool>("resize_rois");
     blur_kernels_ = spec.GetArgument<bool>("blur_kernels");
-    DALI_ENFORCE(aug[7] > 0 && aug[7] <= aug[8] && aug[17] > 0 && aug[17] <= aug[18] && aug[8] <= 10.0 &&
-                 aug[18] <= 10.0, "objcrop.windows: blur sigma ranges must satisfy 0 < lo <= hi <= 10");
+    for (int v = 0; v < 3; ++v) {
+      const double *a = aug_ + v * kViewAugParams;
+      DALI_ENFORCE(a[7] > 0 && a[7] <= a[8] && a[8] <= 10.0,
+                   "objcrop.windows: blur sigma ranges (aug) must satisfy 0 < lo <= hi <= 10");
+    }
     const std::string store = spec.GetArgument<std::string>("boxes_store");
     if (!store.empty()) store_ = std::make_unique<BoxStoreMap>(store);
     image_windows_ = spec.GetArgument<bool>("image_windows");
@@ -371,30 +413,32 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
     const int n = ws.GetInputBatchSize(0);
     const int nin = ws.NumInput();
     (void)nin;
+    const int64_t nv = 2 + num_local_;  // view rows: the global views, then the local views
     out.resize(4 + details_ + resize_rois_ + blur_kernels_ + image_windows_);
     out[0] = {dali::uniform_list_shape(n, {4}), DALI_INT32};
-    out[1] = {dali::uniform_list_shape(n, {2, 4}), DALI_INT32};
-    out[2] = {dali::uniform_list_shape(n, {2}), DALI_UINT8};
-    out[3] = {dali::uniform_list_shape(n, {2, kAugCols}), DALI_FLOAT};
+    out[1] = {dali::uniform_list_shape(n, {nv, int64_t{4}}), DALI_INT32};
+    out[2] = {dali::uniform_list_shape(n, {nv}), DALI_UINT8};
+    out[3] = {dali::uniform_list_shape(n, {nv, int64_t{kAugCols}}), DALI_FLOAT};
     int o = 4;
-    if (details_) out[o++] = {dali::uniform_list_shape(n, {kDetails}), DALI_INT32};
-    if (resize_rois_) out[o++] = {dali::uniform_list_shape(n, {2, 4}), DALI_FLOAT};
-    if (blur_kernels_) {  // (2, W): W = the larger of the two views' odd kernel sizes (per sample)
+    if (details_) out[o++] = {dali::uniform_list_shape(n, {kDetails + kLocalDetails * num_local_}), DALI_INT32};
+    if (resize_rois_) out[o++] = {dali::uniform_list_shape(n, {nv, int64_t{4}}), DALI_FLOAT};
+    if (blur_kernels_) {  // (V, W): W = the largest of the views' odd kernel sizes (per sample)
       dali::TensorListShape<2> sh(n);
-      const auto &shape_in = ws.Input<CPUBackend>(ws.NumInput() - 2);
       const auto &index_in = ws.Input<CPUBackend>(ws.NumInput() - 1);
       for (int i = 0; i < n; ++i) {
         const oc_u64 key = oc_sample_key(seed_, static_cast<oc_u64>(spec_.GetArgument<int64_t>("epoch", &ws, i)),
                                          static_cast<oc_u64>(IntAt(index_in, i, 0, "index")));
-        float a0[kAugCols], a1[kAugCols];
-        AugParams(key, 0, aug_, a0);
-        AugParams(key, 1, aug_ + kViewAugParams, a1);
-        sh.set_tensor_shape(i, {2, static_cast<int64_t>(std::max(a0[7], a1[7]))});
+        float width = 0.0f;
+        for (int v = 0; v < nv; ++v) {
+          float a[kAugCols];
+          AugParams(key, v, ViewAug(v), a);
+          width = std::max(width, a[7]);
+        }
+        sh.set_tensor_shape(i, {nv, static_cast<int64_t>(width)});
       }
-      (void)shape_in;
       out[o++] = {sh, DALI_FLOAT};
     }
-    if (image_windows_) out[o++] = {dali::uniform_list_shape(n, {2, 4}), DALI_INT32};
+    if (image_windows_) out[o++] = {dali::uniform_list_shape(n, {nv, int64_t{4}}), DALI_INT32};
     return true;
   }
 
@@ -442,31 +486,51 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
       const oc_i64 offsets[2] = {0, count};
       const oc_i64 idx[1] = {index};
       const float zero_box[4] = {0, 0, 1, 1};
-      OcSample s = oc_sample_windows(0, sizes, count ? boxes : zero_box, offsets, idx, seed_,
-                                     static_cast<oc_u64>(epoch), params_);
-      // the union of both windows: what the decoder decodes
-      int x0 = std::min(s.win[0][0], s.win[1][0]), y0 = std::min(s.win[0][1], s.win[1][1]);
-      int x1 = std::max(s.win[0][2], s.win[1][2]), y1 = std::max(s.win[0][3], s.win[1][3]);
+      const float *sample_boxes = count ? boxes : zero_box;
+      OcSample s = oc_sample_windows(0, sizes, sample_boxes, offsets, idx, seed_, static_cast<oc_u64>(epoch),
+                                     params_);
+      const oc_u64 key = oc_sample_key(seed_, static_cast<oc_u64>(epoch), static_cast<oc_u64>(index));
+      // every view's absolute window, flip and region: the global views, then the local views
+      int views[2 + OC_MAX_LOCAL_VIEWS][4], flips[2 + OC_MAX_LOCAL_VIEWS];
+      OcLocal local[OC_MAX_LOCAL_VIEWS];
+      for (int v = 0; v < 2; ++v) {
+        std::copy(s.win[v], s.win[v] + 4, views[v]);
+        flips[v] = s.flip[v];
+      }
+      for (int j = 0; j < num_local_; ++j) {
+        local[j] = oc_sample_local(0, j, s, local_from_, local_lo_, local_hi_, sizes, sample_boxes, offsets, key,
+                                   params_);
+        std::copy(local[j].win, local[j].win + 4, views[2 + j]);
+        flips[2 + j] = local[j].flip;
+      }
+      const int nv = 2 + num_local_;
+      // the union of all windows: what the decoder decodes
+      int x0 = views[0][0], y0 = views[0][1], x1 = views[0][2], y1 = views[0][3];
+      for (int v = 1; v < nv; ++v) {
+        x0 = std::min(x0, views[v][0]);
+        y0 = std::min(y0, views[v][1]);
+        x1 = std::max(x1, views[v][2]);
+        y1 = std::max(y1, views[v][3]);
+      }
       int32_t *roi = roi_out.mutable_tensor<int32_t>(i);
       roi[0] = x0; roi[1] = y0; roi[2] = x1 - x0; roi[3] = y1 - y0;
       int32_t *win = win_out.mutable_tensor<int32_t>(i);
       uint8_t *flip = flip_out.mutable_tensor<uint8_t>(i);
       float *aug = aug_out.mutable_tensor<float>(i);
-      const oc_u64 key = oc_sample_key(seed_, static_cast<oc_u64>(epoch), static_cast<oc_u64>(index));
-      for (int v = 0; v < 2; ++v) {
-        win[4 * v + 0] = s.win[v][0] - x0;
-        win[4 * v + 1] = s.win[v][1] - y0;
-        win[4 * v + 2] = s.win[v][2] - x0;
-        win[4 * v + 3] = s.win[v][3] - y0;
-        flip[v] = static_cast<uint8_t>(s.flip[v]);
-        AugParams(key, v, aug_ + v * kViewAugParams, aug + v * kAugCols);
+      for (int v = 0; v < nv; ++v) {
+        win[4 * v + 0] = views[v][0] - x0;
+        win[4 * v + 1] = views[v][1] - y0;
+        win[4 * v + 2] = views[v][2] - x0;
+        win[4 * v + 3] = views[v][3] - y0;
+        flip[v] = static_cast<uint8_t>(flips[v]);
+        AugParams(key, v, ViewAug(v), aug + v * kAugCols);
       }
       int o = 4;
       int32_t *absolute = nullptr;
       if (image_windows_) absolute = ws.Output<CPUBackend>(4 + details_ + resize_rois_ + blur_kernels_)
                                          .mutable_tensor<int32_t>(i);
-      for (int v = 0; v < 2 && absolute; ++v)
-        for (int k = 0; k < 4; ++k) absolute[4 * v + k] = s.win[v][k];
+      for (int v = 0; v < nv && absolute; ++v)
+        for (int k = 0; k < 4; ++k) absolute[4 * v + k] = views[v][k];
       if (details_) {
         int32_t *d = ws.Output<CPUBackend>(o++).mutable_tensor<int32_t>(i);
         for (int v = 0; v < 2; ++v)
@@ -475,10 +539,15 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
         d[9] = s.fallback;
         d[10] = s.shift[0];
         d[11] = s.shift[1];
+        for (int j = 0; j < num_local_; ++j) {
+          int32_t *dl = d + kDetails + kLocalDetails * j;
+          for (int k = 0; k < 4; ++k) dl[k] = local[j].region[k];
+          dl[4] = local[j].box_index;
+        }
       }
       if (resize_rois_) {  // fn.resize's roi_start / roi_end, (y, x); a flipped view swaps x (DALI mirrors)
         float *r = ws.Output<CPUBackend>(o++).mutable_tensor<float>(i);
-        for (int v = 0; v < 2; ++v) {
+        for (int v = 0; v < nv; ++v) {
           const int32_t *wv = win + 4 * v;
           r[4 * v + 0] = static_cast<float>(wv[1]);
           r[4 * v + 1] = static_cast<float>(flip[v] ? wv[2] : wv[0]);
@@ -490,10 +559,10 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
         auto &kout = ws.Output<CPUBackend>(o++);
         const int64_t width = kout.tensor_shape(i)[1];
         float *k = kout.mutable_tensor<float>(i);
-        for (int v = 0; v < 2; ++v) {
-          const double *a = aug_ + v * kViewAugParams;
+        for (int v = 0; v < nv; ++v) {
+          const double *a = ViewAug(v);
           double u_blur, u_sigma;
-          oc_uniforms(key, 40 + v * 8 + 3, &u_blur, &u_sigma);
+          oc_uniforms(key, oc_aug_slot(v, 3), &u_blur, &u_sigma);
           const double sigma = a[7] + u_sigma * (a[8] - a[7]);
           const int64_t size = static_cast<int64_t>(2.0 * std::ceil(3.0 * sigma) + 1.0);
           const int64_t pad = (width - size) / 2;
@@ -532,9 +601,14 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
     }
   }
 
+  // the kViewAugParams numbers of view v's augmentation: 0, 1 global, 2 + j (every local view) the third block
+  const double *ViewAug(int v) const { return aug_ + (v < 2 ? v : 2) * kViewAugParams; }
+
   double params_[OC_NUM_PARAMS];
-  double aug_[2 * kViewAugParams];
+  double aug_[3 * kViewAugParams];  // global view 0, global view 1, the local views
   oc_u64 seed_ = 0;
+  int num_local_ = 0, local_from_ = OC_LOCAL_FROM_BOX;
+  double local_lo_ = 0.05, local_hi_ = 0.4;
   bool details_ = false, resize_rois_ = false, blur_kernels_ = false, image_windows_ = false, clip_boxes_ = false;
   std::unique_ptr<BoxStoreMap> store_;
 };
@@ -546,18 +620,20 @@ namespace dali {
 DALI_REGISTER_OPERATOR(objcrop__Windows, ::objcrop::Windows, CPU);
 
 DALI_SCHEMA(objcrop__Windows)
-    .DocStr(R"(Object-aware crop windows, flips and augmentation draws of both views, per sample.
+    .DocStr(R"(Object-aware crop windows, flips and augmentation draws of every view, per sample.
 
 Equal to ``dali_objcrop.windows.sample_windows`` and ``augment.sample_aug_params`` for the same
 key (seed, epoch, index). Inputs: ``[boxes,] shape, index`` -- boxes (K, 4) float32 normalised
 ltrb, best-first (omit them with ``boxes_store`` or for scene crops); the encoded image's shape
 (H, W[, C]) as ``fn.peek_image_shape`` gives it; the sample's key (one non-negative integer).
-Outputs: roi (4,) int32 [x, y, w, h] (the union of both windows: what to decode), windows (2, 4)
-int32 [x1, y1, x2, y2) relative to the roi, flip (2,) uint8, aug (2, 9) float32 [colour_applied,
-brightness, contrast, saturation, hue_degrees, blur_applied, sigma, blur_window,
-solarize_applied]; then, where asked for, in this order: ``details`` (12,) int32 [regions (2x4), box_index,
-fallback, shift dx, dy], ``resize_rois`` (2, 4) float32, ``blur_kernels`` (2, W) float32, ``image_windows``
-(2, 4) int32 (the windows in the whole image's pixels). Boxes that are not finite, inverted or outside
+V = 2 + local_crops view rows: the two global views, then the local (multi-crop) views in order
+(local_crops = 0: the two global views only). Outputs: roi (4,) int32 [x, y, w, h] (the union of all
+V windows: what to decode), windows (V, 4) int32 [x1, y1, x2, y2) relative to the roi, flip (V,) uint8,
+aug (V, 9) float32 [colour_applied, brightness, contrast, saturation, hue_degrees, blur_applied, sigma,
+blur_window, solarize_applied]; then, where asked for, in this order: ``details`` (12 + 5 local_crops,)
+int32 [regions (2x4), box_index, fallback, shift dx, dy, then per local view its region x1, y1, x2, y2
+and box index], ``resize_rois`` (V, 4) float32, ``blur_kernels`` (V, W) float32, ``image_windows``
+(V, 4) int32 (the windows in the whole image's pixels). Boxes that are not finite, inverted or outside
 [0, 1] are refused naming the sample (``box_check``); object modes need boxes or ``boxes_store``.)")
     .NumInput(2, 3)
     .OutputFn([](const OpSpec &spec) {
@@ -588,18 +664,27 @@ fallback, shift dx, dy], ``resize_rois`` (2, 4) float32, ``blur_kernels`` (2, W)
                              true)
     .AddOptionalArg("recipe", "Augmentation recipe: mocov2 or byol (ignored when `aug` is given).",
                     std::string("mocov2"))
-    .AddOptionalArg("aug", "Recipe as text: 20 comma-separated numbers, per view: jitter_p, brightness, contrast, "
-                    "saturation, hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p (text keeps them float64).",
-                    std::string(""))
+    .AddOptionalArg("aug", "Recipe as text: 20 comma-separated numbers, per global view: jitter_p, brightness, "
+                    "contrast, saturation, hue, gray_p, blur_p, sigma_lo, sigma_hi, solarize_p (text keeps them "
+                    "float64); or 30: then the local views' 10 in the same order (with 20, the local views take "
+                    "`recipe`'s local augmentation).", std::string(""))
+    .AddOptionalArg("local_crops", "Local (multi-crop) views per sample, 0..16, after the two global views "
+                    "(windows._sample_local; 0: the two global views only).", 0)
+    .AddOptionalArg("local_scale", "Local-crop area range 'lo, hi', a fraction of its region (text).",
+                    std::string("0.05, 0.4"))
+    .AddOptionalArg("local_from", "Where local views are drawn: box (the union of the global object views' "
+                    "regions), boxes (local view j in proposal (b + j) mod k) or scene (the whole image); box and "
+                    "boxes need an object mode.", std::string("box"))
     .AddOptionalArg("boxes_store", "Path of a .boxes store; boxes are looked up by row (the index, or store_row).",
                     std::string(""))
     .AddOptionalArg<int64_t>("store_row", "Row in boxes_store when it differs from the index.", nullptr, true)
-    .AddOptionalArg("details", "Add an output (12,) int32: regions (2x4), box_index, fallback, shift dx, dy.", false)
-    .AddOptionalArg("resize_rois", "Add an output (2, 4) float32 per view [y1, x_start, y2, x_end] in roi "
+    .AddOptionalArg("details", "Add an output (12 + 5 local_crops,) int32: regions (2x4), box_index, fallback, "
+                    "shift dx, dy, then per local view its region x1, y1, x2, y2 and box index.", false)
+    .AddOptionalArg("resize_rois", "Add an output (V, 4) float32 per view [y1, x_start, y2, x_end] in roi "
                     "coordinates, x swapped when flipped: fn.resize's roi_start / roi_end.", false)
-    .AddOptionalArg("blur_kernels", "Add an output (2, W) float32: each view's normalised 1-D Gaussian kernel "
-                    "(augment.gaussian_kernels), centred in W = the larger kernel size, zeros outside.", false)
-    .AddOptionalArg("image_windows", "Add an output (2, 4) int32: both windows [x1, y1, x2, y2) in the whole "
+    .AddOptionalArg("blur_kernels", "Add an output (V, W) float32: each view's normalised 1-D Gaussian kernel "
+                    "(augment.gaussian_kernels), centred in W = the largest kernel size, zeros outside.", false)
+    .AddOptionalArg("image_windows", "Add an output (V, 4) int32: every window [x1, y1, x2, y2) in the whole "
                     "image's pixels (roi + windows), for a pipeline that decodes the whole image.", false);
 
 }  // namespace dali

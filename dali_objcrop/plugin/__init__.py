@@ -139,32 +139,39 @@ def windows_arguments(config=None, recipe="mocov2", seed: int = 0) -> dict:
     Real numbers go as text (DALI has no float64 arguments; float32 would change the windows).
     ``config.box_scale=None`` leaves ``box_scale`` unset: the operator derives it from ``boxes_store``
     as the loader does (with a boxes input it uses (1, 1); :func:`windows` warns).
+    The local views (``config.local_crops`` = M > 0) go as ``local_crops``, ``local_scale``, ``local_from``
+    and a 30-number ``aug`` (the two global views, then ``recipe.local``); M = 0 sends the 20 of the
+    global views (the operator's two-view outputs).
     """
     from ..augment import get_recipe
     from ..windows import CropConfig
     config = config or CropConfig()
     rec = get_recipe(recipe)
     aug = []
-    for v in rec.views:
+    for v in rec.views + ((rec.local,) if config.local_crops else ()):
         aug += [getattr(v, f) for f in _VIEW_AUG_FIELDS] + [v.blur_sigma[0], v.blur_sigma[1], v.solarize_p]
     box_scale = "" if config.box_scale is None else _text(*config.box_scale)
     return dict(mode=config.mode, scale=_text(*config.scale), ratio=_text(*config.ratio), box_scale=box_scale,
                 dilate=_text(config.dilate), shift_range=_text(*config.shift_range), min_box_size=int(config.min_box_size),
                 top_k=int(config.top_k), num_tries=int(config.num_tries), flip_p=_text(config.flip_p), seed=int(seed),
-                aug=_text(*aug))
+                aug=_text(*aug), local_crops=int(config.local_crops), local_scale=_text(*config.local_scale),
+                local_from=config.local_from)
 
 
 @dataclass
 class WindowsOutputs:
-    """The windows operator's outputs (DALI nodes), per sample:
+    """The windows operator's outputs (DALI nodes), per sample, with V = 2 + M view rows (M =
+    ``CropConfig.local_crops``: the two global views, then the M local views in order; M = 0: two):
 
-    roi (4,) int32 ``[x, y, w, h]`` -- the union of both windows, what to decode;
-    windows (2, 4) int32 ``[x1, y1, x2, y2)`` relative to the roi; flip (2,) uint8;
-    aug (2, 9) float32 in :data:`AUG_COLUMNS` order; where asked for: details (12,) int32
-    (regions 2x4, box_index, fallback, shift dx, dy), resize_rois (2, 4) float32 per view
+    roi (4,) int32 ``[x, y, w, h]`` -- the union of all V windows, what to decode;
+    windows (V, 4) int32 ``[x1, y1, x2, y2)`` relative to the roi; flip (V,) uint8;
+    aug (V, 9) float32 in :data:`AUG_COLUMNS` order (local views: the recipe's ``local``); where asked
+    for: details (12 + 5M,) int32 (regions 2x4, box_index, fallback, shift dx, dy, then per local view
+    its region x1, y1, x2, y2 and box index), resize_rois (V, 4) float32 per view
     ``[y1, x_start, y2, x_end]`` (``fn.resize``'s roi_start/roi_end, x swapped when flipped),
-    blur_kernels (2, W) float32 (each view's Gaussian kernel centred in W taps); image_windows (2, 4)
-    int32 ``[x1, y1, x2, y2)`` in the whole image's pixels (``roi[:2]`` + windows: for a full decode).
+    blur_kernels (V, W) float32 (each view's Gaussian kernel centred in W taps, W the largest size);
+    image_windows (V, 4) int32 ``[x1, y1, x2, y2)`` in the whole image's pixels (``roi[:2]`` + windows:
+    for a full decode).
     """
 
     roi: object
@@ -217,8 +224,10 @@ def windows(shape, index, boxes=None, *, epoch=0, config=None, recipe="mocov2", 
             advances with a reader.
         config: :class:`~dali_objcrop.windows.CropConfig` (mode, scales, dilation, top-k, flip ...).
             ``box_scale=None`` with ``boxes_store``: derived from the store as the loader does; with
-            ``boxes``: (1, 1), warned.
-        recipe: augmentation recipe name or :class:`~dali_objcrop.augment.Recipe`.
+            ``boxes``: (1, 1), warned.  ``local_crops`` = M > 0 adds M local views after the two global
+            ones (every output then has 2 + M view rows; :class:`WindowsOutputs`).
+        recipe: augmentation recipe name or :class:`~dali_objcrop.augment.Recipe` (its ``local``
+            augments the local views).
         seed: the key's seed (>= 0).
         boxes_store: a ``.boxes`` file; each sample's boxes are its row ``store_row`` (default: ``index``).
         store_row: int node, the store row when it differs from ``index``.
