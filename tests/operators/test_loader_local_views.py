@@ -104,7 +104,8 @@ def test_views_to_torch_adds_local_views():
     assert torch.equal(b4["local"].float(), torch.from_numpy(loc).bfloat16().float())
     assert torch.equal(b4["view1"], b3["view1"].bfloat16())
     with pytest.raises(ValueError, match=r"\(B, M, 3, s, s\)"):
-        views_to_torch((v1, v2, idx, TensorListCPU(np.ascontiguousarray(loc[:, 0]))), "cpu", None, "float32", torch.float32)
+        one_view = TensorListCPU(np.ascontiguousarray(loc[:, 0]))     # (B, 3, s, s): not (B, M, 3, s, s)
+        views_to_torch((v1, v2, idx, one_view), "cpu", None, "float32", torch.float32)
 
 
 def test_plugin_outputs_order_and_contract():
@@ -158,3 +159,46 @@ def test_shard_loader_delivers_local_views(synth_set, tmp_path):
                                    local_crops=2, local_size=16, local_from="scene")
     b = next(iter(ld))
     assert b["local"].shape == (4, 2, 3, 16, 16) and ld.config.local_from == "scene"
+
+
+# ---- the wiring end to end, with a stand-in for the operators' local views ------------------------------------
+@pytest.fixture
+def stand_in_local_views(monkeypatch):
+    """plugin.object_views returning a third output, (M, 3, s, s) per sample -- each "local view" is view 1
+    resized to local_size with a per-view offset -- and the operators reported able to make them: the loader's
+    and trainer's side of the contract, before the operators make real local views."""
+    import dataclasses
+    from nvidia.dali import fn
+    from dali_objcrop import pipelines
+    if not plugin.load():
+        pytest.skip(f"operators unavailable: {plugin.error()}")
+    real = plugin.object_views
+
+    def object_views(jpegs, index, boxes=None, *, config=None, **kw):
+        if not config.local_crops:
+            return real(jpegs, index, boxes, config=config, **kw)
+        v1, v2 = real(jpegs, index, boxes, config=dataclasses.replace(config, local_crops=0), **kw)
+        s = config.local_size
+        small = fn.transpose(fn.resize(fn.transpose(v1, perm=[1, 2, 0]), size=[s, s]), perm=[2, 0, 1])
+        return v1, v2, fn.stack(*[small + float(j) for j in range(config.local_crops)])
+
+    monkeypatch.setattr(plugin, "object_views", object_views)
+    monkeypatch.setattr(pipelines, "local_views_supported", lambda: (True, ""))
+
+
+def test_loader_and_trainer_wiring_with_stand_in_local_views(stand_in_local_views, synth_set, tmp_path):
+    kw = dict(boxes="gt", batch_size=4, size=32, device="cpu", num_threads=1, use_plugin=True, plugin_crop=False)
+    ld = ObjCropLoader(str(synth_set), local_crops=3, local_size=16, **kw)
+    plain = ObjCropLoader(str(synth_set), **kw)
+    b, p = next(iter(ld)), next(iter(plain))
+    assert set(b) == {"view1", "view2", "index", "local"} and b["local"].shape == (4, 3, 3, 16, 16)
+    assert torch.equal(b["view1"], p["view1"]) and torch.equal(b["index"], p["index"])
+    assert torch.allclose(b["local"][:, 2] - b["local"][:, 0], torch.full((4, 3, 16, 16), 2.0))
+    # the trainer's make_loader asks for them and its step consumes them
+    from dali_objcrop.train.pretrain import Config, train
+    torch.manual_seed(0)
+    summary = train(Config(method="mocov2", arch="resnet18-w0.125", size=32, batch_size=4, queue_size=16,
+                           head_hidden=16, head_out=8, data=str(synth_set), steps=2, local_crops=3, local_size=16,
+                           num_threads=1, log_every=1, progress=False, device="cpu", loader_device="cpu",
+                           ckpt_every=-1, out=str(tmp_path / "run")))
+    assert [r["step"] for r in summary["losses"]] == [1, 2] and all("loss_local" in r for r in summary["losses"])
