@@ -23,6 +23,9 @@ Launch (installed as ``dali_objcrop.train.pretrain``; ``dali-objcrop pretrain`` 
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER:29500 -m dali_objcrop.train.pretrain --method=densecl ...
 
+    # multi-crop: 6 local views of 96 px per image, cut inside the object views' region (MoCo-v2 / BYOL)
+    dali-objcrop pretrain --method=byol --crops=obj-obj-dilate --local-crops=6 --local-size=96 --local-from=box ...
+
     # continue exactly where a run stopped (its config comes from the flags; it must match the checkpoint)
     dali-objcrop pretrain ... --resume=auto           # or --resume=runs/x/ckpt.pt
 
