@@ -10,6 +10,12 @@ with an identical budget (epochs, batch size, learning rate, augmentations, init
 * ``obj-obj-dilate+bing``   obj-obj-dilate conditioned on BING proposals (top 10, NMS 0.5);
 * ``obj-scene+bing``        the paper's obj-scene on BING proposals (``--only`` / ``--settings``; not in the
                             default list; ``benchmarks/gpu_quality.sh`` runs it);
+* multi-crop (``--settings=scene-mc,obj-mc``; not in the default list): ``scene-mc`` -- scene-scene global
+  views plus ``local_crops`` (6) local views cut from the whole image -- against ``obj-mc`` --
+  obj-obj-dilate on ground-truth boxes plus 6 local views cut inside the object views' region
+  (``local_from="box"``), at the same budget (``local_size``, ``local_scale``); their paired difference
+  per seed is in the summary beside the differences to scene-scene.  The local views come from the
+  loader's operators' pipeline (the DALI-ops graph refuses them);
 
 then, on a deterministic eval transform of the same photos (short side resized, centre crop of
 ``size``: ``dali_objcrop.train.linear_eval.extract_features``), a frozen-feature linear probe
@@ -74,9 +80,15 @@ SETTINGS: dict[str, tuple[str, str | None]] = {
     "obj-scene+bing": ("obj-scene", "bing"),       # the paper's obj-scene (BING); not in the CPU default
     "obj-obj-dilate+gt": ("obj-obj-dilate", "gt"),
     "obj-obj-dilate+bing": ("obj-obj-dilate", "bing"),
+    "scene-mc": ("scene-scene", None),            # + local views from the scene (multi-crop baseline)
+    "obj-mc": ("obj-obj-dilate", "gt"),            # + local views inside the object views' region
 }
+# multi-crop settings -> where their Budget.local_crops local views are cut (CropConfig.local_from)
+MULTI_CROP: dict[str, str] = {"scene-mc": "scene", "obj-mc": "box"}
 DEFAULT_SETTINGS = ["scene-scene", "obj-obj-dilate+gt", "obj-obj-dilate+bing"]  # what --settings runs by default
 BASELINE = "scene-scene"
+# further paired comparisons: setting -> the setting it is compared with, seed by seed
+COMPARE = {"obj-mc": "scene-mc"}
 METRICS = ("linear_map", "knn_map")
 
 
@@ -105,6 +117,9 @@ class Budget:
         same_head_init: separate heads start from the same weights (independently initialised ones collapsed
             to the chance loss here; see ``dali_objcrop.train.heads.build_heads``).
         amp: the trainer's mixed precision (``auto``: bf16 on a GPU, off on the CPU; ``off``; ``bf16``).
+        local_crops, local_size, local_scale: the local views of the multi-crop settings (:data:`MULTI_CROP`;
+            the others have none): how many per image, their side in pixels (half of ``size`` by default;
+            DINO: 96 of 224), their area range within the region they are cut from (DINO's).
         knn_k, knn_t: kNN neighbours and temperature.
         probe_epochs, probe_lr, probe_wd, probe_solver: linear probe (``linear_eval.linear_probe`` on
             standardised features: ``adamw`` mini-batch epochs, or ``lbfgs``, the regularised optimum).
@@ -135,6 +150,9 @@ class Budget:
     probe_lr: float = 1e-3
     probe_wd: float = 5e-4
     probe_solver: str = "adamw"
+    local_crops: int = 6
+    local_size: int = 32
+    local_scale: tuple[float, float] = (0.05, 0.4)
 
     def __post_init__(self) -> None:
         for name in ("size", "epochs", "batch_size", "queue_size", "knn_k"):
@@ -146,6 +164,9 @@ class Budget:
             raise ConfigError(f"--probe-solver must be adamw or lbfgs, got {self.probe_solver!r}")
         if self.amp not in ("auto", "off", "bf16"):
             raise ConfigError(f"--amp must be auto, off or bf16, got {self.amp!r}")
+        if self.local_crops < 1 or self.local_size < 1:
+            raise ConfigError(f"--local-crops and --local-size must be >= 1, got {self.local_crops!r}, "
+                              f"{self.local_size!r}")
 
 
 @dataclass
@@ -219,11 +240,22 @@ def probe_classes(y: np.ndarray, names: list[str], train: np.ndarray, test: np.n
 
 
 # ---- pretraining ---------------------------------------------------------------------------------------------
-def trainer_config(budget: Budget, mode: str, seed: int, steps_per_epoch: int, device: str, out: str):
-    """The trainer's :class:`~dali_objcrop.train.pretrain.Config` of one cell: MoCo-v2 with this budget."""
+def local_settings(budget: Budget, setting: str) -> dict:
+    """The local-view settings of a setting (the trainer's / loader's ``local_*``); {} without local views."""
+    if setting not in MULTI_CROP:
+        return {}
+    return dict(local_crops=budget.local_crops, local_size=budget.local_size, local_scale=tuple(budget.local_scale),
+                local_from=MULTI_CROP[setting])
+
+
+def trainer_config(budget: Budget, mode: str, seed: int, steps_per_epoch: int, device: str, out: str,
+                   local: dict | None = None):
+    """The trainer's :class:`~dali_objcrop.train.pretrain.Config` of one cell: MoCo-v2 with this budget
+    (``local``: :func:`local_settings`, the multi-crop settings' local views)."""
     from dali_objcrop.train.pretrain import Config
-    return Config(method="mocov2", crops=mode, size=budget.size, dilate=budget.dilate, recipe=budget.recipe,
-                  arch=budget.arch, share_heads=budget.share_heads, same_head_init=budget.same_head_init,
+    return Config(**(local or {}), method="mocov2", crops=mode, size=budget.size, dilate=budget.dilate,
+                  recipe=budget.recipe, arch=budget.arch, share_heads=budget.share_heads,
+                  same_head_init=budget.same_head_init,
                   head_hidden=budget.head_hidden, head_out=budget.head_out, queue_size=budget.queue_size,
                   temperature=budget.temperature, momentum=budget.momentum, batch_size=budget.batch_size,
                   epochs=budget.epochs, lr=budget.lr, weight_decay=budget.weight_decay,
@@ -231,14 +263,16 @@ def trainer_config(budget: Budget, mode: str, seed: int, steps_per_epoch: int, d
                   out=out, ckpt_every=-1, log_every=steps_per_epoch, progress=False)
 
 
-def initial_model(budget: Budget, mode: str, seed: int, device: str = "cpu"):
-    """The trainer's MoCo-v2 model of a cell before training (the same weights for every setting of a seed)."""
+def initial_model(budget: Budget, mode: str, seed: int, device: str = "cpu", local: dict | None = None):
+    """The trainer's MoCo-v2 model of a cell before training (the same weights for every setting of a seed:
+    local views add no parameters, they only pick the head they go through)."""
     from dali_objcrop.train.pretrain import build_model
     torch.manual_seed(seed)
-    return build_model(trainer_config(budget, mode, seed, 1, device, "").resolved())
+    return build_model(trainer_config(budget, mode, seed, 1, device, "", local).resolved())
 
 
-def pretrain(loader, budget: Budget, mode: str, seed: int, device: str, log_every: int = 0) -> tuple[object, dict]:
+def pretrain(loader, budget: Budget, mode: str, seed: int, device: str, log_every: int = 0,
+             local: dict | None = None) -> tuple[object, dict]:
     """MoCo-v2 pretraining of one cell by the trainer (:func:`dali_objcrop.train.pretrain.train`).
 
     Returns:
@@ -248,9 +282,9 @@ def pretrain(loader, budget: Budget, mode: str, seed: int, device: str, log_ever
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {budget.batch_size} leaves no full batch in {len(loader.index)} images")
-    model = initial_model(budget, mode, seed, device)  # paired design: one init per seed for every setting
+    model = initial_model(budget, mode, seed, device, local)  # paired design: one init per seed for every setting
     with tempfile.TemporaryDirectory() as tmp:        # the trainer's config.json and log.jsonl
-        cfg = trainer_config(budget, mode, seed, steps_per_epoch, device, tmp)
+        cfg = trainer_config(budget, mode, seed, steps_per_epoch, device, tmp, local)
         t0 = time.perf_counter()
         summary = train(cfg, loader=loader, model=model)
         dt = time.perf_counter() - t0
@@ -375,20 +409,22 @@ def make_loader(exp: Experiment, setting: str, budget: Budget, seed: int, args):
                          batch_size=budget.batch_size, size=budget.size, recipe=budget.recipe, seed=seed,
                          num_threads=args.num_threads, device=args.loader_device, rank=0, world_size=1,
                          drop_last=True, dilate=budget.dilate, top_k=budget.top_k,
-                         min_box_size=budget.min_box_size)
+                         min_box_size=budget.min_box_size, **local_settings(budget, setting))
 
 
 def run_cell(exp: Experiment, setting: str, seed: int, budget: Budget, args) -> dict:
     """Pretrain one (setting, seed) and evaluate it; returns the cell record."""
     t0 = time.time()
     loader = make_loader(exp, setting, budget, seed, args)
-    backbone, log = pretrain(loader, budget, SETTINGS[setting][0], seed, args.device, args.log_every)
+    backbone, log = pretrain(loader, budget, SETTINGS[setting][0], seed, args.device, args.log_every,
+                             local_settings(budget, setting))
     del loader
     if args.save_backbones:  # lets other probes re-evaluate a cell without pretraining it again
         torch.save(backbone.state_dict(), Path(args.out) / "cells" / f"{setting}__seed{seed}.backbone.pt")
     metrics = evaluate(backbone, exp, budget, seed, args)
     return {"setting": setting, "seed": seed, "mode": SETTINGS[setting][0], "boxes": SETTINGS[setting][1],
-            **metrics, "pretrain": log, "seconds": time.time() - t0, "torch_threads": torch.get_num_threads()}
+            **local_settings(budget, setting), **metrics, "pretrain": log, "seconds": time.time() - t0,
+            "torch_threads": torch.get_num_threads()}
 
 
 def random_init_cell(exp: Experiment, seed: int, budget: Budget, args) -> dict:
@@ -397,8 +433,22 @@ def random_init_cell(exp: Experiment, seed: int, budget: Budget, args) -> dict:
     return {"setting": "random-init", "seed": seed, **evaluate(backbone, exp, budget, seed, args)}
 
 
+def _paired(rows: list[dict], by: dict, base: str) -> dict:
+    """Per metric: the per-seed differences ``row - base`` (the seeds both have), their mean, std and signs."""
+    d = {}
+    for m in METRICS:
+        pairs = [(c["seed"], c[m] - by[(base, c["seed"])][m]) for c in rows if (base, c["seed"]) in by]
+        if pairs:
+            v = np.array([p[1] for p in pairs])
+            d[m] = {"per_seed": {str(sd): float(x) for sd, x in pairs}, "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+                    "n_positive": int((v > 0).sum())}
+    return d
+
+
 def summarise(cells: list[dict], settings: list[str]) -> dict:
-    """Mean/std per setting and metric, and the per-seed paired differences to scene-scene."""
+    """Mean/std per setting and metric, the per-seed paired differences to scene-scene and, for the settings
+    of :data:`COMPARE` (multi-crop: obj-mc), to the setting they are compared with."""
     summary: dict = {"per_setting": {}, "paired_diff_to_" + BASELINE: {}}
     by = {(c["setting"], c["seed"]): c for c in cells}
     for s in dict.fromkeys(list(settings) + ["random-init"]):
@@ -412,36 +462,39 @@ def summarise(cells: list[dict], settings: list[str]) -> dict:
             for m in METRICS}
         if s in (BASELINE, "random-init"):
             continue
-        d = {}
-        for m in METRICS:
-            pairs = [(c["seed"], c[m] - by[(BASELINE, c["seed"])][m]) for c in rows if (BASELINE, c["seed"]) in by]
-            if pairs:
-                v = np.array([p[1] for p in pairs])
-                d[m] = {"per_seed": {str(sd): float(x) for sd, x in pairs}, "mean": float(v.mean()),
-                        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
-                        "n_positive": int((v > 0).sum())}
-        summary["paired_diff_to_" + BASELINE][s] = d
+        summary["paired_diff_to_" + BASELINE][s] = _paired(rows, by, BASELINE)
+        if s in COMPARE and any(c["setting"] == COMPARE[s] for c in cells):
+            summary.setdefault("paired_diff_to_" + COMPARE[s], {})[s] = _paired(rows, by, COMPARE[s])
     return summary
 
 
 def markdown_table(summary: dict) -> str:
-    """The README table: mean +- std (n seeds) per setting, and the paired difference to scene-scene."""
+    """The README table: mean +- std (n seeds) per setting, and the paired difference to scene-scene (and,
+    below it, the other paired comparisons of :data:`COMPARE` present: multi-crop obj-mc vs scene-mc)."""
     pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
+
+    def diff_cells(d: dict) -> list[str]:
+        out = []
+        for m in METRICS:
+            if d.get(m) is None:
+                out.append("—")
+                continue
+            sd = f"{100 * d[m]['std']:.2f}" if d[m]["n"] > 1 else "n/a"
+            out.append(f"{100 * d[m]['mean']:+.2f} ± {sd} ({d[m]['n_positive']}/{d[m]['n']} seeds > 0)")
+        return out
+
     diffs = summary["paired_diff_to_" + BASELINE]
     lines = ["| setting | linear-probe mAP (%) | kNN mAP (%) | paired diff linear (pp) | paired diff kNN (pp) |",
              "|---|---|---|---|---|"]
     for s, r in summary["per_setting"].items():
         cells = [f"{pct(r[m]['mean'])} ± {pct(r[m]['std']) if r[m]['n'] > 1 else 'n/a'} (n={r[m]['n']})"
                  for m in METRICS]
-        dd = []
-        for m in METRICS:
-            d = diffs.get(s, {}).get(m)
-            if d is None:
-                dd.append("—")
-                continue
-            sd = f"{100 * d['std']:.2f}" if d["n"] > 1 else "n/a"
-            dd.append(f"{100 * d['mean']:+.2f} ± {sd} ({d['n_positive']}/{d['n']} seeds > 0)")
+        dd = diff_cells(diffs.get(s, {}))
         lines.append(f"| {s} | {cells[0]} | {cells[1]} | {dd[0]} | {dd[1]} |")
+    for base in dict.fromkeys(COMPARE.values()):
+        for s, d in summary.get("paired_diff_to_" + base, {}).items():
+            dd = diff_cells(d)
+            lines.append(f"| {s} vs {base} | | | {dd[0]} | {dd[1]} |")
     return "\n".join(lines)
 
 
@@ -474,7 +527,7 @@ def plot(cells: list[dict], summary: dict, path: Path, title: str, chance: float
 
 # ---- command line --------------------------------------------------------------------------------------------
 QUICK = dict(arch="resnet18-w0.125", size=48, epochs=2, batch_size=32, queue_size=128, head_hidden=64,
-             head_out=32, warmup_epochs=0, probe_epochs=50, knn_k=5)
+             head_out=32, warmup_epochs=0, probe_epochs=50, knn_k=5, local_size=24)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Budget, Options]:
@@ -584,9 +637,21 @@ def _fingerprint(config: dict) -> str:
     """Cells are merged only with cells of the same budget, data, split and classes."""
     import hashlib
     key = {k: config[k] for k in ("budget", "split", "classes")}
+    # the multi-crop fields count only where they differ from their defaults: cells computed before they
+    # existed (every setting then ran without local views) still match a budget that leaves them alone
+    default = asdict(Budget())
+    key["budget"] = {k: v for k, v in key["budget"].items()
+                     if not (k in _LOCAL_BUDGET and _same(v, default[k]))}
     key["data"] = {k: config["data"][k] for k in ("coco", "num_images")}
     key["boxes"] = {k: v.get("source") for k, v in config["boxes"].items()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LOCAL_BUDGET = ("local_crops", "local_size", "local_scale")
+
+
+def _same(a, b) -> bool:
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 def _write_json(path: Path, obj) -> None:

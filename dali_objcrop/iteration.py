@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from .windows import CropConfig
+
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """``(rank, world_size)``: the arguments, else torch.distributed, else torchrun's env, else (0, 1)."""
@@ -44,23 +46,29 @@ def resolve_device_dtype(device: str, dtype) -> tuple[str, object]:
 
 
 def views_to_torch(outs, device: str, device_id: int | None, out_dtype: str, dtype) -> dict:
-    """``{"view1", "view2", "index"}`` torch tensors from a pipeline's ``(view1, view2, index)`` outputs.
+    """``{"view1", "view2", "index"[, "local"]}`` torch tensors from a pipeline's ``(view1, view2, index[, local])``
+    outputs.
 
     Args:
-        outs: the three DALI TensorLists (views NCHW; GPU on ``device="gpu"``).
+        outs: the DALI TensorLists (views NCHW; GPU on ``device="gpu"``); a fourth, the local
+            (multi-crop) views of ``CropConfig.local_crops = M > 0``, is (M, 3, s, s) per sample.
         device, device_id: where the views are (``cpu`` / ``gpu`` and its CUDA device).
         out_dtype: what DALI wrote (``float32`` or ``float16``).
         dtype: the torch dtype the caller asked for (converted by torch if it differs, e.g. bfloat16).
 
     Returns:
-        fresh tensors (never reused buffers, so a batch stays valid however long the caller keeps it).
+        fresh tensors (never reused buffers, so a batch stays valid however long the caller keeps it):
+        ``view1``, ``view2`` (B, 3, size, size), ``index`` (B,) int64 and, with a fourth output,
+        ``local`` (B, M, 3, local_size, local_size) on the views' device, in their dtype.
     """
     import torch
     from nvidia.dali.plugin.pytorch import feed_ndarray
-    v1, v2, index = outs
+    if len(outs) not in (3, 4):
+        raise ValueError(f"expected the outputs (view1, view2, index[, local]), got {len(outs)} outputs")
+    v1, v2, index = outs[:3]
     idx = torch.from_numpy(np.array(index.as_tensor()).reshape(-1).astype(np.int64))
     views = []
-    for tl in (v1, v2):
+    for tl in (v1, v2, *outs[3:]):
         if device == "gpu":
             t = tl.as_tensor()
             dt = torch.float16 if out_dtype == "float16" else torch.float32
@@ -69,7 +77,13 @@ def views_to_torch(outs, device: str, device_id: int | None, out_dtype: str, dty
         else:
             out = torch.from_numpy(np.array(tl.as_tensor()))
         views.append(out if out.dtype == dtype else out.to(dtype))
-    return {"view1": views[0], "view2": views[1], "index": idx.to(views[0].device)}
+    batch = {"view1": views[0], "view2": views[1], "index": idx.to(views[0].device)}
+    if len(views) == 3:
+        if views[2].dim() != 5 or views[2].shape[0] != views[0].shape[0]:
+            raise ValueError(f"the local views must be (B, M, 3, s, s) with B = {views[0].shape[0]}, "
+                             f"got {tuple(views[2].shape)}")
+        batch["local"] = views[2]
+    return batch
 
 
 class FallbackWarning(UserWarning):
@@ -148,10 +162,32 @@ class LoaderCore:
         self.stats: dict = {"samples": 0, "fallback": 0, "epochs": 0}
 
     @staticmethod
-    def _crop_config(mode: str, box_scale, dilate: float, shift_range, top_k: int, min_box_size: int):
-        from .windows import CropConfig
+    def _crop_config(mode: str, box_scale, dilate: float, shift_range, top_k: int, min_box_size: int,
+                     local_crops: int = CropConfig.local_crops, local_size: int = CropConfig.local_size,
+                     local_scale=CropConfig.local_scale, local_from: str = CropConfig.local_from):
+        """The :class:`~dali_objcrop.CropConfig` of the loader's arguments (its checks name a bad one);
+        ``local_*`` are the local (multi-crop) views' (``local_crops = 0``: none)."""
         return CropConfig(mode=mode, box_scale=box_scale, dilate=dilate,
-                          shift_range=tuple(float(s) for s in shift_range), top_k=top_k, min_box_size=min_box_size)
+                          shift_range=tuple(float(s) for s in shift_range), top_k=top_k, min_box_size=min_box_size,
+                          local_crops=int(local_crops), local_size=int(local_size),
+                          local_scale=tuple(float(s) for s in local_scale), local_from=local_from)
+
+    def _check_local_views(self, operators: bool, why: str) -> None:
+        """Refuse local views (``local_crops > 0``) where this loader cannot make them: on the DALI-ops graph
+        (``operators`` False; ``why`` says why it runs), or with operators built without local views."""
+        m = self.config.local_crops
+        if not m:
+            return
+        if not operators:
+            raise ValueError(f"local_crops={m} needs the operators' pipeline (fn.objcrop.windows and "
+                             f"plugin.object_views make the local views), but this loader would run the "
+                             f"NumPy-fed DALI-ops graph ({why}), which makes only the two global views: "
+                             f"leave use_plugin at None or True with crop_backend='dali' and roi_decode=True, "
+                             f"or pass local_crops=0")
+        from .pipelines import local_views_supported
+        ok, missing = local_views_supported()
+        if not ok:
+            raise RuntimeError(f"local_crops={m}: {missing}")
 
     def _name_pipeline(self, base: str, plugin_crop: bool | None, why_not: str, device: str) -> None:
         """``stats["pipeline"]``: ``<base>crop-op`` or ``<base>dali-ops-crop``, with the reason where a built

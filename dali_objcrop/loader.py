@@ -74,6 +74,7 @@ class ObjCropLoader(LoaderCore):
             loader.set_epoch(epoch)
             for batch in loader:
                 q, k = batch["view1"], batch["view2"]     # (N, 3, 224, 224)
+                # with local_crops=M: batch["local"]            # (N, M, 3, local_size, local_size)
 
     Args:
         data: COCO json path, image folder, or :class:`~dali_objcrop.ImageIndex`.  A shard set (a
@@ -122,6 +123,13 @@ class ObjCropLoader(LoaderCore):
             crop_mirror_normalize fed by ``fn.objcrop.windows``).  ``stats["pipeline"]`` says which.
         allow_outside_root: accept COCO ``file_name`` entries that are absolute or climb out of
             the image folder (refused by default: data should not choose which files are read).
+        local_crops, local_size, local_scale, local_from: local (multi-crop) views
+            (:class:`~dali_objcrop.CropConfig`): ``local_crops = M > 0`` adds ``batch["local"]``, a
+            (B, M, 3, local_size, local_size) tensor on the views' device and in their dtype; 0 (default):
+            none, every other output unchanged.  Made by the operators' pipeline only: with the
+            DALI-ops graph (``use_plugin=False``, ``crop_backend="cupy"``, ``roi_decode=False``, or
+            operators unavailable) ``local_crops > 0`` raises ValueError; operators built without
+            local views raise RuntimeError.
 
     Raises:
         ValueError: among others, an empty epoch (``drop_last`` with fewer images than
@@ -149,7 +157,10 @@ class ObjCropLoader(LoaderCore):
                  device_id: int | None = None, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
                  max_images: int | None = None, roi_decode: bool = True, prepare_ahead: int = 1,
                  use_plugin: bool | None = None, plugin_crop: bool | None = None,
-                 allow_outside_root: bool = False) -> None:
+                 allow_outside_root: bool = False, local_crops: int = CropConfig.local_crops,
+                 local_size: int = CropConfig.local_size,
+                 local_scale: tuple[float, float] = CropConfig.local_scale,
+                 local_from: str = CropConfig.local_from) -> None:
         from .shard_loader import is_shard_set
         if is_shard_set(data):
             raise ValueError(f"{str(data)[:200]!r} is a shard set: read it with ObjCropLoader.from_shards(...) "
@@ -182,7 +193,8 @@ class ObjCropLoader(LoaderCore):
         store, rows = self._resolve_boxes(boxes, coco_json, index, mode)
         if box_scale is None and store is not None and store.num_boxes:
             box_scale = box_scale_from_mean_area(store.mean_area_fraction(top_k))
-        self.config = self._crop_config(mode, box_scale, dilate, shift_range, top_k, min_box_size)
+        self.config = self._crop_config(mode, box_scale, dilate, shift_range, top_k, min_box_size, local_crops,
+                                        local_size, local_scale, local_from)
         self.store, self.store_rows = store, rows   # the box store and each dataset image's row in it
         self._src = _Source(paths=index.paths, sizes=np.asarray(index.sizes, dtype=np.int64), store=store,
                             rows=rows, config=self.config, recipe=self.recipe, seed=seed)
@@ -215,6 +227,7 @@ class ObjCropLoader(LoaderCore):
         self._excluded: set[int] = set()
         self._prepare = self._src.inputs
         self.uses_plugin, why = self._want_plugin(use_plugin, crop_backend, roi_decode)
+        self._check_local_views(self.uses_plugin, why)
         if self.uses_plugin:
             self._boxes_store = self._plugin_boxes_store(boxes)
             self._store_stamp = _stamp(self._boxes_store) if self._boxes_store else None
@@ -509,6 +522,8 @@ class ObjCropLoader(LoaderCore):
 
 def open_loader(data, **kwargs) -> LoaderCore:
     """The loader for ``data``: :meth:`ObjCropLoader.from_shards` for a shard set (a folder holding
-    ``shards.json``), else :class:`ObjCropLoader` (a COCO json, an image folder, an ImageIndex)."""
+    ``shards.json``), else :class:`ObjCropLoader` (a COCO json, an image folder, an ImageIndex); ``kwargs``
+    are that loader's (both take the local-view arguments ``local_crops``, ``local_size``, ``local_scale``,
+    ``local_from``)."""
     from .shard_loader import is_shard_set
     return ObjCropLoader.from_shards(data, **kwargs) if is_shard_set(data) else ObjCropLoader(data, **kwargs)

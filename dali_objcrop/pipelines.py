@@ -159,10 +159,40 @@ def _plugin_graph(source: Callable, size: int, device: str, out_dtype: str, deco
     from nvidia.dali import fn
     inp = dict(zip(fields, fn.external_source(source=source, num_outputs=len(fields), batch=True)))
     jpegs = fn.io.file.read(inp["paths"])
-    v1, v2 = plugin.object_views(jpegs, inp["index"], epoch=inp["epoch"], config=config, recipe=recipe, seed=key_seed,
-                                 size=size, device=device, dtype=out_dtype, boxes_store=boxes_store,
-                                 store_row=inp.get("rows"), decoder_kwargs=decoder_kwargs, crop_op=crop_op)
-    return v1, v2, inp["index"]
+    views = plugin.object_views(jpegs, inp["index"], epoch=inp["epoch"], config=config, recipe=recipe,
+                                seed=key_seed, size=size, device=device, dtype=out_dtype, boxes_store=boxes_store,
+                                store_row=inp.get("rows"), decoder_kwargs=decoder_kwargs, crop_op=crop_op)
+    return plugin_outputs(views, inp["index"], config)
+
+
+def plugin_outputs(views, index, config: CropConfig) -> tuple:
+    """A pipeline's outputs from :func:`dali_objcrop.plugin.object_views`' result: ``(view1, view2, index)``,
+    and with ``config.local_crops > 0`` the local views (object_views' third output) after them,
+    ``(view1, view2, index, local)`` -- the order :func:`dali_objcrop.iteration.views_to_torch` reads."""
+    views = tuple(views)
+    want = 3 if config.local_crops else 2
+    if len(views) != want:
+        raise RuntimeError(f"plugin.object_views returned {len(views)} outputs for local_crops="
+                           f"{config.local_crops}; expected {want} (view1, view2" + (", local)" if want == 3 else ")"))
+    return (views[0], views[1], index, *views[2:])
+
+
+def local_views_supported() -> tuple[bool, str]:
+    """Whether the loaded operators make local (multi-crop) views: ``(ok, why not)``.
+
+    ``fn.objcrop.windows`` must take a ``local_crops`` argument (operators built before local views
+    existed do not); checked on the operator's schema, without building a pipeline."""
+    if not plugin.load():
+        return False, f"dali_objcrop's operators are unavailable ({(plugin.error() or 'unknown').splitlines()[0]})"
+    from nvidia.dali import backend
+    try:
+        schema = backend.GetSchema("objcrop__Windows")
+    except (KeyError, RuntimeError) as e:   # DALI: KeyError "Schema for operator ... not registered"
+        return False, f"fn.objcrop.windows is not registered ({str(e).splitlines()[0]})"
+    if not schema.HasArgument("local_crops"):
+        return False, ("the loaded fn.objcrop.windows has no local_crops argument (operators built without local "
+                       "views): rebuild them from a source tree whose windows operator makes local views")
+    return True, ""
 
 
 def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, device: str, config: CropConfig,
@@ -180,7 +210,9 @@ def build_plugin_pipeline(source: Callable, batch_size: int, num_threads: int, d
         others: as :func:`build_pipeline`.
 
     Returns:
-        a built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, index)``.
+        a built ``nvidia.dali.Pipeline`` with outputs ``(view1, view2, index)``, and with
+        ``config.local_crops = M > 0`` ``(view1, view2, index, local)``: ``local`` (M, 3, local_size,
+        local_size) per sample (:func:`plugin_outputs`).
     """
     from nvidia.dali import pipeline_def
     if device not in ("cpu", "gpu"):
@@ -204,7 +236,11 @@ def build_pipeline(source: Callable, batch_size: int, num_threads: int, device: 
                    crop_backend: str = "dali", out_dtype: str = "float32", device_id: int | None = None,
                    seed: int = 0, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
                    roi_decode: bool = True, recipe="mocov2"):
-    """The object-crop DALI pipeline (built, not yet run).
+    """The object-crop DALI pipeline (built, not yet run): the NumPy-fed DALI-ops graph.
+
+    It makes the two global views only.  Local (multi-crop) views (``CropConfig.local_crops > 0``) are
+    made by the operators' pipeline (:func:`build_plugin_pipeline`); :class:`~dali_objcrop.ObjCropLoader`
+    refuses ``local_crops > 0`` with ``use_plugin=False`` (a ValueError naming the argument).
 
     Args:
         source: per-batch callable returning the inputs of ``input_fields(crop_backend)``

@@ -67,6 +67,9 @@ class ShardLoader(LoaderCore):
         check_content: before the first epoch, read every sample's small members through the index
             (tar headers against the index, positions, box values; see :func:`~dali_objcrop.shards.check_shard`);
             False checks the index files only (trusted storage, very many shards).
+        local_crops, local_size, local_scale, local_from: local (multi-crop) views, as
+            :class:`~dali_objcrop.ObjCropLoader`'s: ``batch["local"]`` (B, M, 3, local_size, local_size)
+            when ``local_crops = M > 0`` (operators built without local views raise RuntimeError).
 
     ``stats["fallback"]`` counts the delivered samples that had no boxes (scene crops instead of
     ``mode``'s), announced once with a :class:`~dali_objcrop.FallbackWarning`.
@@ -81,7 +84,9 @@ class ShardLoader(LoaderCore):
                  device_id: int | None = None, prefetch_queue_depth: int = 2, decoder_kwargs: dict | None = None,
                  plugin_crop: bool | None = None, shuffle_buffer: int = 1024, on_bad_shard: str = "skip",
                  use_plugin: bool | None = None, crop_backend: str = "dali", roi_decode: bool = True,
-                 check_content: bool = True) -> None:
+                 check_content: bool = True, local_crops: int = CropConfig.local_crops,
+                 local_size: int = CropConfig.local_size, local_scale: tuple[float, float] = CropConfig.local_scale,
+                 local_from: str = CropConfig.local_from) -> None:
         import torch
         from . import plugin
         if not (boxes is None or (isinstance(boxes, str) and boxes in ("gt", "shards"))):
@@ -122,7 +127,9 @@ class ShardLoader(LoaderCore):
             box_scale = box_scale_from_mean_area(areas.get(str(top_k), areas["all"]))
         if mode != "scene-scene" and not areas:
             raise ValueError(f"mode {mode!r} needs boxes, and the shards in {self.shards.root} carry none")
-        self.config = self._crop_config(mode, box_scale, dilate, shift_range, top_k, min_box_size)
+        self.config = self._crop_config(mode, box_scale, dilate, shift_range, top_k, min_box_size, local_crops,
+                                        local_size, local_scale, local_from)
+        self._check_local_views(True, "")
         if device == "gpu" and device_id is None:
             self._device_id = torch.cuda.current_device()
         why_not = ""
@@ -257,6 +264,7 @@ class ShardLoader(LoaderCore):
     def _build(self, epoch: int):
         from nvidia.dali import fn, pipeline_def, types
         from . import plugin
+        from .pipelines import plugin_outputs
         order = [self.shards.tar(s) for s in self.shard_order(epoch)]
         import torch
         out_dtype = "float16" if (self.device == "gpu" and self.dtype == torch.float16) else "float32"
@@ -270,11 +278,11 @@ class ShardLoader(LoaderCore):
                 random_shuffle=self.shuffle, initial_fill=self.shuffle_buffer, seed=_epoch_seed(self.seed, epoch),
                 stick_to_shard=True, pad_last_batch=False, name="shards")
             boxes = fn.reshape(boxes, shape=[-1, 4])
-            v1, v2 = plugin.object_views(jpg, pos, boxes, epoch=epoch, config=self.config, recipe=self.recipe,
-                                         seed=self.seed, size=self.size, device=self.device, dtype=out_dtype,
-                                         decoder_kwargs=self._decoder_kwargs if self.device == "gpu" else None,
-                                         crop_op=self._plugin_crop)
-            return v1, v2, pos
+            views = plugin.object_views(jpg, pos, boxes, epoch=epoch, config=self.config, recipe=self.recipe,
+                                        seed=self.seed, size=self.size, device=self.device, dtype=out_dtype,
+                                        decoder_kwargs=self._decoder_kwargs if self.device == "gpu" else None,
+                                        crop_op=self._plugin_crop)
+            return plugin_outputs(views, pos, self.config)   # (view1, view2, pos[, local])
 
         pipe = pipeline_def(graph, enable_conditionals=not self._plugin_crop)(
             batch_size=self.batch_size, num_threads=self.num_threads,

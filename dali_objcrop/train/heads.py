@@ -92,6 +92,26 @@ def head_keys(mode: str, share: bool = False) -> tuple[str, str]:
     return ("obj", "scene")
 
 
+def local_head_key(mode: str, local_from: str, share: bool = False) -> str:
+    """Which head the local (multi-crop) views go through: ``local_from`` ``box`` / ``boxes`` -> view 1's
+    head (``obj`` in an object mode), ``scene`` -> view 2's (``scene``).
+
+    Why: the heads are chosen by what a view is cut from.  ``box`` local views are crops inside the
+    global object views' region and ``boxes`` ones inside a proposal: object crops, like view 1, so
+    they share the object head; ``scene`` local views are crops of the whole image, like a scene
+    view, so they go through the scene head.  No third head: a local view's query (MoCo) or
+    prediction (BYOL) is compared with keys / targets of the existing heads, and a head of its own
+    would start unaligned with them (see :func:`build_heads`).  ``scene-scene`` and ``share`` have
+    one head for everything.
+    """
+    keys = head_keys(mode, share)
+    if local_from in ("box", "boxes"):
+        return keys[0]
+    if local_from == "scene":
+        return keys[1]
+    raise ValueError(f"local_from must be 'box', 'boxes' or 'scene', got {local_from!r}")
+
+
 def build_heads(in_dim: int, spec: HeadSpec, keys: tuple[str, str], same_init: bool = True) -> nn.ModuleDict:
     """One head per distinct key in ``keys`` (e.g. ``{"obj", "scene"}`` or ``{"scene"}``).
 

@@ -23,6 +23,9 @@ Launch (installed as ``dali_objcrop.train.pretrain``; ``dali-objcrop pretrain`` 
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER:29500 -m dali_objcrop.train.pretrain --method=densecl ...
 
+    # multi-crop: 6 local views of 96 px per image, cut inside the object views' region (MoCo-v2 / BYOL)
+    dali-objcrop pretrain --method=byol --crops=obj-obj-dilate --local-crops=6 --local-size=96 --local-from=box ...
+
     # continue exactly where a run stopped (its config comes from the flags; it must match the checkpoint)
     dali-objcrop pretrain ... --resume=auto           # or --resume=runs/x/ckpt.pt
 
@@ -69,7 +72,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # absolute imports: this file also runs as a script (python / torchrun dali_objcrop/train/pretrain.py)
 from dali_objcrop import faults
 from dali_objcrop.train import config
-from dali_objcrop.train.heads import Backbone, head_keys, preset
+from dali_objcrop.train.heads import Backbone, head_keys, local_head_key, preset
 from dali_objcrop.train.lars import LARS, param_groups
 from dali_objcrop.train.methods import byol, densecl, mocov2
 from dali_objcrop.train.methods.common import cosine_schedule, lr_at
@@ -95,6 +98,10 @@ class Config:
     num_threads: int = 4              # DALI threads per process
     loader_device: str = "auto"       # cpu | gpu | auto
     prepare_ahead: int = 1            # batches whose inputs a loader thread prepares ahead (0: in the loop)
+    local_crops: int = 0              # M local (multi-crop) views per image: extra queries / online views (0: none)
+    local_size: int = 96              # local views' side in pixels
+    local_scale: tuple[float, float] = (0.05, 0.4)  # local crop area range, a fraction of its region
+    local_from: str = "box"           # where local views are cut: box | boxes | scene (see dali_objcrop.CropConfig)
     # model
     arch: str = "resnet50"            # any torchvision ResNet, or resnet18-wW: ResNet-18 with widths x W (CPU-cheap)
     share_heads: bool = False         # one projection head for both views even with an object view
@@ -176,13 +183,27 @@ class Config:
         if c.resume and c.restart:
             raise ValueError("give --resume or --restart, not both")
         from dali_objcrop.windows import CropConfig
-        CropConfig(mode=c.crops, dilate=c.dilate)   # crops one of the modes, dilate in [0, 1]: its own checks
+        c.local_scale = tuple(float(v) for v in c.local_scale)
+        # crops one of the modes, dilate in [0, 1], the local views' settings: its own checks
+        CropConfig(mode=c.crops, dilate=c.dilate, local_crops=c.local_crops, local_size=c.local_size,
+                   local_scale=c.local_scale, local_from=c.local_from)
+        if c.local_crops and c.method == "densecl":
+            raise ValueError(f"--local-crops={c.local_crops} with --method=densecl: {densecl.LOCAL_VIEWS}")
         return c
 
 
 # settings a resumed run must share with its checkpoint (others, e.g. steps or out, may change)
 RESUME_MUST_MATCH = ("method", "crops", "arch", "share_heads", "same_head_init", "head_hidden", "head_out",
-                     "pred_hidden", "queue_size", "batch_size", "size", "seed", "data", "boxes", "recipe", "dilate")
+                     "pred_hidden", "queue_size", "batch_size", "size", "seed", "data", "boxes", "recipe", "dilate",
+                     "local_crops", "local_size", "local_scale", "local_from")
+# settings added after checkpoints were written without them: a checkpoint lacking one ran with this value
+_RESUME_DEFAULTS = {k: getattr(Config, k) for k in ("local_crops", "local_size", "local_scale", "local_from")}
+
+
+def _setting(config: dict, key: str):
+    """A saved setting, comparable with the Config's (lists of a JSON round trip as tuples)."""
+    v = config.get(key, _RESUME_DEFAULTS.get(key))
+    return tuple(v) if isinstance(v, list) else v
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -235,14 +256,15 @@ def setup_distributed(device: str = "auto") -> Dist:
 def build_model(cfg: Config) -> nn.Module:
     """The method's model for a resolved config (deterministic given ``torch.manual_seed``)."""
     keys = head_keys(cfg.crops, cfg.share_heads)
+    local_key = local_head_key(cfg.crops, cfg.local_from, cfg.share_heads)   # one of keys: no new parameters
     backbone = Backbone(cfg.arch, zero_init_residual=cfg.method == "byol")
     if cfg.method == "mocov2":
         return mocov2.MoCoV2(backbone, preset("mocov2", cfg.head_hidden, cfg.head_out), keys, cfg.queue_size,
-                             cfg.temperature, cfg.same_head_init)
+                             cfg.temperature, cfg.same_head_init, local_key)
     if cfg.method == "byol":
         proj = preset("byol_projector", cfg.head_hidden, cfg.head_out)
         pred = preset("byol_predictor", cfg.pred_hidden, proj.sizes[-1])
-        return byol.BYOL(backbone, proj, pred, keys, cfg.same_head_init)
+        return byol.BYOL(backbone, proj, pred, keys, cfg.same_head_init, local_key)
     return densecl.DenseCL(backbone, preset("densecl_global", cfg.head_hidden, cfg.head_out),
                            preset("densecl_dense", cfg.head_hidden, cfg.head_out), keys, cfg.queue_size,
                            cfg.temperature, cfg.lam, cfg.same_head_init)
@@ -267,6 +289,9 @@ def make_loader(cfg: Config, rank: int, world_size: int):
     common = dict(boxes=boxes, mode=cfg.crops, batch_size=cfg.batch_size, size=cfg.size, recipe=cfg.recipe,
                   seed=cfg.seed, num_threads=cfg.num_threads, device=cfg.loader_device, rank=rank,
                   world_size=world_size, drop_last=True, dilate=cfg.dilate)
+    if cfg.local_crops:   # M = 0: the loader's own defaults (the call of a run without local views is unchanged)
+        common.update(local_crops=cfg.local_crops, local_size=cfg.local_size, local_scale=cfg.local_scale,
+                      local_from=cfg.local_from)
     if is_shard_set(data):   # files-only settings do not apply to shards: refused if set
         if cfg.images_dir or cfg.allow_outside_root:
             raise ValueError("--images-dir and --allow-outside-root apply to image files, not to a shard set")
@@ -412,7 +437,12 @@ def load_checkpoint(path: str | os.PathLike, cfg: Config | None = None, world_si
         raise CheckpointError(f"{path} is not a pretraining checkpoint (needs {', '.join(sorted(need))})")
     if cfg is not None:
         saved = state["config"]
-        diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
+        now = asdict(cfg)
+        # without local views on either side their size, scale and source change nothing
+        unused = (("local_size", "local_scale", "local_from")
+                  if _setting(saved, "local_crops") == 0 == _setting(now, "local_crops") else ())
+        diff = {k: (_setting(saved, k), _setting(now, k)) for k in RESUME_MUST_MATCH
+                if k not in unused and _setting(saved, k) != _setting(now, k)}
         if diff:
             raise ValueError(f"cannot resume {path}: settings differ (checkpoint, now): {diff}")
         if world_size is not None and state["world_size"] != world_size:
@@ -459,6 +489,28 @@ def _trim_log(log: Path, step: int) -> None:
 
 
 # ---- training loop --------------------------------------------------------------------------------------------
+def _local_views(batch: dict, cfg: Config, device: torch.device, channels_last: bool) -> torch.Tensor | None:
+    """The batch's local views on ``device`` ((B, M, 3, s, s), each view channels-last where asked), or None
+    when ``cfg.local_crops`` is 0; a loader whose batches disagree with ``cfg.local_crops`` is refused."""
+    local = batch.get("local")
+    m = cfg.local_crops
+    if not m:
+        if local is not None and local.shape[1] > 0:
+            raise ValueError(f"the loader yields local views ({tuple(local.shape)}) but --local-crops=0: pass "
+                             f"--local-crops={local.shape[1]} (and its --local-size / --local-from) or a loader "
+                             f"without local views")
+        return None
+    b, s = len(batch["view1"]), cfg.local_size
+    if local is None or tuple(local.shape) != (b, m, 3, s, s):
+        got = "none" if local is None else tuple(local.shape)
+        raise ValueError(f"--local-crops={m} --local-size={s} needs batches with \"local\" of shape {(b, m, 3, s, s)}, "
+                         f"the loader gave {got}")
+    local = local.to(device, non_blocking=True)
+    if channels_last:   # per view: the model runs the B * M views as one (B * M, 3, s, s) batch
+        local = local.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (b, m))
+    return local
+
+
 class _Logger:
     """JSONL (+ TensorBoard when importable) on the master process."""
 
@@ -500,8 +552,9 @@ def train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
     Args:
         cfg: the configuration (resolved here).
         loader: anything with ``__len__``, ``set_epoch`` and iteration yielding
-            ``{"view1", "view2"}`` batches; default :func:`make_loader` (benchmarks
-            pass device-resident synthetic batches or a loader over their own split).
+            ``{"view1", "view2"}`` batches (and ``"local"``, (B, M, 3, s, s), with ``local_crops = M > 0``);
+            default :func:`make_loader` (benchmarks pass device-resident synthetic batches or a loader over
+            their own split).
         model: a model from :func:`build_model` to train in place (the caller keeps
             it, e.g. to evaluate its backbone); default: built here after
             ``torch.manual_seed(cfg.seed)``.
@@ -623,6 +676,8 @@ def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
             v2 = batch["view2"].to(device, non_blocking=True)
             if use_cl:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
+            local = _local_views(batch, cfg, device, use_cl)   # (B, M, 3, s, s) or None (M = 0)
+            extra = {} if local is None else {"local": local}   # M = 0: the two-view call, as before
 
             lr_scale = lr_at(step, total, 1.0, cfg.warmup_steps)
             for g, base in zip(opt.param_groups, base_lrs):
@@ -630,7 +685,7 @@ def _train(cfg: Config, loader=None, model: nn.Module | None = None) -> dict:
             m = cosine_schedule(step, total, cfg.momentum, 1.0) if cfg.method == "byol" else cfg.momentum
 
             with autocast():
-                loss, aux = ddp_model(v1, v2, shuffle_seed=cfg.seed * 1_000_003 + step)
+                loss, aux = ddp_model(v1, v2, shuffle_seed=cfg.seed * 1_000_003 + step, **extra)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

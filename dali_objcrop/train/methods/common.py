@@ -121,3 +121,28 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
 def pool(f: torch.Tensor) -> torch.Tensor:
     """Global average pool ``(N, C, h, w) -> (N, C)``."""
     return f.mean((2, 3))
+
+
+def local_batch(local: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int]:
+    """The local (multi-crop) views of a batch as one batch for one forward pass: ``(views, M)``.
+
+    Args:
+        local: ``(N, M, 3, s, s)`` -- each image's M local views (the loader's ``batch["local"]``), or None.
+        n: N, the global views' batch size (the local views of image ``i`` are rows ``i * M .. i * M + M - 1``
+            of the result).
+
+    Returns:
+        ``((N * M, 3, s, s), M)``; ``(None, 0)`` for None or M = 0 (no local views: the two-view loss).
+    """
+    if local is None:
+        return None, 0
+    if local.dim() != 5 or local.shape[0] != n:
+        raise ValueError(f"local views must be (N, M, 3, s, s) with N = {n} (the global views' batch), "
+                         f"got {tuple(local.shape)}")
+    m = int(local.shape[1])
+    return (local.flatten(0, 1) if m else None), m
+
+
+def per_local(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``(N, ...) -> (N * M, ...)``: each image's row repeated for its M local views (row ``i * M + j``)."""
+    return x.repeat_interleave(m, dim=0)

@@ -21,6 +21,12 @@ DEFAULTS = dict(queue_size=65536, momentum=0.999, temperature=0.2, base_lr=0.03,
                 optimizer="sgd", head="densecl_global", lam=0.5)
 
 
+# why --method=densecl refuses --local-crops (Config.resolved and DenseCL.forward say this)
+LOCAL_VIEWS = ("a multi-crop DenseCL (the dense loss of each local view's small feature map against the global "
+               "views' dense keys, and its weighting) is not implemented; multi-crop runs with --method=mocov2 "
+               "or byol (or pass --local-crops=0)")
+
+
 def dense_info_nce(q: torch.Tensor, k: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, queue: torch.Tensor,
                    temperature: float) -> torch.Tensor:
     """DenseCL's dense loss with positives matched by backbone-feature similarity.
@@ -93,9 +99,14 @@ class DenseCL(nn.Module):
         d = F.normalize(dense_heads[key](f), dim=1).flatten(2)              # (N, D, S)
         return g, d, f.flatten(2)
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor, shuffle_seed: int = 0
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor, shuffle_seed: int = 0, local: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one batch; returns ``(loss, {"keys", "dense_keys", "loss_global", "loss_dense"})``."""
+        """Loss of one batch; returns ``(loss, {"keys", "dense_keys", "loss_global", "loss_dense"})``.
+
+        Local (multi-crop) views are refused (``local`` not None raises ValueError): see :data:`LOCAL_VIEWS`.
+        """
+        if local is not None:
+            raise ValueError(f"DenseCL takes no local views: {LOCAL_VIEWS}")
         q1, qd1, f1 = self._embed(self.backbone, self.heads, self.dense_heads, v1, self.keys[0])
         q2, qd2, f2 = self._embed(self.backbone, self.heads, self.dense_heads, v2, self.keys[1])
         with torch.no_grad():
