@@ -252,7 +252,8 @@ def test_selftest_passes_on_this_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_present(), reason="no CUDA GPU")
 def test_gpu_limits_refused_when_the_pipeline_is_built():
-    """size over 4096 or max_batch_size over 65535 fail at build, naming the limit, not at the first batch."""
+    """size or local_size over 4096, or max_batch_size over 65535, fail at build, naming the limit, not at the
+    first batch."""
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def
     from crop_op_build import load_crop_op
@@ -260,14 +261,16 @@ def test_gpu_limits_refused_when_the_pipeline_is_built():
     load_crop_op()
     if not plugin.crop_op_registered("gpu"):
         pytest.skip("operators built without nvcc: no GPU backend")
-    for batch, size, msg in ((2, 4097, r"size must be in \[1, 4096\]"), (65536, 8, "at most 65535 samples")):
+    for batch, size, local_size, msg in ((2, 4097, 0, r"size must be in \[1, 4096\]"),
+                                         (2, 8, 4097, r"local_size must be in \[1, 4096\]"),
+                                         (65536, 8, 0, "at most 65535 samples")):
         @pipeline_def(batch_size=batch, num_threads=1, device_id=0)
         def pipe():
             im = fn.external_source(name="im", layout="HWC", device="gpu")
             w = fn.external_source(name="w")
             f = fn.external_source(name="f")
             a = fn.external_source(name="a")
-            return tuple(fn.objcrop.crop(im, w, f, a, size=size, device="gpu"))
+            return tuple(fn.objcrop.crop(im, w, f, a, size=size, local_size=local_size, device="gpu"))
 
         with pytest.raises(RuntimeError, match=msg):
             pipe().build()

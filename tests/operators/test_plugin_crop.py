@@ -81,17 +81,17 @@ def _windows(ims, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return win.astype(np.int32), flip, cw.keys
 
 
-def _aug(keys, recipe: str, seed: int) -> np.ndarray:
+def _aug(keys, recipe, seed: int, local_crops: int = 0) -> np.ndarray:
     """The recipe's draws for these keys, with colour / blur / solarise forced on for some views so that
-    every stage is exercised in a small batch (and left off for others)."""
+    every stage is exercised in a small batch (and left off for others); (N, 2 + local_crops, 9)."""
     from dali_objcrop.ops_graph import aug_stages
-    aug = reference.aug_table(keys, recipe)
+    aug = reference.aug_table(keys, recipe, local_crops)
     rec = augment.get_recipe(recipe)
     rng = np.random.default_rng(seed)
     n = len(keys)
-    for v in (0, 1):
+    for v in range(2 + local_crops):
         # a stage the recipe never applies (p = 0) is not in the DALI graph: keep it off; p = 1: always on
-        st = aug_stages(rec.views[v])
+        st = aug_stages(rec.view_aug(v))
         for i in range(n):
             k = (i + v) % 4
             aug[i, v, 0] = k != 3 if st["colour"] == "drawn" else st["colour"] == "always"
@@ -393,3 +393,199 @@ def test_gpu_op_equals_cpu_op(op, dtype):
         g = g.astype(np.float32)
         np.testing.assert_allclose(g, cpu[v], rtol=0, atol=1e-4 if dtype == "float32" else 0.02)
         _within_a_level(g, ref[v])
+
+
+# ---- local (multi-crop) views: local_size, a third output ----------------------------------------------
+def _local_windows(ims, seed: int, m: int, local_from: str = "box"):
+    """(N, 2 + M, 4) windows, (N, 2 + M) flips and (N,) keys: sample_windows' global and local views
+    (``all_windows``), with forced tiny (1x1, 2x3) and whole-image local windows and flips both ways."""
+    n = len(ims)
+    sizes = np.array([[im.shape[1], im.shape[0]] for im in ims])
+    boxes = np.array([[0.3, 0.3, 0.6, 0.7]] * n, np.float32)
+    cw = sample_windows(sizes, boxes, np.arange(n + 1), np.arange(n) + 10 * seed, seed, 0,
+                        CropConfig(mode="obj-obj-dilate", box_scale=(0.2, 1.0), min_box_size=16, flip_p=0.5,
+                                   local_crops=m, local_from=local_from))
+    win, flip = cw.all_windows.astype(np.int32), cw.all_flip.astype(np.uint8)
+    assert win.shape == (n, 2 + m, 4) and flip.shape == (n, 2 + m)
+    w0, h0 = sizes[0]
+    win[0, 2] = [w0 // 2, h0 // 2, w0 // 2 + 1, h0 // 2 + 1]             # 1x1: a constant view
+    win[n - 1, 1 + m] = [0, 0, sizes[n - 1, 0], sizes[n - 1, 1]]         # a whole (tiny) image
+    win[n - 2, 2] = [5, 7, 7, 10]                                        # 2x3, enlarged a lot
+    flip[:, 2] = 1 - np.arange(n) % 2
+    return win, flip, cw.keys
+
+
+def _split_local(views):
+    """(v0, v1, local) with local (N, M, 3, L, L) as (N * M, 3, L, L), for the per-channel comparisons."""
+    return [*views[:2], views[2].reshape(-1, *views[2].shape[2:])]
+
+
+@pytest.mark.parametrize("recipe", ["mocov2", "byol"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_local_views_equal_numpy_reference(op, recipe, dtype):
+    """local_size > 0: a third output (M, 3, local_size, local_size) per sample, local view j from row 2 + j,
+    == reference.crop_augment_reference within 1/255 per pixel, every pixel (local sides below and above the
+    global side); the global views as without local views."""
+    ims = _images()
+    m = 3
+    win, flip, keys = _local_windows(ims, seed=41, m=m)
+    aug = _aug(keys, recipe, seed=42, local_crops=m)
+    for size, local_size in ((40, 24), (13, 29)):
+        ref = reference.crop_augment_reference(ims, win, flip, aug, size, MEAN_PX, STD_PX, local_size=local_size)
+        got = _run_op(ims, win, flip, aug, size, dtype, local_size=local_size)
+        assert len(got) == 3 and got[2].shape == (len(ims), m, 3, local_size, local_size), [g.shape for g in got]
+        for g, r in zip(_split_local(got), _split_local(ref)):
+            d = _within_a_level(g, r)
+            if dtype == "float32":
+                assert d.mean() < 0.02
+
+
+def test_local_views_from_the_recipes_draws(op):
+    """aug_table(keys, recipe, M): the two global rows as before, local rows from the recipe's local
+    augmentation (byol: DINO's, blur p 0.5, never solarised); unforced, through the op == reference."""
+    ims = _images(1)
+    m = 5
+    win, flip, keys = _local_windows(ims, seed=43, m=m, local_from="boxes")
+    aug = reference.aug_table(keys, "byol", m)
+    assert aug.shape == (len(ims), 2 + m, 9)
+    np.testing.assert_array_equal(aug[:, :2], reference.aug_table(keys, "byol"))
+    assert not aug[:, 2:, 8].any() and aug[:, 2:, 5].any() and not aug[:, 2:, 5].all()
+    for j in range(m):
+        p = augment.sample_aug_params(keys, 2 + j, augment.get_recipe("byol").local)
+        np.testing.assert_array_equal(aug[:, 2 + j, 6], p["sigma"])
+    ref = reference.crop_augment_reference(ims, win, flip, aug, 32, MEAN_PX, STD_PX, local_size=20)
+    got = _run_op(ims, win, flip, aug, 32, local_size=20)
+    for g, r in zip(_split_local(got), _split_local(ref)):
+        _within_a_level(g, r)
+
+
+def test_global_views_do_not_change_with_local_views(op):
+    """local_size = 0: two outputs, as before; with local views the two global views are bit-identical to the
+    two-view run on the same rows 0 and 1."""
+    ims = _images(1)
+    m = 4
+    win, flip, keys = _local_windows(ims, seed=44, m=m)
+    aug = _aug(keys, "mocov2", seed=45, local_crops=m)
+    two = _run_op(ims, win[:, :2].copy(), flip[:, :2].copy(), aug[:, :2].copy(), 32, num_threads=1)
+    assert len(two) == 2
+    for local_size in (16, 48):
+        three = _run_op(ims, win, flip, aug, 32, local_size=local_size)
+        assert len(three) == 3
+        for v in (0, 1):
+            np.testing.assert_array_equal(three[v], two[v])
+    with pytest.raises(ValueError, match="local_size is 0"):
+        reference.crop_augment_reference(ims, win, flip, aug, 32)
+
+
+def test_local_view_counts_are_checked_by_name(op):
+    """Rows that do not match local_size, or a different number of local views in one sample, are refused
+    naming local_size / the sample; a local view's window fault names it."""
+    ims = _images(0)[:2]                                                  # 320x240 and 53x37
+    win = np.tile(np.array([0, 0, 10, 10], np.int32), (2, 3, 1))
+    flip = np.zeros((2, 3), np.uint8)
+    aug = np.zeros((2, 3, 9), np.float32)
+    with pytest.raises(RuntimeError, match=r"sample 0: windows hold 3 views \(2 global \+ 1 local\), but "
+                                           r"local_size is 0"):
+        _run_op(ims, win, flip, aug, 8)
+    with pytest.raises(RuntimeError, match=r"local_size is 8 but sample 0's windows hold 2 views, no local view"):
+        _run_op(ims, win[:, :2].copy(), flip[:, :2].copy(), aug[:, :2].copy(), 8, local_size=8)
+    more = [win[0], np.tile(np.array([0, 0, 10, 10], np.int32), (4, 1))]
+    with pytest.raises(RuntimeError, match=r"sample 1 has 2 local views, sample 0 has 1: every sample of a batch "
+                                           r"needs the same number"):
+        _run_op(ims, more, [flip[0], np.zeros(4, np.uint8)], [aug[0], np.zeros((4, 9), np.float32)], 8,
+                local_size=8)
+    with pytest.raises(RuntimeError, match=r"sample 0: windows must be \(3, 4\), flip \(3,\) and aug \(3, 9\)"):
+        _run_op(ims, win, flip, aug[:, :2].copy(), 8, local_size=8)
+    bad = win.copy()
+    bad[1, 2] = [0, 0, 60, 10]                                            # sample 1 is 53 px wide
+    with pytest.raises(RuntimeError, match=r"sample 1 view 2 \(local view 0\): window \[0, 0, 60, 10\) is not "
+                                           r"inside the 53x37 image"):
+        _run_op(ims, bad, flip, aug, 8, local_size=8)
+    with pytest.raises(RuntimeError, match="local_size must be >= 0"):
+        _run_op(ims, win, flip, aug, 8, local_size=-1)
+
+
+def _emulate_views(ims, win, flip, aug, size: int, local_size: int, kind: int):
+    """Every view as the GPU backend's kernels compute them with its launch plan (emulated, one plan for all
+    2 + M views of the batch): (v0, v1, local (N, M, 3, L, L)), as float32."""
+    import ctypes
+    from dali_objcrop.kernels.common import norm_params
+    from crop_op_build import load_gpu_emulator
+    emu = load_gpu_emulator()
+    n, views = win.shape[:2]
+    ims = [np.ascontiguousarray(im, dtype=np.uint8) for im in ims]
+    ptrs = np.array([im.ctypes.data for im in ims], np.uint64)
+    sizes = np.array([[im.shape[1], im.shape[0]] for im in ims], np.int32)
+    sides = [size, size] + [local_size] * (views - 2)
+    outs = [np.zeros((n, 3, s, s), np.float32 if kind == 0 else np.uint16) for s in sides]
+    out_ptrs = np.array([[outs[v][i].ctypes.data for v in range(views)] for i in range(n)], np.uint64)
+    arrays = [np.ascontiguousarray(a, t) for a, t in ((win, np.int32), (flip, np.uint8), (aug, np.float32),
+                                                       (norm_params(MEAN_PX, STD_PX), np.float32))]
+    p = ctypes.c_void_p
+    rc = emu.oc_emu_crop_views(ctypes.c_int(n), ctypes.c_int(views), p(ptrs.ctypes.data), p(sizes.ctypes.data),
+                               *(p(a.ctypes.data) for a in arrays[:3]), ctypes.c_int(size), ctypes.c_int(local_size),
+                               p(arrays[3].ctypes.data), ctypes.c_float(128.0), ctypes.c_int(kind),
+                               p(out_ptrs.ctypes.data))
+    assert rc == 0, rc
+    if kind:
+        outs = [(o.astype(np.uint32) << 16).view(np.float32) if kind == 2 else o.view(np.float16) for o in outs]
+    outs = [o.astype(np.float32) for o in outs]
+    return outs[0], outs[1], np.stack(outs[2:], axis=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_kernels_emulated_equal_cpu_op_with_local_views(op, dtype):
+    """The GPU backend's kernels with local views (views of two sides in the same two launches: the row grid
+    over the larger side, per-view scratch offsets, the column blur over each blurred view's own pixels),
+    emulated on the operator's launch plan == the CPU operator, local sides below and above the global."""
+    ims = _images(1)
+    m = 4
+    win, flip, keys = _local_windows(ims, seed=46, m=m)
+    aug = _aug(keys, "byol", seed=47, local_crops=m)
+    assert aug[:, 2:, 5].any() and not aug[:, 2:, 5].all()      # some local views blurred, some not
+    kind = DTYPES.index(dtype)
+    for size, local_size in ((40, 24), (12, 31)):
+        cpu = _run_op(ims, win, flip, aug, size, dtype, local_size=local_size)
+        emu = _emulate_views(ims, win, flip, aug, size, local_size, kind)
+        for e, c in zip(emu, cpu):
+            np.testing.assert_allclose(e, c, rtol=0, atol=1e-5 if kind == 0 else 0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_op_local_views_equal_cpu_op(op, dtype):
+    """On a GPU: fn.objcrop.crop(device="gpu", local_size=...) on GPU images == the CPU operator == the NumPy
+    reference, all three outputs (local side below and above the global side)."""
+    from nvidia.dali import fn, pipeline_def
+    import torch
+    if not build.nvcc():
+        pytest.skip("operators built without nvcc: no GPU backend")
+    ims = _images()
+    m = 6
+    win, flip, keys = _local_windows(ims, seed=33, m=m)
+    aug = _aug(keys, "byol", seed=34, local_crops=m)
+    n = len(ims)
+    for size, local_size in ((64, 32), (24, 40)):
+        @pipeline_def(batch_size=n, num_threads=2, device_id=torch.cuda.current_device(), prefetch_queue_depth=1)
+        def pipe():
+            im = fn.external_source(source=lambda: ims, batch=True, layout="HWC").gpu()
+            w = fn.external_source(source=lambda: list(win), batch=True)
+            f = fn.external_source(source=lambda: list(flip), batch=True)
+            a = fn.external_source(source=lambda: list(aug), batch=True)
+            return tuple(fn.objcrop.crop(im, w, f, a, size=size, local_size=local_size, dtype=dtype,
+                                         mean=list(map(float, MEAN_PX)), std=list(map(float, STD_PX)), device="gpu"))
+
+        p = pipe()
+        p.build()
+        outs = p.run()
+        assert len(outs) == 3 and outs[2].layout() == "FCHW"
+        cpu = _run_op(ims, win, flip, aug, size, dtype, local_size=local_size)
+        ref = reference.crop_augment_reference(ims, win, flip, aug, size, MEAN_PX, STD_PX, local_size=local_size)
+        for v in range(3):
+            g = np.stack([np.array(outs[v].as_cpu()[i]) for i in range(n)])
+            if dtype == "bfloat16":
+                g = (g.astype(np.uint32) << 16).view(np.float32)
+            g = g.astype(np.float32)
+            np.testing.assert_allclose(g, cpu[v], rtol=0, atol=1e-4 if dtype == "float32" else 0.02)
+            _within_a_level(_split_local([0, 0, g])[2] if v == 2 else g, _split_local(ref)[v])
