@@ -589,3 +589,197 @@ def test_gpu_op_local_views_equal_cpu_op(op, dtype):
             g = g.astype(np.float32)
             np.testing.assert_allclose(g, cpu[v], rtol=0, atol=1e-4 if dtype == "float32" else 0.02)
             _within_a_level(_split_local([0, 0, g])[2] if v == 2 else g, _split_local(ref)[v])
+
+
+# ---- local views on the DALI-ops crop stage (ops_graph.crop_views, object_views' crop_op=False) ------------
+# local views whose stages differ from both global views' (colour always, never blurred, solarise drawn): a
+# local view run with a global view's stages differs
+LOCAL_RECIPE = augment.Recipe("local-stages", (augment.ViewAug(blur_p=1.0, solarize_p=0.0),
+                                               augment.ViewAug(jitter_p=0.0, gray_p=0.0, blur_p=0.0)),
+                              augment.ViewAug(jitter_p=1.0, gray_p=0.0, blur_p=0.0, solarize_p=0.5))
+RECIPES3 = pytest.mark.parametrize("recipe", ["mocov2", "byol", LOCAL_RECIPE], ids=["mocov2", "byol", "local-stages"])
+
+
+def _stage_inputs(win, flip, aug, rec) -> dict:
+    """ops_graph's per-view input arrays (fn.resize rois, augmentation columns, 1-D blur kernels) of every
+    view's row, only those the recipe's graph reads (DALI warns about unused external sources)."""
+    from dali_objcrop.ops_graph import aug_stages
+    n, views = win.shape[:2]
+    one = np.ones((1, 1), np.float32)
+    d = {}
+    for v in range(views):
+        x1, y1, x2, y2 = (win[:, v, i].astype(np.float32) for i in range(4))
+        f = flip[:, v].astype(bool)
+        d[f"roi_start{v}"] = np.stack([y1, np.where(f, x2, x1)], axis=1)
+        d[f"roi_end{v}"] = np.stack([y2, np.where(f, x1, x2)], axis=1)
+        a = np.ascontiguousarray(aug[:, v])
+        kern, ksize = augment.gaussian_kernels(a[:, 6])
+        col = {j: np.ascontiguousarray(a[:, j]) for j in range(9)}
+        st = aug_stages(rec.view_aug(v))
+        fields = {"colour": {f"colour{v}": col[0] != 0, f"brightness{v}": col[1], f"contrast{v}": col[2],
+                             f"saturation{v}": col[3], f"hue{v}": col[4]},
+                  "blur": {f"blur{v}": col[5] != 0,
+                           f"blur_h{v}": [kern[i, None, :ksize[i]] if a[i, 5] else one for i in range(n)],
+                           f"blur_v{v}": [kern[i, :ksize[i], None] if a[i, 5] else one for i in range(n)]},
+                  "solarize": {f"solarize{v}": col[8] != 0}}
+        for stage, kind in st.items():
+            if kind != "off":
+                d.update({k: x for k, x in fields[stage].items() if kind == "drawn" or k != f"{stage}{v}"})
+    return d
+
+
+def _ops_stage_views(ims, win, flip, aug, size: int, local_size: int, recipe):
+    """(v0, v1, local) from ops_graph.crop_views (DALI's resize, colour_twist, filter, crop_mirror_normalize
+    and fn.stack, CPU) on the decoded images, fed every view's row as object_views(crop_op=False) is."""
+    from nvidia.dali import fn, pipeline_def, types
+    from dali_objcrop import ops_graph
+    rec = augment.get_recipe(recipe)
+    n, views = win.shape[:2]
+    data = _stage_inputs(win, flip, aug, rec)
+
+    def source(value):
+        return lambda: value            # a source must take no argument (DALI passes one an iteration number)
+
+    @pipeline_def(batch_size=n, num_threads=2, device_id=None, enable_conditionals=True, prefetch_queue_depth=1)
+    def pipe():
+        images = fn.external_source(source=source(ims), batch=True, layout="HWC")
+        inp = {k: fn.external_source(source=source(x), batch=True) for k, x in data.items()}
+        return ops_graph.crop_views(images, inp, size, rec, "cpu", types.FLOAT, list(MEAN_PX), list(STD_PX),
+                                    local_crops=views - 2, local_size=local_size)
+
+    p = pipe()
+    p.build()
+    outs = p.run()
+    assert len(outs) == 3 and outs[2].layout() == "FCHW"
+    return [np.stack([np.array(tl[i]) for i in range(n)]) for tl in outs]
+
+
+@RECIPES3
+def test_local_views_dali_ops_stage_equals_op_exactly_on_identity_windows(op, recipe):
+    """Windows whose side equals their view's output side (global: the whole S x S image; local: L x L
+    sub-windows, flipped or not), where both resamplers are the identity: the DALI-ops stage's local views
+    == the op's within 1/255 per pixel, every pixel, every stage of the recipe's local augmentation."""
+    rng = np.random.default_rng(8)
+    size, m, n = 48, 3, 4
+    for local_size in (16, 5):          # 5 px: blur kernels wider than the local view
+        ims = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+        yy, xx = np.mgrid[0:size, 0:size]
+        ims[0] = np.stack([xx * 255 // (size - 1), yy * 255 // (size - 1), (xx + yy) % 256], -1).astype(np.uint8)
+        win = np.zeros((n, 2 + m, 4), np.int32)
+        win[:, :2] = [0, 0, size, size]
+        for i in range(n):
+            for j in range(m):
+                x, y = rng.integers(0, size - local_size + 1, 2)
+                win[i, 2 + j] = [x, y, x + local_size, y + local_size]
+        flip = (rng.random((n, 2 + m)) < 0.5).astype(np.uint8)
+        keys = rng.integers(0, 2**63, n).astype(np.uint64)
+        aug = _aug(keys, recipe, seed=local_size, local_crops=m)
+        g = _ops_stage_views(ims, win, flip, aug, size, local_size, recipe)
+        o = _run_op(ims, win, flip, aug, size, local_size=local_size)
+        assert g[2].shape == o[2].shape == (n, m, 3, local_size, local_size)
+        for a, b in zip(_split_local(o), _split_local(g)):
+            _within_a_level(a, b)
+
+
+@RECIPES3
+def test_local_views_dali_ops_stage_matches_op_on_real_windows(op, recipe):
+    """Real photos, sample_windows' local windows (and tiny / whole / flipped ones): the DALI-ops stage's
+    views == the op's within a pixel level on >= 99% of the pixels whose filters read only inside the window,
+    never 3 levels apart there (the tolerance of the global views' comparison above)."""
+    ims = _images()
+    m = 3
+    win, flip, keys = _local_windows(ims, seed=48, m=m)
+    aug = _aug(keys, recipe, seed=49, local_crops=m)
+    size, local_size = 64, 32
+    g = _ops_stage_views(ims, win, flip, aug, size, local_size, recipe)
+    o = _run_op(ims, win, flip, aug, size, local_size=local_size)
+    diffs = []
+    for v in range(2 + m):
+        s = size if v < 2 else local_size
+        ov, gv = (o[v], g[v]) if v < 2 else (o[2][:, v - 2], g[2][:, v - 2])
+        for i in range(len(ims)):
+            x1, y1, x2, y2 = win[i, v]
+            r = int(aug[i, v, 7]) // 2 if aug[i, v, 5] else 0
+            mask = np.outer(_inside(y1, y2, s, r), _inside(x1, x2, s, r)[::-1 if flip[i, v] else 1])
+            d = np.abs(ov[i] - gv[i]).astype(np.float64) * STD_PX[:, None, None]
+            diffs.append(d[:, mask])
+    d = np.concatenate(diffs, axis=1)
+    local_px = sum(x.shape[1] for x in diffs[2 * len(ims):])
+    assert local_px >= 0.25 * m * len(ims) * local_size ** 2            # most local pixels are compared
+    assert (d <= 1.0 + 1e-3).mean() >= 0.99, ((d <= 1.0 + 1e-3).mean(), d.max())
+    assert d.mean() < 0.3 and d.max() < 3.0, (d.mean(), d.max())
+
+
+# ---- object_views with local views --------------------------------------------------------------------------
+@pytest.fixture
+def local_windows_op(op):
+    """Skips unless fn.objcrop.windows draws local views (its ``local_crops`` argument)."""
+    from nvidia.dali import backend
+    if not backend.GetSchema("objcrop__Windows").HasArgument("local_crops"):
+        pytest.skip("fn.objcrop.windows has no local_crops argument in these operators: the windows operator's "
+                    "local views are not part of this checkout")
+    return op
+
+
+def _object_views_local(ims, config, size: int, crop_op: bool, seed: int = 3):
+    """plugin.object_views(config with local views) on PNG-encoded images with one box each, in a user's
+    @pipeline_def; every output as a NumPy batch."""
+    import cv2
+    from nvidia.dali import fn, pipeline_def
+    from dali_objcrop import plugin
+    n = len(ims)
+    encoded = [np.frombuffer(cv2.imencode(".png", im[:, :, ::-1])[1].tobytes(), np.uint8) for im in ims]
+    index = [np.array(10 + i, np.int64) for i in range(n)]
+    boxes = [np.array([[0.3, 0.3, 0.6, 0.7]], np.float32) for _ in range(n)]
+
+    @pipeline_def(batch_size=n, num_threads=2, device_id=None, enable_conditionals=True, prefetch_queue_depth=1)
+    def pipe():
+        jpegs = fn.external_source(source=lambda: encoded, batch=True)
+        idx = fn.external_source(source=lambda: index, batch=True)
+        b = fn.external_source(source=lambda: boxes, batch=True)
+        return plugin.object_views(jpegs, idx, b, config=config, recipe="byol", seed=seed, size=size,
+                                   crop_op=crop_op)
+
+    p = pipe()
+    p.build()
+    return [np.stack([np.array(tl[i]) for i in range(n)]) for tl in p.run()]
+
+
+def test_object_views_local_views_equal_the_specification(local_windows_op):
+    """object_views(config.local_crops = M): (view1, view2, local), local (M, 3, local_size, local_size) per
+    sample; fn.objcrop.crop's views == kernels.reference on sample_windows' windows and aug_table's draws
+    (within 1/255, every pixel), and the DALI-ops stage (crop_op=False) gives the same local views within a
+    level on >= 99% of their interior pixels."""
+    ims = [im for im in _images() if min(im.shape[:2]) >= 16]
+    n, m, size, local_size = len(ims), 4, 48, 24
+    cfg = CropConfig(mode="obj-obj-dilate", box_scale=(0.5, 1.0), min_box_size=16, local_crops=m,
+                     local_size=local_size, local_from="boxes")
+    fused = _object_views_local(ims, cfg, size, crop_op=True)
+    assert len(fused) == 3 and fused[2].shape == (n, m, 3, local_size, local_size)
+    sizes = np.array([[im.shape[1], im.shape[0]] for im in ims])
+    cw = sample_windows(sizes, np.array([[0.3, 0.3, 0.6, 0.7]] * n), np.arange(n + 1), 10 + np.arange(n), 3, 0, cfg)
+    aug = reference.aug_table(cw.keys, "byol", m)
+    ref = reference.crop_augment_reference(ims, cw.all_windows, cw.all_flip, aug, size, MEAN_PX, STD_PX,
+                                           local_size=local_size)
+    for g, r in zip(_split_local(fused), _split_local(ref)):
+        _within_a_level(g, r)
+    ops = _object_views_local(ims, cfg, size, crop_op=False)
+    assert len(ops) == 3 and ops[2].shape == fused[2].shape
+    diffs = []
+    for j in range(m):
+        for i in range(n):
+            x1, y1, x2, y2 = cw.local_windows[i, j]
+            r = int(aug[i, 2 + j, 7]) // 2 if aug[i, 2 + j, 5] else 0
+            mask = np.outer(_inside(y1, y2, local_size, r),
+                            _inside(x1, x2, local_size, r)[::-1 if cw.local_flip[i, j] else 1])
+            diffs.append((np.abs(ops[2][i, j] - fused[2][i, j]) * STD_PX[:, None, None])[:, mask])
+    d = np.concatenate(diffs, axis=1)
+    assert (d <= 1.0 + 1e-3).mean() >= 0.99 and d.max() < 3.0, ((d <= 1.0 + 1e-3).mean(), d.max())
+
+
+def test_object_views_without_local_views_returns_two(op):
+    """config.local_crops = 0 (the default): object_views returns the two views, as before."""
+    ims = _images(0)[:1]
+    outs = _object_views_local(ims, CropConfig(mode="obj-obj-dilate", box_scale=(0.5, 1.0), min_box_size=16), 32,
+                               crop_op=True)
+    assert len(outs) == 2 and outs[0].shape == (1, 3, 32, 32)
