@@ -4,9 +4,11 @@ What both loader paths share when the fused ``fn.objcrop.crop`` is not used: ``f
 each view's ROI (the flip is a reversed x range), then a float chain of ``color_twist``
 (grayscale = saturation 0), a separable blur as two ``fn.filter`` passes with per-sample 1-D
 kernels, solarisation, and ``crop_mirror_normalize``.  Each stage runs only on the samples drawn
-for it (DALI conditionals; see :func:`aug_stages`).  The inputs are DALI nodes by name: from the
-NumPy callback (:mod:`dali_objcrop.loader`) or from ``fn.objcrop.windows``
-(:mod:`dali_objcrop.plugin`).
+for it (DALI conditionals; see :func:`aug_stages`).  The inputs are DALI nodes by name, per view
+``v`` (``roi_start{v}``, ``brightness{v}``, ...): from the NumPy callback (:mod:`dali_objcrop.loader`)
+or from ``fn.objcrop.windows`` (:mod:`dali_objcrop.plugin`).  Views 0 and 1 are the global views;
+views ``2 + j`` the local (multi-crop) views, with their own side and the recipe's ``local``
+augmentation (:func:`crop_views`).
 """
 from __future__ import annotations
 
@@ -23,23 +25,28 @@ def aug_stages(aug: _augment.ViewAug) -> dict[str, str]:
             "solarize": kind(aug.solarize_p)}
 
 
-def dali_crop(images, inp: dict, size: int):
+def dali_crop(images, inp: dict, size, views=(0, 1)):
     """Crop backend ``dali``: ``fn.resize`` of each view's ROI to ``size`` x ``size`` (flip via the ROI).
 
     Args:
         images: decoded HWC uint8 images (CPU or GPU node).
         inp: the external-source nodes by name (:data:`INPUT_FIELDS`).
-        size: output side in pixels.
+        size: output side in pixels, or one side per view of ``views``.
+        views: the views to cut (their ``roi_start{v}`` / ``roi_end{v}`` inputs): (0, 1) the global views,
+            ``2 + j`` local view ``j``.
 
     Returns:
-        ``(view0, view1)`` HWC uint8 nodes (as torchvision's PIL crops; resizing to uint8 and then
-        casting measured ~5% less CPU per image end to end than resizing to float).
+        one HWC uint8 node per view (as torchvision's PIL crops; resizing to uint8 and then casting
+        measured ~5% less CPU per image end to end than resizing to float).
     """
     from nvidia.dali import fn, types
-    return tuple(fn.resize(images, size=[size, size], roi_start=inp[f"roi_start{v}"], roi_end=inp[f"roi_end{v}"],
+    sizes = list(size) if hasattr(size, "__len__") else [size] * len(views)
+    if len(sizes) != len(views):
+        raise ValueError(f"{len(sizes)} sizes for {len(views)} views")
+    return tuple(fn.resize(images, size=[int(s), int(s)], roi_start=inp[f"roi_start{v}"], roi_end=inp[f"roi_end{v}"],
                            roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True,
                            dtype=types.UINT8)
-                 for v in (0, 1))
+                 for v, s in zip(views, sizes))
 
 
 def colour(img, inp: dict, v: int, gpu: bool = False):
@@ -92,18 +99,52 @@ def augment_view(img, inp: dict, v: int, stages: dict[str, str], gpu: bool = Fal
 
 
 def finish_views(views, float_output: bool, inp: dict, recipe: _augment.Recipe, decode_device: str, out_dtype,
-                  mean=None, std=None):
-    """Augment both views (float chain, stages per :func:`aug_stages`) and normalise them to NCHW
-    (``mean``/``std`` in pixel units, default ImageNet's)."""
+                 mean=None, std=None, view_ids=None):
+    """Augment every view (float chain, stages per :func:`aug_stages` of ``recipe.view_aug(v)``) and normalise
+    them to NCHW (``mean``/``std`` in pixel units, default ImageNet's).
+
+    Args:
+        views: the resized views (:func:`dali_crop`).
+        view_ids: each view's number ``v`` (its inputs ``colour{v}``, ...; 0, 1 global, ``2 + j`` local view
+            ``j``); default ``0, 1, ...``.
+
+    Returns:
+        one node per view, in order.
+    """
     from nvidia.dali import fn, types
     outs = []
-    for v in (0, 1):
-        stages = aug_stages(recipe.views[v])
-        img = views[v]
+    for v, img in zip(range(len(views)) if view_ids is None else view_ids, views):
+        stages = aug_stages(recipe.view_aug(v))
         if not float_output and any(k != "off" for k in stages.values()):
             img = fn.cast(img, dtype=types.FLOAT)  # the augmentations run on float; normalise takes either
         img = augment_view(img, inp, v, stages, gpu=decode_device == "mixed")
         outs.append(fn.crop_mirror_normalize(img, dtype=out_dtype, output_layout="CHW",
                                              mean=mean or list(IMAGENET_MEAN_PX),
                                              std=std or list(IMAGENET_STD_PX)))
-    return outs[0], outs[1]
+    return tuple(outs)
+
+
+def crop_views(images, inp: dict, size: int, recipe: _augment.Recipe, decode_device: str, out_dtype,
+               mean=None, std=None, local_crops: int = 0, local_size: int = 0):
+    """The whole DALI-ops crop stage: both global views at ``size`` and ``local_crops`` local views at
+    ``local_size``, as ``fn.objcrop.crop`` makes them.
+
+    Args:
+        images: decoded HWC uint8 images (CPU or GPU node).
+        inp: every view's input nodes by name (``roi_start{v}``, ``roi_end{v}``, the augmentation columns,
+            ``blur_h{v}`` / ``blur_v{v}``), ``v`` in ``0 .. 1 + local_crops``.
+        size, local_size: the global and local views' sides.
+        recipe, decode_device, out_dtype, mean, std: as :func:`finish_views` (local views: ``recipe.local``).
+        local_crops: M local views (0: the two global views only).
+
+    Returns:
+        ``(view1, view2)``, each (3, size, size) per sample; with local views also ``local``, the M local
+        views stacked into (M, 3, local_size, local_size) per sample (layout FCHW, as ``fn.objcrop.crop``'s).
+    """
+    from nvidia.dali import fn
+    ids = list(range(2 + local_crops))
+    outs = finish_views(dali_crop(images, inp, [size, size] + [local_size] * local_crops, ids), False, inp, recipe,
+                        decode_device, out_dtype, mean, std, view_ids=ids)
+    if not local_crops:
+        return outs
+    return outs[0], outs[1], fn.stack(*outs[2:], axis_name="F")

@@ -5,13 +5,16 @@
 // operator's own launch plan (csrc/dali/objcrop_crop_plan.h), runs the kernels through a backend (the real
 // GPU with the operator's launch code, crop_check_gpu.cu; or the serial emulation, crop_emulate.cpp), and
 // compares every output value with the CPU operator's arithmetic (csrc/dali/objcrop_crop_cpu.h) on the same
-// plan.  Reported per case: the share of bit-identical values and the largest difference in pixel levels
-// (1 level = 1/255 of the range); a case passes at <= 1 level.  Cases that must be refused (over the limits)
+// plan.  A batch holds 2 global views per sample and, in the local_* cases, M local views of another side
+// (all in the same two launches).  Reported per case: the share of bit-identical values, the largest
+// difference in pixel levels (1 level = 1/255 of the range) and a checksum of the kernels' output bytes; a
+// case passes at <= 1 level.  Cases that must be refused (over the limits)
 // pass when the plan refuses them by name.
 //
 //   crop_check [--cases all|small|NAME[,NAME...]] [--json FILE] [--list]
 #include <cmath>
 #include <cstdio>
+#include <array>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -35,20 +38,24 @@ struct Rng {
   int below(int n) { return static_cast<int>(next() % static_cast<unsigned long long>(n)); }
 };
 
+// One sample's views: 2 global, then the batch's local views.
 struct Sample {
   int w, h;
   int image;       // index into the batch's distinct images
-  int win[2][4];
-  int flip[2];
-  float aug[2][OC_AUG_K];
+  std::vector<std::array<int, 4>> win;
+  std::vector<int> flip;
+  std::vector<std::array<float, OC_AUG_K>> aug;
 };
 
 struct Batch {
   std::vector<std::vector<unsigned char>> images;  // distinct images (HWC RGB); samples may share one
   std::vector<std::pair<int, int>> image_sizes;    // (w, h)
   std::vector<Sample> samples;
-  int size = 0;
+  int size = 0;                                    // the global views' side
+  int local_views = 0, local_size = 0;             // local views per sample and their side
   int kind = OC_OUT_F32;
+  int views() const { return 2 + local_views; }
+  int view_size(int v) const { return v < 2 ? size : local_size; }
 };
 
 struct Case {
@@ -117,16 +124,41 @@ Batch random_batch(unsigned long long seed, int n, int size, int kind, const std
     s.image = i % static_cast<int>(sizes.size());
     s.w = sizes[s.image].first;
     s.h = sizes[s.image].second;
+    s.win.resize(2);
+    s.flip.resize(2);
+    s.aug.resize(2);
     for (int v = 0; v < 2; ++v) {
-      random_window(r, s.w, s.h, s.win[v]);
+      random_window(r, s.w, s.h, s.win[v].data());
       s.flip[v] = r.uniform() < 0.5;
-      random_aug(r, s.aug[v], blur_p, window);
+      random_aug(r, s.aug[v].data(), blur_p, window);
     }
   }
   return b;
 }
 
-void set_window(Sample& s, int v, int x1, int y1, int x2, int y2) {
+// random_batch's global views (the same draws) and m local views of side local_size per sample, drawn from a
+// second stream: blur with probability local_blur_p, every 5th local view of a sample blurred whatever the draw.
+Batch local_batch(unsigned long long seed, int n, int size, int m, int local_size, int kind,
+                  const std::vector<std::pair<int, int>>& sizes, double blur_p = 0.5, double local_blur_p = 0.5) {
+  Batch b = random_batch(seed, n, size, kind, sizes, blur_p);
+  b.local_views = m;
+  b.local_size = local_size;
+  Rng r{seed ^ 0x6c6f63616cull};
+  for (Sample& s : b.samples) {
+    for (int j = 0; j < m; ++j) {
+      std::array<int, 4> w;
+      std::array<float, OC_AUG_K> a;
+      random_window(r, s.w, s.h, w.data());
+      s.win.push_back(w);
+      s.flip.push_back(r.uniform() < 0.5);
+      random_aug(r, a.data(), j % 5 == 0 ? 1.0 : local_blur_p);
+      s.aug.push_back(a);
+    }
+  }
+  return b;
+}
+
+void set_window(Sample& s, int v, int x1, int y1, int x2, int y2) {  // view v's window
   s.win[v][0] = x1;
   s.win[v][1] = y1;
   s.win[v][2] = x2;
@@ -180,11 +212,39 @@ std::vector<Case> all_cases() {
                   return random_batch(25, 256, 224, F32, {{640, 480}, {480, 640}, {640, 427}, {500, 375}, {612, 612},
                                                           {640, 360}, {427, 640}, {640, 480}});
                 }});
+  // local (multi-crop) views: V = 2 + M views of two sides in the same two launches
+  cs.push_back({"local_2x224_6x96", false, false, [=] {
+                  return local_batch(40, 4, 224, 6, 96, F32, {{640, 480}, {333, 517}, {96, 96}});
+                }});
+  cs.push_back({"local_odd_sizes", true, false, [=] {
+                  Batch b = local_batch(41, 5, 37, 3, 13, F32, {{1, 1}, {101, 67}, {3, 2}, {640, 480}, {2, 99}});
+                  set_window(b.samples[1], 2, 0, 0, 101, 67);   // a whole image, a 1x1 window, enlarging ones
+                  set_window(b.samples[1], 3, 50, 30, 51, 31);
+                  set_window(b.samples[3], 4, 100, 100, 105, 103);
+                  return b;
+                }});
+  cs.push_back({"local_larger_than_global", true, false, [=] {
+                  return local_batch(42, 3, 24, 4, 57, F16, {{640, 480}, {64, 48}}, 0.5, 1.0);
+                }});
+  cs.push_back({"local_16_views", false, false, [=] {
+                  return local_batch(43, 6, 64, 16, 32, BF16, {{500, 375}, {612, 612}, {37, 53}});
+                }});
+  cs.push_back({"local_only_local_blur", true, false, [=] {
+                  return local_batch(44, 3, 40, 5, 19, F32, {{200, 150}}, 0.0, 0.5);   // no global view blurred
+                }});
+  cs.push_back({"local_size_1", true, false, [=] {
+                  return local_batch(45, 3, 9, 2, 1, F32, {{30, 20}, {1, 1}}, 1.0, 1.0);
+                }});
+  cs.push_back({"local_batch_64_at_224_96", false, false, [=] {
+                  return local_batch(46, 64, 224, 8, 96, F32, {{640, 480}, {480, 640}, {640, 427}, {500, 375}});
+                }});
   // over the limits: the plan must refuse them by name
   cs.push_back({"refuse_size_over_limit", true, true,
                 [=] { return random_batch(30, 1, OC_MAX_SIZE + 1, F32, {{8, 8}}); }});
   cs.push_back({"refuse_batch_over_limit", true, true,
                 [=] { return random_batch(31, OC_MAX_BATCH + 1, 1, F32, {{2, 2}}); }});
+  cs.push_back({"refuse_local_size_over_limit", true, true,
+                [=] { return local_batch(32, 1, 8, 1, OC_MAX_SIZE + 1, F32, {{8, 8}}); }});
   return cs;
 }
 
@@ -222,9 +282,10 @@ float decode(const unsigned char* base, size_t i, int kind) {
 
 struct Result {
   std::string name, error;
-  int n = 0, size = 0, kind = 0;
+  int n = 0, size = 0, kind = 0, local_views = 0, local_size = 0;
   double exact = 0, max_levels = 0, kernel_ms = 0;
   long long values = 0;
+  unsigned long long checksum = 0;  // FNV-1a of the kernels' output bytes (equal across builds: same pixels)
   bool ok = false;
 };
 
@@ -239,6 +300,8 @@ Result run_case(const Case& c) {
   res.n = n;
   res.size = S;
   res.kind = b.kind;
+  res.local_views = b.local_views;
+  res.local_size = b.local_size;
   // the images arena: each distinct image once
   std::vector<unsigned char> arena;
   std::vector<size_t> image_off;
@@ -247,20 +310,32 @@ Result run_case(const Case& c) {
     arena.insert(arena.end(), im.begin(), im.end());
   }
   const size_t elem = b.kind == OC_OUT_F32 ? 4 : 2;
-  const size_t view_bytes = elem * 3 * static_cast<size_t>(S) * S;
-  const size_t out_bytes = view_bytes * 2 * n;
+  const int V = b.views();
+  // the outputs arena: sample by sample, view by view, each (3, side, side) of its own side
+  std::vector<size_t> out_off(static_cast<size_t>(V) * n + 1, 0);
+  for (int k = 0; k < V * n; ++k) {
+    const size_t side = static_cast<size_t>(b.view_size(k % V));
+    out_off[k + 1] = out_off[k] + elem * 3 * side * side;
+  }
+  const size_t out_bytes = out_off.back();
   OcCropPlan plan;
-  oc_plan_begin(plan, n, S, b.kind, kNorm);
+  oc_plan_begin(plan, n, S, b.kind, kNorm, b.local_views, b.local_size);
   for (int i = 0; i < n; ++i)
-    for (int v = 0; v < 2; ++v) {
+    for (int v = 0; v < V; ++v) {
       const Sample& s = b.samples[i];
-      std::string err = oc_plan_view(plan, i, v, s.w, s.h, s.win[v], s.flip[v], s.aug[v], 128.0f);
+      std::string err = oc_plan_view(plan, i, v, s.w, s.h, s.win[v].data(), s.flip[v], s.aug[v].data(), 128.0f);
       if (!err.empty()) {
         res.error = "plan_view: " + err;
         return res;
       }
-      plan.params[2 * i + v].image = image_off[s.image];                 // offsets: each backend rebases
-      plan.params[2 * i + v].out = (2 * static_cast<size_t>(i) + v) * view_bytes;
+      OcViewParams& q = plan.params[static_cast<size_t>(V) * i + v];
+      if (q.size != b.view_size(v)) {
+        res.error = "plan_view: view " + std::to_string(v) + " planned at side " + std::to_string(q.size) +
+                    ", the case asks " + std::to_string(b.view_size(v));
+        return res;
+      }
+      q.image = image_off[s.image];                 // offsets: each backend rebases
+      q.out = out_off[static_cast<size_t>(V) * i + v];
     }
   if (c.must_refuse) {
     OcCropPlan copy = plan;
@@ -275,31 +350,36 @@ Result run_case(const Case& c) {
     res.error = err;
     return res;
   }
-  // the CPU operator's arithmetic on the same per-view blocks
+  // the CPU operator's arithmetic on the same per-view blocks, each view at the side the case asks
   std::vector<unsigned char> want(out_bytes);
   objcrop::CpuBuffers buf;
-  for (int k = 0; k < 2 * n; ++k) {
+  for (int k = 0; k < V * n; ++k) {
     OcViewParams q = plan.params[k];
+    const int side = b.view_size(k % V);
     q.image += reinterpret_cast<unsigned long long>(arena.data());
     q.out += reinterpret_cast<unsigned long long>(want.data());
-    objcrop::resample_view(q, S, buf);
-    objcrop::augment_view(q, plan.taps.data() + q.blur_offset, plan.norm, S, b.kind, buf);
+    objcrop::resample_view(q, side, buf);
+    objcrop::augment_view(q, plan.taps.data() + q.blur_offset, plan.norm, side, b.kind, buf);
   }
   const size_t count = out_bytes / elem;
   long long same = 0;
   double worst = 0;
-  const size_t plane = static_cast<size_t>(S) * S;
-  for (size_t i = 0; i < count; ++i) {
-    if (std::memcmp(got.data() + i * elem, want.data() + i * elem, elem) == 0) {
-      ++same;
-      continue;
+  for (int k = 0; k < V * n; ++k) {
+    const size_t plane = static_cast<size_t>(b.view_size(k % V)) * b.view_size(k % V);
+    for (size_t i = out_off[k] / elem, e = out_off[k + 1] / elem, j = 0; i < e; ++i, ++j) {
+      if (std::memcmp(got.data() + i * elem, want.data() + i * elem, elem) == 0) {
+        ++same;
+        continue;
+      }
+      const int c3 = static_cast<int>(j / plane);
+      const double a = decode(got.data(), i, b.kind), w = decode(want.data(), i, b.kind);
+      const double levels = std::isfinite(a) ? std::fabs(a - w) / kNorm[3 + c3] : INFINITY;  // back to pixel levels
+      if (!(levels <= worst)) worst = levels;
     }
-    const int c3 = static_cast<int>((i / plane) % 3);
-    const double a = decode(got.data(), i, b.kind), w = decode(want.data(), i, b.kind);
-    const double levels = std::isfinite(a) ? std::fabs(a - w) / kNorm[3 + c3] : INFINITY;  // back to pixel levels
-    if (!(levels <= worst)) worst = levels;
   }
   res.values = static_cast<long long>(count);
+  res.checksum = 0xcbf29ce484222325ull;
+  for (unsigned char byte : got) res.checksum = (res.checksum ^ byte) * 0x100000001b3ull;
   res.exact = count ? static_cast<double>(same) / count : 1.0;
   res.max_levels = worst;
   res.ok = worst <= 1.0;
@@ -350,16 +430,20 @@ int main(int argc, char** argv) {
     Result r = run_case(cases[k]);
     failed += !r.ok;
     const char* dt = r.kind == OC_OUT_F32 ? "float32" : (r.kind == OC_OUT_F16 ? "float16" : "bfloat16");
-    std::printf("%-26s %-5s n=%-6d size=%-5d %-8s exact %.6f  max diff %.4f levels  kernels %.3f ms  %s\n",
-                r.name.c_str(), r.ok ? "ok" : "FAIL", r.n, r.size, dt, r.exact, r.max_levels, r.kernel_ms,
-                r.error.c_str());
+    char local[32] = "";
+    if (r.local_views) std::snprintf(local, sizeof local, "+%dx%d", r.local_views, r.local_size);
+    std::printf("%-28s %-5s n=%-6d size=%-5d%-8s %-8s exact %.6f  max diff %.4f levels  kernels %.3f ms  %016llx  %s\n",
+                r.name.c_str(), r.ok ? "ok" : "FAIL", r.n, r.size, local, dt, r.exact, r.max_levels, r.kernel_ms,
+                r.checksum, r.error.c_str());
     std::fflush(stdout);
     char num[512];
     std::snprintf(num, sizeof num,
-                  "{\"case\": \"%s\", \"ok\": %s, \"n\": %d, \"size\": %d, \"dtype\": \"%s\", \"values\": %lld, "
-                  "\"exact_fraction\": %.9f, \"max_diff_levels\": %.6g, \"kernel_ms\": %.4f, ",
-                  r.name.c_str(), r.ok ? "true" : "false", r.n, r.size, dt, r.values, r.exact,
-                  std::isfinite(r.max_levels) ? r.max_levels : 1e30, r.kernel_ms);
+                  "{\"case\": \"%s\", \"ok\": %s, \"n\": %d, \"size\": %d, \"local_views\": %d, \"local_size\": %d, "
+                  "\"dtype\": \"%s\", \"values\": %lld, "
+                  "\"exact_fraction\": %.9f, \"max_diff_levels\": %.6g, \"kernel_ms\": %.4f, \"checksum\": \"%016llx\", ",
+                  r.name.c_str(), r.ok ? "true" : "false", r.n, r.size, r.local_views, r.local_size, dt, r.values,
+                  r.exact,
+                  std::isfinite(r.max_levels) ? r.max_levels : 1e30, r.kernel_ms, r.checksum);
     out += std::string(k ? ", " : "") + num + "\"note\": \"" + json_escape(r.error) + "\"}";
   }
   out += "], \"failed\": " + std::to_string(failed) + "}\n";

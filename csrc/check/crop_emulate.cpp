@@ -29,7 +29,6 @@ static OcDim3 blockIdx, threadIdx, blockDim, gridDim;
 void oc_emulate_launch(const OcCropPlan& plan, float* scratch) {
   if (plan.n == 0) return;
   const OcPackedPtrs d = oc_packed_ptrs(plan, plan.packed.data());
-  const int S = plan.size;
   std::vector<float> row(plan.rows.smem / sizeof(float) + 1);
   const OcLaunch& r = plan.rows;
   blockDim = {r.block, 1, 1};
@@ -38,53 +37,64 @@ void oc_emulate_launch(const OcCropPlan& plan, float* scratch) {
     for (unsigned y = 0; y < gridDim.y; ++y)
       for (unsigned x = 0; x < gridDim.x; ++x) {
         blockIdx = {x, y, z};
-        const OcViewParams& p = d.params[2 * z + y];  // as oc_crop_rows_kernel
+        const OcViewParams* p = oc_rows_view(d.params);  // as oc_crop_rows_kernel
+        if (!p) continue;
         int blur = 0;
         for (unsigned t = 0; t < blockDim.x; ++t) {
           threadIdx = {t, 0, 0};
-          blur = oc_rows_phase1(p, d.norm, S, plan.out_kind, row.data());
+          blur = oc_rows_phase1(*p, d.norm, plan.out_kind, row.data());
         }
         if (!blur) continue;
         for (unsigned t = 0; t < blockDim.x; ++t) {  // after the barrier
           threadIdx = {t, 0, 0};
-          oc_rows_phase2(p, d.taps, S, row.data(), scratch);
+          oc_rows_phase2(*p, d.taps, row.data(), scratch);
         }
       }
   const OcLaunch& c = plan.cols;
   blockDim = {c.block, 1, 1};
   gridDim = {c.grid[0], 1, 1};
+  const int nb = static_cast<int>(plan.blurred.size());
   for (unsigned x = 0; x < gridDim.x; ++x) {
     blockIdx = {x, 0, 0};
     for (unsigned t = 0; t < blockDim.x; ++t) {
       threadIdx = {t, 0, 0};
-      oc_blur_cols_kernel(d.params, d.blurred, d.taps, d.norm, S, plan.out_kind, scratch);
+      oc_blur_cols_kernel(d.params, d.blurred, d.blur_first, nb, d.taps, d.norm, plan.out_kind, scratch);
     }
   }
 }
 
 extern "C" {
 
-// For tests through ctypes: n samples; ptrs (n,) image addresses (HWC uint8 RGB); sizes (n, 2) (width,
-// height); windows (n, 2, 4); flips (n, 2); aug (n, 2, OC_AUG_K); norm (6,) mean[3], 1/std[3]; kind OC_OUT_*;
-// outs (n, 2) addresses of the (3, S, S) outputs.  Returns 0, 1 + the index of the first invalid view, or
-// -1 when the plan refuses the batch (limits).
-int oc_emu_crop_aug(int n, const unsigned long long* ptrs, const int* sizes, const int* windows,
-                    const unsigned char* flips, const float* aug, int S, const float* norm, float contrast_center,
-                    int kind, const unsigned long long* outs) {
+// For tests through ctypes: n samples of `views` views each (2 global of side S, then views - 2 local ones of
+// side local_S); ptrs (n,) image addresses (HWC uint8 RGB); sizes (n, 2) (width, height); windows (n, views,
+// 4); flips (n, views); aug (n, views, OC_AUG_K); norm (6,) mean[3], 1/std[3]; kind OC_OUT_*; outs (n, views)
+// addresses of each view's (3, side, side) output.  Returns 0, 1 + the index of the first invalid view, or -1
+// when the plan refuses the batch (limits).
+int oc_emu_crop_views(int n, int views, const unsigned long long* ptrs, const int* sizes, const int* windows,
+                      const unsigned char* flips, const float* aug, int S, int local_S, const float* norm,
+                      float contrast_center, int kind, const unsigned long long* outs) {
   OcCropPlan plan;
-  oc_plan_begin(plan, n, S, kind, norm);
+  oc_plan_begin(plan, n, S, kind, norm, views - 2, local_S);
   for (int i = 0; i < n; ++i)
-    for (int v = 0; v < 2; ++v) {
-      if (!oc_plan_view(plan, i, v, sizes[2 * i], sizes[2 * i + 1], windows + (2 * i + v) * 4, flips[2 * i + v],
-                        aug + (2 * i + v) * OC_AUG_K, contrast_center).empty())
-        return 1 + 2 * i + v;
-      plan.params[2 * i + v].image = ptrs[i];
-      plan.params[2 * i + v].out = outs[2 * i + v];
+    for (int v = 0; v < views; ++v) {
+      const int k = views * i + v;
+      if (!oc_plan_view(plan, i, v, sizes[2 * i], sizes[2 * i + 1], windows + 4 * k, flips[k], aug + k * OC_AUG_K,
+                        contrast_center).empty())
+        return 1 + k;
+      plan.params[k].image = ptrs[i];
+      plan.params[k].out = outs[k];
     }
   if (!oc_plan_finish(plan).empty()) return -1;
   std::vector<float> scratch(plan.scratch_floats + 1);
   oc_emulate_launch(plan, scratch.data());
   return 0;
+}
+
+// The two global views only (n, 2) of everything above: oc_emu_crop_views with views = 2.
+int oc_emu_crop_aug(int n, const unsigned long long* ptrs, const int* sizes, const int* windows,
+                    const unsigned char* flips, const float* aug, int S, const float* norm, float contrast_center,
+                    int kind, const unsigned long long* outs) {
+  return oc_emu_crop_views(n, 2, ptrs, sizes, windows, flips, aug, S, 0, norm, contrast_center, kind, outs);
 }
 
 }  // extern "C"

@@ -142,14 +142,16 @@ OC_HD void oc_store_out(void* out, oc_i64 i, float v, int kind) {
 struct OcViewParams {
   float colour[12];              // oc_colour_matrix
   unsigned long long image;      // address of the HWC uint8 RGB image
-  unsigned long long out;        // address of this view's (3, S, S) output
+  unsigned long long out;        // address of this view's (3, size, size) output
+  long long scratch;             // GPU: first float of this view's size x size x 3 rows in the blur scratch
+                                 // buffer (-1: not blurred)
+  int size;                      // this view's output side S (global and local views differ)
   int img_w, img_h;
   int win[4];                    // [x1, y1, x2, y2) inside the image
   int flip;
   int do_colour, do_solarize;
   int blur_size;                 // 0: no blur; else the odd number of taps
   int blur_offset;               // first tap in the batch's tap array
-  int scratch;                   // GPU: slot of this view in the blur scratch buffer (-1: none)
 };
 
 // Fill the colour / blur / solarise fields of p from one row of `aug` (OC_AUG_K floats).  Returns 0,

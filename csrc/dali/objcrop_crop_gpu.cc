@@ -4,11 +4,12 @@
 // and their launch are in objcrop_crop_kernels.cu, the one file nvcc compiles for every architecture, kept
 // free of DALI's heavy headers so that a build for sm_75 ... sm_120 + PTX stays quick.
 //
-// Per batch: the launch plan (objcrop_crop_plan.h; its per-view blocks were built in SetupImpl from the CPU
-// inputs windows / flip / aug) gets the image and output addresses, scratch slots, grids and shared memory;
-// its packed block (parameters, Gaussian taps, blurred views, normalisation) goes to the device in one copy,
-// into a device buffer the operator keeps, as does the blur's intermediate buffer (S x S x 3 floats per
-// blurred view), and objcrop_crop_launch.h launches the two kernels on ws.stream().
+// Per batch: the launch plan (objcrop_crop_plan.h; its per-view blocks, global and local views, were built in
+// SetupImpl from the CPU inputs windows / flip / aug) gets the image and output addresses, scratch offsets,
+// grids and shared memory; its packed block (parameters, Gaussian taps, blurred views and their first blur
+// blocks, normalisation) goes to the device in one copy, into a device buffer the operator keeps, as does the
+// blur's intermediate buffer (S x S x 3 floats per blurred view of side S), and objcrop_crop_launch.h launches
+// the two kernels on ws.stream(), once for every view of the batch.
 // The standalone kernel check (csrc/check/) runs the same plan and launch code with no DALI.
 #include <vector>
 
@@ -24,14 +25,16 @@ void ObjCropCrop<dali::GPUBackend>::RunImpl(dali::Workspace &ws) {
   auto &out1 = ws.Output<dali::GPUBackend>(1);
   out0.SetLayout("CHW");
   out1.SetLayout("CHW");
-  const int n = images.num_samples();
+  auto *local = local_size_ > 0 ? &ws.Output<dali::GPUBackend>(2) : nullptr;
+  if (local) local->SetLayout("FCHW");
+  const int n = images.num_samples(), V = views_;
   if (n == 0) return;
   cudaStream_t stream = ws.stream();
   for (int i = 0; i < n; ++i) {
-    for (int v = 0; v < 2; ++v) {
-      OcViewParams &p = plan_.params[2 * i + v];
+    for (int v = 0; v < V; ++v) {
+      OcViewParams &p = plan_.params[static_cast<size_t>(V) * i + v];
       p.image = reinterpret_cast<unsigned long long>(images.raw_tensor(i));
-      p.out = reinterpret_cast<unsigned long long>((v == 0 ? out0 : out1).raw_mutable_tensor(i));
+      p.out = ViewOut(out0, out1, local, i, v);
     }
   }
   std::string err = oc_plan_finish(plan_);

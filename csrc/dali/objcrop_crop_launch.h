@@ -20,12 +20,13 @@ inline cudaError_t oc_crop_launch(const OcCropPlan &plan, const void *d_packed, 
   const OcPackedPtrs d = oc_packed_ptrs(plan, d_packed);
   const OcLaunch &r = plan.rows;
   oc_crop_rows_kernel<<<dim3(r.grid[0], r.grid[1], r.grid[2]), r.block, r.smem, stream>>>(
-      d.params, d.taps, d.norm, plan.size, plan.out_kind, d_scratch);
+      d.params, d.taps, d.norm, plan.out_kind, d_scratch);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || plan.cols.grid[0] == 0) return err;
   const OcLaunch &c = plan.cols;
   oc_blur_cols_kernel<<<dim3(c.grid[0], c.grid[1], c.grid[2]), c.block, c.smem, stream>>>(
-      d.params, d.blurred, d.taps, d.norm, plan.size, plan.out_kind, d_scratch);
+      d.params, d.blurred, d.blur_first, static_cast<int>(plan.blurred.size()), d.taps, d.norm, plan.out_kind,
+      d_scratch);
   return cudaGetLastError();
 }
 

@@ -108,18 +108,22 @@ def crop_views_reference(images: list[np.ndarray], boxes, offsets, index, seed: 
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
 
 
-def aug_table(keys: np.ndarray, recipe) -> np.ndarray:
-    """(N, 2, 9) float32 ``aug`` input of the crop operator: both views' draws in :data:`AUG_COLUMNS` order.
+def aug_table(keys: np.ndarray, recipe, local_crops: int = 0) -> np.ndarray:
+    """(N, 2 + M, 9) float32 ``aug`` input of the crop operator: every view's draws in :data:`AUG_COLUMNS` order.
 
     Args:
         keys: (N,) uint64 sample keys (``CropWindows.keys``).
         recipe: an augmentation recipe name or :class:`~dali_objcrop.augment.Recipe`.
+        local_crops: M local views after the two global ones (``CropConfig.local_crops``): view ``2 + j``
+            draws local view ``j``'s slots with the recipe's ``local`` augmentation (``Recipe.view_aug``).
+            0 (default): (N, 2, 9), the two global views.
     """
     from .. import augment
     rec = augment.get_recipe(recipe)
-    out = np.zeros((len(keys), 2, len(AUG_COLUMNS)), np.float32)
-    for v in (0, 1):
-        p = augment.sample_aug_params(keys, v, rec.views[v])
+    views = 2 + int(local_crops)
+    out = np.zeros((len(keys), views, len(AUG_COLUMNS)), np.float32)
+    for v in range(views):
+        p = augment.sample_aug_params(keys, v, rec.view_aug(v))
         for j, name in enumerate(AUG_COLUMNS):
             out[:, v, j] = p[name]
     return out
@@ -179,30 +183,64 @@ def augment_view_reference(view: np.ndarray, aug_row, contrast_center: float = 1
     return x
 
 
-def crop_augment_reference(images: list[np.ndarray], windows: np.ndarray, flip: np.ndarray, aug: np.ndarray,
-                           size: int, mean=0.0, std=1.0, contrast_center: float = 128.0
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """What ``fn.objcrop.crop`` computes: resample, flip, colour, blur, solarise, normalise.
+def crop_augment_views(images: list[np.ndarray], windows, flip, aug, sizes, mean=0.0, std=1.0,
+                       contrast_center: float = 128.0) -> list[np.ndarray]:
+    """Every view of a batch as ``fn.objcrop.crop`` computes it, each view at its own side.
 
     Args:
         images: N HWC uint8 RGB images.
-        windows: (N, 2, 4) ``[x1, y1, x2, y2)`` per view, inside the images.
-        flip: (N, 2) horizontal flips.
-        aug: (N, 2, 9) draws (:func:`aug_table`).
-        size: output side.
-        mean, std: normalisation in pixel units (scalars broadcast).
-        contrast_center: see :func:`augment_view_reference`.
+        windows: (N, V, 4) ``[x1, y1, x2, y2)`` per view, inside the images.
+        flip: (N, V) horizontal flips.
+        aug: (N, V, 9) draws (:func:`aug_table`).
+        sizes: V output sides, one per view.
+        mean, std, contrast_center: see :func:`crop_augment_reference`.
 
     Returns:
-        two (N, 3, size, size) float64 batches, normalised.
+        V float64 batches, view ``v`` (N, 3, sizes[v], sizes[v]), normalised.
     """
     norm = norm_params(mean, std).astype(np.float64)
     mean_c, inv_c = norm[:3, None, None], norm[3:, None, None]
     views = []
-    for v in (0, 1):
+    for v, size in enumerate(sizes):
         out = np.zeros((len(images), 3, size, size))
         for i, im in enumerate(images):
             px = resample_window(im, windows[i][v], bool(flip[i][v]), size)
             out[i] = (augment_view_reference(px, aug[i][v], contrast_center) - mean_c) * inv_c
         views.append(out)
-    return views[0], views[1]
+    return views
+
+
+def crop_augment_reference(images: list[np.ndarray], windows: np.ndarray, flip: np.ndarray, aug: np.ndarray,
+                           size: int, mean=0.0, std=1.0, contrast_center: float = 128.0, local_size: int = 0
+                           ) -> tuple[np.ndarray, ...]:
+    """What ``fn.objcrop.crop`` computes: resample, flip, colour, blur, solarise, normalise.
+
+    Args:
+        images: N HWC uint8 RGB images.
+        windows: (N, V, 4) ``[x1, y1, x2, y2)`` per view, inside the images: the two global views, then
+            M = V - 2 local views (``CropWindows.all_windows``).
+        flip: (N, V) horizontal flips.
+        aug: (N, V, 9) draws (:func:`aug_table`).
+        size: the global views' output side.
+        mean, std: normalisation in pixel units (scalars broadcast).
+        contrast_center: see :func:`augment_view_reference`.
+        local_size: the local views' output side, as the operator's ``local_size``: 0 (default) -- V must be 2.
+
+    Returns:
+        two (N, 3, size, size) float64 batches, normalised; with ``local_size`` > 0 a third, the local views
+        (N, M, 3, local_size, local_size) (M >= 1).
+
+    Raises:
+        ValueError: V is not 2 with ``local_size`` 0, or V is 2 (no local view) with ``local_size`` > 0.
+    """
+    v = len(windows[0]) if len(windows) else 2
+    if local_size == 0 and v != 2:
+        raise ValueError(f"windows hold {v} views (2 global + {v - 2} local) but local_size is 0: pass "
+                         f"local_size (the local views' side) for local views")
+    if local_size > 0 and v <= 2:
+        raise ValueError(f"local_size is {local_size} but the windows hold 2 views, no local view")
+    views = crop_augment_views(images, windows, flip, aug, [size, size] + [local_size] * (v - 2), mean, std,
+                               contrast_center)
+    if local_size == 0:
+        return views[0], views[1]
+    return views[0], views[1], np.stack(views[2:], axis=1)

@@ -322,7 +322,7 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
                  size: int = 224, device: str = "cpu", dtype: str = "float32", mean=None, std=None,
                  boxes_store: str | os.PathLike | None = None, store_row=None, decoder_kwargs: dict | None = None,
                  crop_op: bool | None = None, decoded: bool = False, box_check: str = "error"):
-    """Two object-aware, augmented, normalised views per image, inside your ``@pipeline_def``.
+    """Two object-aware, augmented, normalised views per image (and local views), inside your ``@pipeline_def``.
 
     The building block of :class:`~dali_objcrop.ObjCropLoader`'s pipeline, for a pipeline of your
     own (your reader, your other outputs): ``fn.peek_image_shape`` -> ``fn.objcrop.windows`` ->
@@ -332,6 +332,12 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
     pipeline needs ``enable_conditionals=True``).  With ``decoded=True`` the images are already
     decoded (your own decoder call): the windows come from their own shape and the union of both
     windows is sliced out of them, so no coordinate shift is left to the caller.
+
+    With ``config.local_crops = M > 0`` (multi-crop) the windows operator also draws M local views per
+    image (``config.local_scale``, ``config.local_from``; augmented with the recipe's ``local``
+    augmentation), the decoded roi covers them too, and a third output holds them at
+    ``config.local_size`` x ``config.local_size`` (``fn.objcrop.crop(local_size=...)``, or on the DALI-ops
+    stage one resize / augmentation chain per local view, stacked).
 
     Args:
         jpegs: node of encoded images (any reader's, or ``fn.io.file.read``'s); with ``decoded=True``
@@ -345,8 +351,9 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
         epoch: int or node (argument input): the key's epoch.  An int repeats the same crops every
             epoch; :func:`reader_epoch` gives a node that advances with the reader.
         config, recipe, seed: as :func:`windows` (``config.box_scale=None`` with ``boxes_store``:
-            derived from the store, as the loader does).
-        size: output side in pixels.
+            derived from the store, as the loader does; ``config.local_crops`` / ``local_size``: the local
+            views).
+        size: output side in pixels of the two global views.
         device: ``cpu`` or ``gpu`` (decode ``mixed``; the views are GPU nodes).  ``gpu`` without a GPU,
             or in a pipeline without ``device_id``, raises here.
         dtype: ``float32``, ``float16`` (or ``bfloat16`` as uint16 bits, fused crop only).
@@ -360,11 +367,14 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
         box_check: ``error`` or ``clip`` (see :func:`windows`).
 
     Returns:
-        ``(view1, view2)`` nodes, (3, size, size) per sample (CHW).
+        ``(view1, view2)`` nodes, (3, size, size) per sample (CHW); with ``config.local_crops = M > 0``
+        ``(view1, view2, local)``, ``local`` (M, 3, local_size, local_size) per sample (FCHW, local view
+        ``j`` at ``local[j]``), ``local_size = config.local_size``.
     """
     from nvidia.dali import fn, types
     from ..constants import IMAGENET_MEAN, IMAGENET_STD
-    from ..ops_graph import dali_crop, finish_views
+    from ..ops_graph import crop_views
+    from ..windows import CropConfig
     _check_device(device)
     _check_boxes_given(config, boxes, boxes_store)
     if decoded and device == "gpu":
@@ -396,14 +406,16 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
         images = fn.decoders.image_slice(jpegs, w.roi[0:2], w.roi[2:4], axis_names="WH", normalized_anchor=False,
                                          normalized_shape=False, device=decode_device, output_type=types.RGB,
                                          adjust_orientation=False, **(decoder_kwargs or {}))
+    local_crops = (config or CropConfig()).local_crops
+    local_size = (config or CropConfig()).local_size if local_crops else 0
     if crop_op:
         # the op's contrast pivot is mid-grey (128), as the DALI-ops stage's colour twist
-        v1, v2 = fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=size, mean=mean, std=std, dtype=dtype)
-        return v1, v2
+        return tuple(fn.objcrop.crop(images, w.windows, w.flip, w.aug, size=size, local_size=local_size, mean=mean,
+                                     std=std, dtype=dtype))
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype {dtype!r} needs fn.objcrop.crop; the DALI-ops stage gives float32 / float16")
     inp: dict = {}
-    for v in (0, 1):
+    for v in range(2 + local_crops):   # rows 2 .. 1 + M of the windows operator's outputs: the local views
         inp[f"roi_start{v}"], inp[f"roi_end{v}"] = w.resize_rois[v, 0:2], w.resize_rois[v, 2:4]
         for c, name in enumerate(AUG_COLUMNS):
             inp[f"{name}{v}"] = (fn.cast(w.aug[v, c], dtype=types.BOOL) if name in ("colour", "blur", "solarize")
@@ -412,8 +424,8 @@ def object_views(jpegs, index, boxes=None, *, epoch=0, config=None, recipe="moco
         inp[f"blur_v{v}"] = fn.expand_dims(w.blur_kernels[v], axes=[1])    # (W, 1): along y
     from ..augment import get_recipe
     out_dtype = types.FLOAT16 if dtype == "float16" else types.FLOAT
-    return finish_views(dali_crop(images, inp, size), False, inp, get_recipe(recipe), decode_device, out_dtype,
-                         mean, std)
+    return crop_views(images, inp, size, get_recipe(recipe), decode_device, out_dtype, mean, std,
+                      local_crops=local_crops, local_size=local_size)
 
 
 class ReaderEpoch:

@@ -42,13 +42,18 @@ def _run_check(tmp_path: Path, *args: str, timeout: int = 600) -> dict:
 def test_kernel_check_emulated_every_case(tmp_path):
     """Every case of the kernel check (odd shapes, 1x1 / whole / enlarging windows, every dtype, sizes 1 to
     4096, blur windows wider than the view, a batch at the grid limit, a 4000x3000 photo, a batch of 256 at
-    224) with the kernels emulated on the operator's launch plan: bit-identical to the CPU operator; the
-    over-limit batches refused by name."""
+    224; local views: 2x224 + 6x96, odd sides, a local side above the global one, 16 local views, blur on
+    local views only, 1-px local views) with the kernels emulated on the operator's launch plan: bit-identical
+    to the CPU operator; the over-limit batches refused by name."""
     data = _run_check(tmp_path, "--emulate")
     names = {c["case"] for c in data["cases"]}
     assert {"odd_shapes", "special_windows", "dtype_float16", "dtype_bfloat16", "size_1", "size_4096_largest",
             "blur_wider_than_output", "batch_grid_limit", "photo_4000x3000_to_224", "batch_256_at_224",
-            "refuse_size_over_limit", "refuse_batch_over_limit"} <= names
+            "refuse_size_over_limit", "refuse_batch_over_limit", "local_2x224_6x96", "local_odd_sizes",
+            "local_larger_than_global", "local_16_views", "local_only_local_blur", "local_size_1",
+            "local_batch_64_at_224_96", "refuse_local_size_over_limit"} <= names
+    local = [c for c in data["cases"] if c["case"].startswith("local_")]
+    assert {(c["local_views"], c["local_size"]) for c in local} >= {(6, 96), (16, 32), (4, 57)}
     for c in data["cases"]:
         if c["case"].startswith("refuse_"):
             assert "refused as it must be" in c["note"], c
@@ -69,6 +74,34 @@ def test_kernel_check_fails_on_a_planted_launch_bug(tmp_path):
                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stdout
     assert "FAIL" in res.stdout
+
+
+# a local view's own side ignored by the launch (the global side used instead): the rows past the global
+# side, or the column-blur blocks past the global side's count, are never computed
+LOCAL_SIZE_BUGS = {
+    "rows_grid": ("static_cast<unsigned>(p.max_size), static_cast<unsigned>(p.views)",
+                  "static_cast<unsigned>(p.size), static_cast<unsigned>(p.views)"),
+    "blur_blocks": ("blocks += oc_blur_chunks(q.size);", "blocks += oc_blur_chunks(p.size);"),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(LOCAL_SIZE_BUGS))
+def test_kernel_check_fails_when_a_local_views_size_is_ignored(tmp_path, bug):
+    """The local cases can fail: a plan that launches local views (larger than the global ones) at the global
+    side leaves their pixels unwritten or unblurred; the two-view cases do not notice."""
+    src = tmp_path / "csrc"
+    shutil.copytree(REPO / "csrc", src)
+    plan = src / "dali" / "objcrop_crop_plan.h"
+    text = plan.read_text()
+    needle, planted = LOCAL_SIZE_BUGS[bug]
+    assert text.count(needle) == 1
+    plan.write_text(text.replace(needle, planted))
+    res = subprocess.run(["bash", str(src / "check" / "run.sh"), "--emulate", "--cases",
+                          "local_larger_than_global,size_7", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout
+    cases = {c["case"]: c for c in json.loads((tmp_path / "out" / "crop_check.json").read_text())["cases"]}
+    assert not cases["local_larger_than_global"]["ok"] and cases["size_7"]["ok"], res.stdout
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -219,7 +252,8 @@ def test_selftest_passes_on_this_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_present(), reason="no CUDA GPU")
 def test_gpu_limits_refused_when_the_pipeline_is_built():
-    """size over 4096 or max_batch_size over 65535 fail at build, naming the limit, not at the first batch."""
+    """size or local_size over 4096, or max_batch_size over 65535, fail at build, naming the limit, not at the
+    first batch."""
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def
     from crop_op_build import load_crop_op
@@ -227,14 +261,16 @@ def test_gpu_limits_refused_when_the_pipeline_is_built():
     load_crop_op()
     if not plugin.crop_op_registered("gpu"):
         pytest.skip("operators built without nvcc: no GPU backend")
-    for batch, size, msg in ((2, 4097, r"size must be in \[1, 4096\]"), (65536, 8, "at most 65535 samples")):
+    for batch, size, local_size, msg in ((2, 4097, 0, r"size must be in \[1, 4096\]"),
+                                         (2, 8, 4097, r"local_size must be in \[1, 4096\]"),
+                                         (65536, 8, 0, "at most 65535 samples")):
         @pipeline_def(batch_size=batch, num_threads=1, device_id=0)
         def pipe():
             im = fn.external_source(name="im", layout="HWC", device="gpu")
             w = fn.external_source(name="w")
             f = fn.external_source(name="f")
             a = fn.external_source(name="a")
-            return tuple(fn.objcrop.crop(im, w, f, a, size=size, device="gpu"))
+            return tuple(fn.objcrop.crop(im, w, f, a, size=size, local_size=local_size, device="gpu"))
 
         with pytest.raises(RuntimeError, match=msg):
             pipe().build()
