@@ -757,7 +757,8 @@ def test_object_views_local_views_equal_the_specification(local_windows_op):
     fused = _object_views_local(ims, cfg, size, crop_op=True)
     assert len(fused) == 3 and fused[2].shape == (n, m, 3, local_size, local_size)
     sizes = np.array([[im.shape[1], im.shape[0]] for im in ims])
-    cw = sample_windows(sizes, np.array([[0.3, 0.3, 0.6, 0.7]] * n), np.arange(n + 1), 10 + np.arange(n), 3, 0, cfg)
+    boxes = np.array([[0.3, 0.3, 0.6, 0.7]] * n, np.float32)   # the float32 boxes the operator was given
+    cw = sample_windows(sizes, boxes, np.arange(n + 1), 10 + np.arange(n), 3, 0, cfg)
     aug = reference.aug_table(cw.keys, "byol", m)
     ref = reference.crop_augment_reference(ims, cw.all_windows, cw.all_flip, aug, size, MEAN_PX, STD_PX,
                                            local_size=local_size)
