@@ -59,6 +59,9 @@ SPEED = REPO / "benchmarks" / "pretrain_speed.py"
 
 SEEDS = (0, 1, 2)  # pretrain_quality.py's default --seeds (not passed: a list flag)
 SETTINGS = ("scene-scene", "obj-scene+bing", "obj-obj-dilate+gt", "obj-obj-dilate+bing")
+# the multi-crop comparison (pretrain_quality.py's scene-mc / obj-mc: 6 local views from the scene or inside the
+# object views' region): its own call, `run --settings=scene-mc,obj-mc` (gpu_run.sh step gpu_quality_mc)
+MULTI_CROP_SETTINGS = ("scene-mc", "obj-mc")
 BASE_MIN_BOX = 224  # the loader's small-box rule at full size (docs/method.md)
 MANIFEST = "MANIFEST.json"
 OUT_FILES = ("gpu_quality.json", "gpu_quality.md", "gpu_quality.png", "gpu_quality.log")
@@ -504,7 +507,8 @@ def run(args) -> int:
     # 2. quality lanes: one process per cell, seed-major within a lane, all lanes at once
     t_q = time.time()
     lane_deadline = deadline - profile.tail_s
-    lanes = [list(SETTINGS[i::profile.lanes]) for i in range(profile.lanes)]
+    settings = tuple(args.settings.split(",")) if getattr(args, "settings", "") else SETTINGS
+    lanes = [list(settings[i::profile.lanes]) for i in range(profile.lanes)]
     cells_dir = work / "pq" / "cells"
     lock = threading.Lock()
 
@@ -543,12 +547,13 @@ def run(args) -> int:
         th.join()
     timings["phases"]["lanes_s"] = round(time.time() - t_q, 1)
     done = {(c["setting"], c["seed"]) for c in timings["cells"] if c["status"] in ("done", "done before")}
-    complete = len(done) == len(SETTINGS) * len(SEEDS)
+    complete = len(done) == len(settings) * len(SEEDS)
 
     # 3. random-init floor + summary (the default-settings call runs only random-init when every cell is there),
     #    else (or if that fails) the summary of the cells there are
     t = time.perf_counter()
-    final_cmd = [sys.executable, str(PQ)] + qflags
+    final_cmd = [sys.executable, str(PQ)] + qflags + ([f"--settings={','.join(settings)}"] if settings != SETTINGS
+                                                      else [])
     summary_rc: int | None = None
     if complete:
         left = deadline - time.time() - 25  # keeps 25 s for the summary-only fallback inside the budget
@@ -556,7 +561,7 @@ def run(args) -> int:
         summary_rc, _ = run_with_deadline(final_cmd, left, work / "logs" / "final.log")
         record("quality", final_cmd)
     else:
-        log(f"{len(done)} of {len(SETTINGS) * len(SEEDS)} cells finished: no random-init floor, summary only")
+        log(f"{len(done)} of {len(settings) * len(SEEDS)} cells finished: no random-init floor, summary only")
     if summary_rc != 0 and any(cells_dir.glob("*.json")):
         summarise_cmd = final_cmd + ["--summarise-only"]
         summary_rc, _ = run_with_deadline(summarise_cmd, max(20.0, deadline - time.time()),
@@ -571,7 +576,7 @@ def run(args) -> int:
     quality_cmds = [c["cmd"] for c in past if c["phase"] == "quality"]
     speed_cmds = [c["cmd"] for c in past if c["phase"] == "speed"]
     timings["phases"]["total_s"] = round(time.time() - t_start, 1)
-    status = {"cells_expected": len(SETTINGS) * len(SEEDS), "cells_done": len(done), "complete": complete,
+    status = {"cells_expected": len(settings) * len(SEEDS), "cells_done": len(done), "complete": complete,
               "random_init": bool(quality and "random-init" in quality["summary"]["per_setting"]),
               "speed": "ok" if speed else f"missing (rc {speed_rc})", "summary_rc": summary_rc}
     result = {"study": "gpu_quality", "profile": profile.name, "label": profile.label, "command": command,
@@ -678,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--total-s", type=float, default=None, help="override the profile's wall-clock budget")
     rp.add_argument("--lanes", type=int, default=None, help="override the profile's parallel cells")
     rp.add_argument("--redo-speed", action="store_true", help="measure the data wait again even if done")
+    rp.add_argument("--settings", default="", help="pretrain_quality settings, comma-separated (default: the four "
+                    "of SETTINGS; the multi-crop comparison: " + ",".join(MULTI_CROP_SETTINGS) + ")")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         if not 0.05 <= args.scale <= 1.0:

@@ -17,6 +17,8 @@
 #       (benchmarks/kernel_bench.py)
 #   d+e the data wait (MoCo-v2 ResNet-50 bf16 batch 128, loader vs resident batch) and the quality cells
 #       with whatever time remains, resumable across calls (benchmarks/gpu_quality.py run)           the rest
+#   f   the multi-crop cells (scene-mc vs obj-mc, 6 local views) with what is left, usually a call of its
+#       own: GPU_RUN_STEPS=gpu_quality_mc (benchmarks/gpu_quality.py run --settings=scene-mc,obj-mc)  the rest
 # Results: $OUT (or ./gpu_run_out): gpu_run.json (every step: status, seconds, its JSON), logs.tar.gz.
 # A rerun of some steps: GPU_RUN_STEPS=build_selftest,gpu_profile (GPU_RUN_PYTEST_ARGS adds pytest flags).
 set -u
@@ -156,6 +158,11 @@ print(m.speed_data(p.Path(sys.argv[1]), p.Path(sys.argv[2]), 8))" "$DATA" "$WORK
     left=$(( TOTAL - ($(date +%s) - T0) - 15 ))
     step gpu_quality "$left" "$WORK/json/quality/gpu_quality.json" env OUT="$WORK/json/quality" \
       "$PY" benchmarks/gpu_quality.py run --profile=gpu --data="$DATA" --total-s="$(( left - 10 ))"
+    # f: the multi-crop comparison's cells, in the same work folder (its own cells; resumable)
+    left=$(( TOTAL - ($(date +%s) - T0) - 15 ))
+    step gpu_quality_mc "$left" "$WORK/json/quality_mc/gpu_quality.json" env OUT="$WORK/json/quality_mc" \
+      "$PY" benchmarks/gpu_quality.py run --profile=gpu --data="$DATA" --total-s="$(( left - 10 ))" \
+      --settings=scene-mc,obj-mc
     ;;
   *)
     echo "usage: bash benchmarks/gpu_run.sh kernels|main   (docs/gpu_run.md; GPU_RUN_DRY=1 prints the plan)" >&2

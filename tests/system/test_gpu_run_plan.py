@@ -29,9 +29,10 @@ def test_main_verb_order_and_budget(tmp_path):
     data wait + quality; the fixed steps leave the quality step time and every deadline fits the total."""
     steps = _plan("main", tmp_path)
     names = [s[0] for s in steps]
-    assert names == ["build_selftest", "pytest_gpu", "gpu_profile", "kernel_bench", "gpu_quality"]
-    fixed = sum(s[1] for s in steps[:-1])
-    assert fixed <= 400 and steps[-1][1] <= 420
+    assert names == ["build_selftest", "pytest_gpu", "gpu_profile", "kernel_bench", "gpu_quality", "gpu_quality_mc"]
+    fixed = sum(s[1] for s in steps[:-2])
+    assert fixed <= 400 and steps[-2][1] <= 420 and steps[-1][1] <= 420
+    assert "--settings=scene-mc,obj-mc" in steps[-1][2]
     prof = dict((s[0], s[2]) for s in steps)["gpu_profile"]
     for flag in ("--batch 256", "--size 224", "--hw-decoder-load 0.9,0.65,0", "speed/instances.json"):
         assert flag in prof
@@ -41,5 +42,6 @@ def test_main_verb_order_and_budget(tmp_path):
 def test_docs_budget_table_matches_the_script():
     doc = (REPO / "docs" / "gpu_run.md").read_text()
     script = (REPO / "benchmarks" / "gpu_run.sh").read_text()
-    for name in ("build_selftest", "pytest_gpu", "gpu_profile", "kernel_bench", "gpu_quality", "kernel_check"):
+    for name in ("build_selftest", "pytest_gpu", "gpu_profile", "kernel_bench", "gpu_quality", "gpu_quality_mc",
+                 "kernel_check"):
         assert name in doc and name in script, name
