@@ -89,6 +89,11 @@ def test_example_webdataset_shards(workdir):
     assert out.split() == "epoch 0: 48 samples from 3 shards epoch 1: 48 samples from 3 shards".split(), out
 
 
+def test_example_multicrop(workdir):
+    out = run_example("multicrop", workdir)
+    assert out.strip() == "views (16, 3, 224, 224), local (16, 6, 3, 96, 96)", out
+
+
 def test_example_recipe_mapping(workdir):
     out = run_example("recipe", workdir)
     assert out.strip() == "views [8, 3, 224, 224], recipe solo-byol", out
