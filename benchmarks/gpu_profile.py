@@ -13,6 +13,8 @@ Cumulative DALI pipelines on the same images and batches, each row one more stag
   fused-crop      decode-roi + fn.objcrop.crop (one op: crop, colour, blur, solarise, normalise), where built
   loader-plugin   ObjCropLoader(use_plugin=True): + the hand-over to torch tensors
   loader-dali-ops ObjCropLoader(use_plugin=False): today's DALI-ops graph fed by the NumPy callback
+  loader-local    loader-plugin with ``--local-crops`` local views of ``--local-size`` px (multi-crop; from the
+                  object views' region in an object mode, the scene otherwise); 0 leaves the row out
 
 On a GPU the decode rows run per ``--hw-decoder-load`` value (0 / 0.65 / 0.9: the share of JPEGs
 the hardware decoder takes), and the ratios say full loader / decode-only and ROI / full decode.
@@ -145,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-images", type=int, default=0)
     ap.add_argument("--hw-decoder-load", default="0,0.65,0.9",
                     help="comma-separated values for the GPU decode rows (the first also for the others)")
+    ap.add_argument("--local-crops", type=int, default=6, help="local views of the loader-local row (0: no row)")
+    ap.add_argument("--local-size", type=int, default=96)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
 
@@ -206,14 +210,16 @@ def main(argv=None) -> int:
         for hw in (loads if stage in ("decode", "decode-roi") else loads[:1]):
             row(stage, lambda: pipe_row(stage, hw), hw_decoder_load=hw)
 
-    def loader_row(use_plugin: bool):
+    def loader_row(use_plugin: bool, local_crops: int = 0):
         if use_plugin and not ops:
             return {"skipped": f"C++ operators unavailable: {plugin.error()}"}
         kw = {"hw_decoder_load": loads[0]} if loads[0] is not None else {}
+        local = dict(local_crops=local_crops, local_size=args.local_size,
+                     local_from="box" if coco else "scene") if local_crops else {}
         ld = ObjCropLoader(data, boxes="gt" if coco else None, mode=args.mode if coco else "scene-scene",
                            batch_size=args.batch, size=args.size, recipe=args.recipe, num_threads=args.threads,
                            device=args.device, seed=args.seed, use_plugin=use_plugin, decoder_kwargs=kw,
-                           max_images=args.max_images or None, rank=0, world_size=1)
+                           max_images=args.max_images or None, rank=0, world_size=1, **local)
         state = {"it": iter(ld)}
 
         def step():
@@ -230,13 +236,17 @@ def main(argv=None) -> int:
 
     row("loader-plugin", lambda: loader_row(True), hw_decoder_load=loads[0])
     row("loader-dali-ops", lambda: loader_row(False), hw_decoder_load=loads[0])
+    if args.local_crops:
+        row("loader-local", lambda: loader_row(True, args.local_crops), hw_decoder_load=loads[0],
+            local_crops=args.local_crops, local_size=args.local_size)
 
     def ips(stage, hw=loads[0]):
         r = next((x for x in results if x["stage"] == stage and x.get("hw_decoder_load") == hw), {})
         return r.get("images_per_s")
     ratios = {}
     for a, b in (("loader-plugin", "decode"), ("loader-dali-ops", "decode"), ("decode-roi", "decode"),
-                 ("normalise", "decode-roi"), ("fused-crop", "decode-roi"), ("loader-plugin", "loader-dali-ops")):
+                 ("normalise", "decode-roi"), ("fused-crop", "decode-roi"), ("loader-plugin", "loader-dali-ops"),
+                 ("loader-local", "loader-plugin")):
         if ips(a) and ips(b):
             ratios[f"{a} / {b}"] = round(ips(a) / ips(b), 3)
     out = {"results": results, "ratios": ratios,
