@@ -21,18 +21,12 @@ from dali_objcrop import plugin
 from dali_objcrop.boxstore import BoxStore
 from dali_objcrop.plugin import build
 from dali_objcrop.windows import CropConfig, box_scale_from_mean_area, sample_windows
+from test_plugin_windows import ops  # noqa: F401 (a fixture: the operators, built and loaded)
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(build.cxx() is None or build.cuda_include_dir() is None,
                                 reason="no C++ compiler or CUDA headers to build the operators")
-
-
-@pytest.fixture(scope="module")
-def ops():
-    if not plugin.load():
-        pytest.fail(f"the operators did not build: {plugin.error()}")
-    return plugin
 
 
 def no_gpu() -> bool:

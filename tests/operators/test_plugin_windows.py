@@ -20,7 +20,7 @@ import pytest
 
 from dali_objcrop import augment, plugin
 from dali_objcrop.boxstore import BoxStore
-from dali_objcrop.loader import window_rois
+from dali_objcrop.feed import window_rois
 from dali_objcrop.plugin import build
 from dali_objcrop.windows import MODES, CropConfig, sample_windows
 
@@ -91,17 +91,26 @@ def run_op(sizes, boxes, offsets, index, epoch, config, recipe, seed, store=None
 
 
 def check_equal(outs, sizes, boxes, offsets, index, epoch, config, recipe, seed):
+    """Every output of the windows operator equals the specification, field by field, with V = 2 + M view rows
+    (M = config.local_crops: the global views, then the local views); returns the specification's windows."""
     roi, win, flip, aug, det, rois, kernels, image_windows = outs
+    m = config.local_crops
+    nv = 2 + m
+    n = len(index)
     cw = sample_windows(sizes, boxes, offsets, index, seed, epoch, config)
-    np.testing.assert_array_equal(image_windows, cw.windows)      # image_windows=True: whole-image pixels
-    # the inputs the loader's DALI-ops crop stage takes: fn.resize rois (as loader.window_rois) and blur kernels
-    for v, want in enumerate(np.split(np.concatenate(window_rois(win, flip.astype(bool)), 1), 2, axis=1)):
-        np.testing.assert_array_equal(rois[:, v], want)
+    assert cw.num_local == m
+    assert win.shape == (n, nv, 4) and flip.shape == (n, nv) and aug.shape == (n, nv, 9)
+    assert det.shape == (n, 12 + 5 * m) and rois.shape == (n, nv, 4) and image_windows.shape == (n, nv, 4)
+    assert win.dtype == np.int32 and flip.dtype == np.uint8 and aug.dtype == np.float32 and det.dtype == np.int32
+    # windows: relative to the roi, and in the whole image's pixels (image_windows=True)
+    want = cw.all_windows
+    np.testing.assert_array_equal(image_windows, want, err_msg="image_windows")
     absolute = win + np.concatenate([roi[:, :2], roi[:, :2]], 1)[:, None, :]
-    np.testing.assert_array_equal(absolute, cw.windows)
-    lo, hi = cw.windows[:, :, :2].min(1), cw.windows[:, :, 2:].max(1)
-    np.testing.assert_array_equal(roi, np.concatenate([lo, hi - lo], 1))
-    np.testing.assert_array_equal(flip.astype(bool), cw.flip)
+    np.testing.assert_array_equal(absolute, want, err_msg="windows + roi")
+    lo, hi = want[:, :, :2].min(1), want[:, :, 2:].max(1)                  # the union of ALL views
+    np.testing.assert_array_equal(roi, np.concatenate([lo, hi - lo], 1), err_msg="roi")
+    np.testing.assert_array_equal(flip.astype(bool), cw.all_flip, err_msg="flip")
+    # details: regions, box index, fallback, shift; then per local view [region x1, y1, x2, y2, box index]
     np.testing.assert_array_equal(det[:, :8].reshape(-1, 2, 4), cw.regions)
     np.testing.assert_array_equal(det[:, 8], cw.box_index)
     np.testing.assert_array_equal(det[:, 9].astype(bool), cw.fallback)
@@ -109,26 +118,38 @@ def check_equal(outs, sizes, boxes, offsets, index, epoch, config, recipe, seed)
         np.testing.assert_array_equal(det[:, 10:12], cw.extras["shift"])
     else:
         assert (det[:, 10:12] == 0).all()
+    local = det[:, 12:].reshape(n, m, 5)
+    np.testing.assert_array_equal(local[:, :, :4], cw.local_regions, err_msg="local regions")
+    np.testing.assert_array_equal(local[:, :, 4], cw.local_box_index, err_msg="local box index")
+    # the inputs the loader's DALI-ops crop stage takes: fn.resize rois per view (as feed.window_rois, which
+    # takes two views at a time) and blur kernels
+    for v in range(nv):
+        start, end = window_rois(win[:, [v, v]], flip[:, [v, v]].astype(bool))[:2]
+        np.testing.assert_array_equal(rois[:, v], np.concatenate([start, end], 1), err_msg=f"resize_rois {v}")
+    # augmentation draws: view v from its own slots with Recipe.view_aug(v) (local views: recipe.local)
     rec = augment.get_recipe(recipe)
-    for v in (0, 1):
-        p = augment.sample_aug_params(cw.keys, v, rec.views[v])
-        want = {"colour": p["colour"], "brightness": p["brightness"], "contrast": p["contrast"],
-                "saturation": p["saturation"], "hue": p["hue"], "blur": p["blur"], "sigma": p["sigma"],
-                "blur_window": p["blur_window"], "solarize": p["solarize"]}
+    widths = []
+    for v in range(nv):
+        p = augment.sample_aug_params(cw.keys, v, rec.view_aug(v))
         for c, name in enumerate(plugin.AUG_COLUMNS):
-            np.testing.assert_array_equal(aug[:, v, c], np.asarray(want[name], np.float32), err_msg=f"{name}{v}")
+            np.testing.assert_array_equal(aug[:, v, c], np.asarray(p[name], np.float32), err_msg=f"{name}{v}")
+        widths.append(p["blur_window"])
+    width = np.max(widths, axis=0)                                         # W: the largest kernel of all views
+    for v in range(nv):
         kern, size = augment.gaussian_kernels(_sigma64(cw.keys, v, rec))
-        for i in range(len(kernels)):
+        for i in range(n):
+            assert kernels[i].shape == (nv, width[i])
             k = kernels[i][v]
             pad = (len(k) - size[i]) // 2
             assert (k[:pad] == 0).all() and (k[pad + size[i]:] == 0).all()
             np.testing.assert_allclose(k[pad:pad + size[i]], kern[i, :size[i]], rtol=2e-7, atol=1e-9)
+    return cw
 
 
 def _sigma64(keys, v, rec):
-    """The float64 sigma that sample_aug_params draws (its float32 output rounds it)."""
+    """The float64 sigma that sample_aug_params draws for view v (its float32 output rounds it)."""
     from dali_objcrop import rng
-    lo, hi = rec.views[v].blur_sigma
+    lo, hi = rec.view_aug(v).blur_sigma
     return lo + rng.uniforms(keys, rng.aug_slot(v, augment.K_BLUR))[1] * (hi - lo)
 
 

@@ -15,10 +15,9 @@ import pytest
 
 from dali_objcrop import augment, plugin
 from dali_objcrop.boxstore import BoxStore
-from dali_objcrop.feed import window_rois
 from dali_objcrop.plugin import build
-from dali_objcrop.windows import LOCAL_SOURCES, MODES, CropConfig, box_scale_from_mean_area, sample_windows
-from test_plugin_windows import check_equal, random_batch, run_op
+from dali_objcrop.windows import LOCAL_SOURCES, MODES, CropConfig, box_scale_from_mean_area
+from test_plugin_windows import check_equal, ops, random_batch, run_op  # noqa: F401 (ops: a fixture)
 
 pytestmark = pytest.mark.skipif(build.cxx() is None or build.cuda_include_dir() is None,
                                 reason="no C++ compiler or CUDA headers to build the operators")
@@ -28,75 +27,6 @@ ODD = augment.Recipe("odd", (augment.ViewAug(jitter_p=0.3, hue=0.05, blur_sigma=
                              augment.ViewAug(gray_p=0.9, blur_p=0.01, brightness=1.5)),
                      augment.ViewAug(jitter_p=0.6, brightness=0.7, contrast=0.1, saturation=0.9, hue=0.3,
                                      gray_p=0.4, blur_p=0.8, blur_sigma=(0.5, 4.5), solarize_p=0.35))
-
-
-@pytest.fixture(scope="module")
-def ops():
-    if not plugin.load():
-        pytest.fail(f"the operators did not build: {plugin.error()}")
-    return plugin
-
-
-def _sigma64(keys, v, rec):
-    """The float64 sigma that sample_aug_params draws for view v (its float32 output rounds it)."""
-    from dali_objcrop import rng
-    lo, hi = rec.view_aug(v).blur_sigma
-    return lo + rng.uniforms(keys, rng.aug_slot(v, augment.K_BLUR))[1] * (hi - lo)
-
-
-def check_local(outs, sizes, boxes, offsets, index, epoch, config, recipe, seed):
-    """Every output of the windows operator with local views equals the specification, field by field."""
-    roi, win, flip, aug, det, rois, kernels, image_windows = outs
-    m = config.local_crops
-    nv = 2 + m
-    n = len(index)
-    cw = sample_windows(sizes, boxes, offsets, index, seed, epoch, config)
-    assert cw.num_local == m
-    assert win.shape == (n, nv, 4) and flip.shape == (n, nv) and aug.shape == (n, nv, 9)
-    assert det.shape == (n, 12 + 5 * m) and rois.shape == (n, nv, 4) and image_windows.shape == (n, nv, 4)
-    assert win.dtype == np.int32 and flip.dtype == np.uint8 and aug.dtype == np.float32 and det.dtype == np.int32
-    # windows: relative to the roi, and in the whole image's pixels
-    want = cw.all_windows
-    np.testing.assert_array_equal(image_windows, want, err_msg="image_windows")
-    absolute = win + np.concatenate([roi[:, :2], roi[:, :2]], 1)[:, None, :]
-    np.testing.assert_array_equal(absolute, want, err_msg="windows + roi")
-    lo, hi = want[:, :, :2].min(1), want[:, :, 2:].max(1)                  # the union of ALL views
-    np.testing.assert_array_equal(roi, np.concatenate([lo, hi - lo], 1), err_msg="roi")
-    np.testing.assert_array_equal(flip.astype(bool), cw.all_flip, err_msg="flip")
-    # details: the old 12, then per local view [region x1, y1, x2, y2, box index]
-    np.testing.assert_array_equal(det[:, :8].reshape(-1, 2, 4), cw.regions)
-    np.testing.assert_array_equal(det[:, 8], cw.box_index)
-    np.testing.assert_array_equal(det[:, 9].astype(bool), cw.fallback)
-    if config.mode == "obj-obj-shift":
-        np.testing.assert_array_equal(det[:, 10:12], cw.extras["shift"])
-    else:
-        assert (det[:, 10:12] == 0).all()
-    local = det[:, 12:].reshape(n, m, 5)
-    np.testing.assert_array_equal(local[:, :, :4], cw.local_regions, err_msg="local regions")
-    np.testing.assert_array_equal(local[:, :, 4], cw.local_box_index, err_msg="local box index")
-    # resize_rois per view (as feed.window_rois, which takes two views at a time)
-    for v in range(nv):
-        start, end = window_rois(win[:, [v, v]], flip[:, [v, v]].astype(bool))[:2]
-        np.testing.assert_array_equal(rois[:, v], np.concatenate([start, end], 1), err_msg=f"resize_rois {v}")
-    # augmentation draws: view v from its own slots with Recipe.view_aug(v) (local views: recipe.local)
-    rec = augment.get_recipe(recipe)
-    widths = []
-    for v in range(nv):
-        p = augment.sample_aug_params(cw.keys, v, rec.view_aug(v))
-        for c, name in enumerate(plugin.AUG_COLUMNS):
-            np.testing.assert_array_equal(aug[:, v, c], np.asarray(p[name], np.float32), err_msg=f"{name}{v}")
-        widths.append(p["blur_window"])
-    width = np.max(widths, axis=0)                                         # W: the largest kernel of all views
-    for v in range(nv):
-        kern, size = augment.gaussian_kernels(_sigma64(cw.keys, v, rec))
-        for i in range(n):
-            assert kernels[i].shape == (nv, width[i])
-            k = kernels[i][v]
-            pad = (len(k) - size[i]) // 2
-            assert (k[:pad] == 0).all() and (k[pad + size[i]:] == 0).all()
-            np.testing.assert_allclose(k[pad:pad + size[i]], kern[i, :size[i]], rtol=2e-7, atol=1e-9)
-    return cw
-
 
 CASES = [(mode, src) for mode in MODES for src in LOCAL_SOURCES if mode != "scene-scene" or src == "scene"]
 
@@ -121,7 +51,7 @@ def test_local_views_equal_numpy(ops, tmp_path, mode, src, m):
     n = 120
     sizes, boxes, offsets, index = random_batch(n, seed=100 + k)
     assert (np.diff(offsets) > config.top_k).any() and (np.diff(offsets) == 0).any()
-    cw = check_local(run_op(sizes, boxes, offsets, index, 3 + k, config, recipe, seed=77 + k),
+    cw = check_equal(run_op(sizes, boxes, offsets, index, 3 + k, config, recipe, seed=77 + k),
                      sizes, boxes, offsets, index, 3 + k, config, recipe, 77 + k)
     if src != "scene":   # the local views sit in proposals, and several of them where asked
         assert (cw.local_box_index >= 0).any()
@@ -135,7 +65,7 @@ def test_local_views_equal_numpy(ops, tmp_path, mode, src, m):
     rows = np.random.default_rng(k).permutation(n)
     b, off = st.gather(rows)
     outs = run_op(st.sizes[rows], b, off, index, 3 + k, config, recipe, 77 + k, store=str(path), rows=rows)
-    check_local(outs, st.sizes[rows], b, off, index, 3 + k, config, recipe, 77 + k)
+    check_equal(outs, st.sizes[rows], b, off, index, 3 + k, config, recipe, 77 + k)
 
 
 def test_local_views_with_box_scale_from_the_store(ops, tmp_path):
@@ -151,7 +81,7 @@ def test_local_views_with_box_scale_from_the_store(ops, tmp_path):
     rows = np.arange(n)[::-1]
     b, off = st.gather(rows)
     outs = run_op(st.sizes[rows], b, off, index, 1, config, "byol", 5, store=str(path), rows=rows)
-    check_local(outs, st.sizes[rows], b, off, index, 1, spec, "byol", 5)
+    check_equal(outs, st.sizes[rows], b, off, index, 1, spec, "byol", 5)
 
 
 def test_check_local_can_fail(ops):
@@ -159,7 +89,7 @@ def test_check_local_can_fail(ops):
     config = CropConfig(mode="obj-obj", box_scale=(0.5, 1.0), local_crops=3, local_from="boxes")
     sizes, boxes, offsets, index = random_batch(60, seed=9)
     outs = run_op(sizes, boxes, offsets, index, 0, config, "byol", 1)
-    check_local(outs, sizes, boxes, offsets, index, 0, config, "byol", 1)
+    check_equal(outs, sizes, boxes, offsets, index, 0, config, "byol", 1)
     swapped = [o.copy() if isinstance(o, np.ndarray) else [t.copy() for t in o] for o in outs]
     swapped[1][:, [2, 3]] = swapped[1][:, [3, 2]]
     bad_flip = [o.copy() if isinstance(o, np.ndarray) else o for o in outs]
@@ -168,7 +98,7 @@ def test_check_local_can_fail(ops):
     reused[3][:, 2] = reused[3][:, 0]
     for bad in (swapped, bad_flip, reused):
         with pytest.raises(AssertionError):
-            check_local(bad, sizes, boxes, offsets, index, 0, config, "byol", 1)
+            check_equal(bad, sizes, boxes, offsets, index, 0, config, "byol", 1)
 
 
 # ---- the raw operator: M = 0 unchanged, the aug text, refusals ------------------------------------------
@@ -255,7 +185,7 @@ def test_local_recipe_from_the_recipe_name(ops, recipe):
     kw = plugin.windows_arguments(config, recipe, 4)
     full = run_raw(sizes, boxes, offsets, index, 1, **kw)
     stacked = [np.stack(o) for o in full[:6]] + [full[6], np.stack(full[7])]
-    check_local(stacked, sizes, boxes, offsets, index, 1, config, recipe, 4)
+    check_equal(stacked, sizes, boxes, offsets, index, 1, config, recipe, 4)
     twenty = {**kw, "aug": ", ".join(kw["aug"].split(", ")[:20]), "recipe": recipe}
     _same(full, run_raw(sizes, boxes, offsets, index, 1, **twenty))
     named = {k: v for k, v in kw.items() if k != "aug"}
