@@ -232,6 +232,13 @@ def _to_pixels(box: np.ndarray, w: np.ndarray, h: np.ndarray) -> Cols:
     return x1, y1, x2, y2
 
 
+def _gather_boxes(boxes: np.ndarray, offsets: np.ndarray, pick: np.ndarray, has_box: np.ndarray) -> np.ndarray:
+    """Each row's proposal ``pick`` (>= 0) as normalised (N, 4) float64; the whole image ``[0, 0, 1, 1]`` where
+    the row has none (every rule then maps it back to the whole image: the scene fallback, without row subsets)."""
+    b = boxes[np.minimum(offsets[:-1] + pick, max(len(boxes) - 1, 0))] if len(boxes) else np.zeros((len(pick), 4))
+    return np.where(has_box[:, None], b, np.array([0.0, 0.0, 1.0, 1.0]))
+
+
 def _widen(lo: np.ndarray, hi: np.ndarray, size: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Widen ``[lo, hi)`` to at least ``min(min_size, size)`` around its centre, inside ``[0, size)``."""
     target = np.minimum(np.maximum(hi - lo, min_size), size)
@@ -364,8 +371,7 @@ def sample_windows(sizes: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, in
         u_box, _ = rng.uniforms(keys, rng.SLOT_BOX)
         pick = np.minimum(np.floor(u_box * count).astype(np.int64), np.maximum(count - 1, 0))
         box_index = np.where(has_box, pick, -1)
-        b = boxes[np.minimum(offsets[:-1] + pick, max(len(boxes) - 1, 0))] if len(boxes) else np.zeros((n, 4))
-        b = np.where(has_box[:, None], b, np.array([0.0, 0.0, 1.0, 1.0]))   # (N, 4) normalised
+        b = _gather_boxes(boxes, offsets, pick, has_box)   # (N, 4) normalised
         box_px = np.where(has_box[:, None], b * np.stack([wf, hf, wf, hf], axis=1), np.nan)
         b_px = _to_pixels(b, wf, hf)
         regions[0] = _min_size_region(b_px, wf, hf, config.min_box_size)
@@ -432,9 +438,7 @@ def _sample_local(out: CropWindows, config: CropConfig, wf: np.ndarray, hf: np.n
         if config.local_from == "boxes":
             # proposal (b + j) mod k: local view 0 on the global views' proposal, the others on the next ones
             pick = np.where(has_box, (np.maximum(pick_cols, 0) + j) % np.maximum(count, 1), -1)
-            b = boxes[np.minimum(offsets[:-1] + np.maximum(pick, 0), max(len(boxes) - 1, 0))] if len(boxes) \
-                else np.zeros((n, 4))
-            b = np.where(has_box[:, None], b, np.array([0.0, 0.0, 1.0, 1.0]))
+            b = _gather_boxes(boxes, offsets, np.maximum(pick, 0), has_box)
             region = _min_size_region(_to_pixels(b, wf, hf), wf, hf, config.min_box_size)
             out.local_box_index[:, j] = pick
         for c in range(4):
