@@ -25,7 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from throughput import machine_info, measure_once   # benchmarks/throughput.py (this script's folder)
+from throughput import add_round_arguments, machine_info, measure_rounds   # benchmarks/throughput.py
 
 
 def pixel_ratio(size: int, local_size: int, local_crops: int) -> float:
@@ -62,12 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--pairs", default="obj-obj-dilate:box,obj-obj-dilate:boxes,obj-obj-dilate:scene,scene-scene:scene",
                    help="mode:local_from pairs, comma-separated")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=6.0)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_round_arguments(p)
     p.add_argument("--json", help="also write the JSON here (and a .png beside it)")
     a = p.parse_args(argv)
     from dali_objcrop import ObjCropLoader
@@ -85,10 +80,7 @@ def main(argv=None) -> int:
         baseline[name] = baseline[base] = base
     first = next(iter(configs.values()))
     machine = machine_info()                      # load average at the start
-    rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
-    for _ in range(a.reps):                       # round-robin: load changes hit every configuration alike
-        for name, it in configs.items():
-            rounds[name].append(measure_once(it, a.warmup, a.seconds))
+    rounds = measure_rounds(configs, a.reps, a.warmup, a.seconds)
     rows = []
     for name, rs in rounds.items():
         ms = statistics.median(r[1] for r in rs)

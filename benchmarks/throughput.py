@@ -162,6 +162,27 @@ def measure_once(loader, warmup: int, seconds: float) -> tuple[float, float]:
     return n / dt, (1000.0 * cpu / n if n else float("nan"))
 
 
+def add_round_arguments(p, batch_size: int = 64, threads: int = 2) -> None:
+    """The side-by-side benchmarks' shared flags (argparse): batch size, DALI threads, and the rounds of
+    :func:`measure_rounds` (``--seconds`` counted per round after ``--warmup`` batches, ``--reps`` rounds), seed."""
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def measure_rounds(loaders: dict, reps: int, warmup: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
+    """``reps`` rounds of :func:`measure_once` over named loaders, round-robin (load changes on a shared machine
+    hit every loader alike): per name, one ``(images/s, CPU ms per image)`` per round."""
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in loaders}
+    for _ in range(reps):
+        for name, it in loaders.items():
+            rounds[name].append(measure_once(it, warmup, seconds))
+    return rounds
+
+
 def machine_info() -> dict:
     import torch
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count(),

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from throughput import machine_info, measure_once   # benchmarks/throughput.py (this script's folder)
+from throughput import add_round_arguments, machine_info, measure_rounds   # benchmarks/throughput.py
 
 
 class _Iterated:
@@ -84,12 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", required=True, help="its image folder")
     p.add_argument("--mode", default="obj-obj-dilate")
     p.add_argument("--recipe", default="mocov2")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=6.0)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_round_arguments(p)
     p.add_argument("--json", help="also write the JSON here")
     a = p.parse_args(argv)
     from dali_objcrop import BoxStore, ObjCropLoader, box_scale_from_mean_area
@@ -105,10 +100,7 @@ def main(argv=None) -> int:
         "user:readers.file": user_files(store_path, a.images, a.mode, a.batch_size, a.threads, a.recipe, a.seed),
     }
     machine = machine_info()                      # load average at the start
-    rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
-    for _ in range(a.reps):                       # round-robin: load changes hit every configuration alike
-        for name, it in configs.items():
-            rounds[name].append(measure_once(it, a.warmup, a.seconds))
+    rounds = measure_rounds(configs, a.reps, a.warmup, a.seconds)
     rows = [{"pipeline": name, "images_per_s": round(statistics.median(r[0] for r in rs), 1),
              "cpu_ms_per_image": round(statistics.median(r[1] for r in rs), 3),
              "cpu_ms_per_image_rounds": [round(r[1], 3) for r in rs]} for name, rs in rounds.items()]
