@@ -22,6 +22,18 @@ def skip_without_shared(path: Path) -> None:
         pytest.skip(f"{SHARED_SKIP}: {path} not present")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (tiny models on a shared 2-core machine: OpenMP threads spinning
+    against other processes cost 10x); the previous count is restored after the module.  A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def synth_set(tmp_path_factory) -> Path:
     """24 synthetic scenes (seed 0); returns the annotations.json path (images in ./images)."""

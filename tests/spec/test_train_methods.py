@@ -18,13 +18,7 @@ from dali_objcrop.train.methods.common import (cosine_schedule, enqueue, info_nc
 from dali_objcrop.train.methods.densecl import dense_info_nce
 from dali_objcrop.train.pretrain import Config, build_model, build_optimizer, parse_config
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny models on a shared 2-core machine: OpenMP threads spinning against other processes cost 10x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 TINY = dict(arch="resnet18", size=32, batch_size=8, queue_size=64, head_hidden=64, head_out=32, pred_hidden=64)

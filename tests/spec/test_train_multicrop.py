@@ -18,12 +18,7 @@ from dali_objcrop.train.pretrain import Config, build_model, parse_config
 from dali_objcrop.windows import CropConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 TINY = dict(arch="resnet18-w0.125", size=32, batch_size=4, queue_size=64, head_hidden=32, head_out=16,
