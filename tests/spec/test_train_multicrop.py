@@ -16,6 +16,7 @@ from dali_objcrop.train.methods.common import info_nce, pool
 from dali_objcrop.train.methods.mocov2 import mocov2_loss
 from dali_objcrop.train.pretrain import Config, build_model, parse_config
 from dali_objcrop.windows import CropConfig
+from stand_in_loader import RandomBatches
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
@@ -190,25 +191,9 @@ def test_local_views_go_through_the_head_of_their_source(method, local_from, loc
 
 
 # ---- the training loop --------------------------------------------------------------------------------------
-class _Batches:
-    """A loader stand-in: two deterministic batches per epoch, with M local views when m > 0."""
-
-    def __init__(self, m: int = M, ls: int = LS):
-        self.m, self.ls, self.epoch = m, ls, 0
-
-    def __len__(self) -> int:
-        return 2
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.epoch)
-        for _ in range(2):
-            b = {"view1": torch.randn(N, 3, S, S, generator=g), "view2": torch.randn(N, 3, S, S, generator=g)}
-            if self.m:
-                b["local"] = torch.randn(N, self.m, 3, self.ls, self.ls, generator=g)
-            yield b
+def _batches(m: int = M, ls: int = LS) -> RandomBatches:
+    """A loader stand-in: two deterministic batches per epoch, with m local views of side ls when m > 0."""
+    return RandomBatches(N, S, m, ls)
 
 
 def _cfg(out, method, **kw):
@@ -219,32 +204,32 @@ def _cfg(out, method, **kw):
 @pytest.mark.parametrize("method", ["mocov2", "byol"])
 def test_training_with_local_views_resumes_exactly(method, tmp_path):
     from dali_objcrop.train.pretrain import train
-    full = train(_cfg(tmp_path / "full", method, ckpt_every=2, keep_ckpts=True), loader=_Batches())
+    full = train(_cfg(tmp_path / "full", method, ckpt_every=2, keep_ckpts=True), loader=_batches())
     assert [r["step"] for r in full["losses"]] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["loss_local"], r["loss_global"]])).all()
                for r in full["losses"])
     saved = json.loads((tmp_path / "full" / "config.json").read_text())
     assert (saved["local_crops"], saved["local_size"], saved["local_from"]) == (M, LS, "box")
     again = train(_cfg(tmp_path / "full", method, resume=str(tmp_path / "full" / "ckpt_0000002.pt")),
-                  loader=_Batches())
+                  loader=_batches())
     assert [r["loss"] for r in again["losses"]] == [r["loss"] for r in full["losses"][2:]]
 
 
 def test_training_refuses_batches_that_disagree_with_local_crops(tmp_path):
     from dali_objcrop.train.pretrain import train
     with pytest.raises(ValueError, match=r"--local-crops=3 --local-size=16 needs batches with \"local\".*gave none"):
-        train(_cfg(tmp_path / "a", "mocov2"), loader=_Batches(m=0))
+        train(_cfg(tmp_path / "a", "mocov2"), loader=_batches(m=0))
     with pytest.raises(ValueError, match=r"shape \(4, 3, 3, 16, 16\).*gave \(4, 3, 3, 24, 24\)"):
-        train(_cfg(tmp_path / "b", "mocov2"), loader=_Batches(ls=24))
+        train(_cfg(tmp_path / "b", "mocov2"), loader=_batches(ls=24))
     with pytest.raises(ValueError, match="the loader yields local views.*--local-crops=0"):
-        train(_cfg(tmp_path / "c", "mocov2", local_crops=0), loader=_Batches())
+        train(_cfg(tmp_path / "c", "mocov2", local_crops=0), loader=_batches())
 
 
 def test_resume_checks_the_local_settings(tmp_path):
     """A checkpoint of another local setting is refused by name; one written before the local settings
     existed reads as local_crops=0."""
     from dali_objcrop.train.pretrain import load_checkpoint, train
-    train(_cfg(tmp_path / "r", "mocov2", local_crops=0, steps=1), loader=_Batches(m=0))
+    train(_cfg(tmp_path / "r", "mocov2", local_crops=0, steps=1), loader=_batches(m=0))
     ckpt = tmp_path / "r" / "ckpt.pt"
     with pytest.raises(ValueError, match="local_crops"):
         load_checkpoint(ckpt, _cfg(tmp_path / "r", "mocov2", steps=1).resolved(), 1)

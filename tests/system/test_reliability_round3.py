@@ -20,6 +20,7 @@ import pytest
 from dali_objcrop import shards as S
 from dali_objcrop.boxstore import BoxStore
 from dali_objcrop.dataset import ImageIndex
+from stand_in_loader import RandomBatches
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -410,20 +411,9 @@ def test_failed_build_with_nvcc_warns_once(tmp_path):
 
 
 # ---- 3 the trainer never overwrites a run without --resume / --restart; 9 its settings and checkpoints ----------------
-class _Batches:
+def _batches() -> RandomBatches:
     """A loader stand-in: two deterministic batches of (4, 3, 32, 32) per epoch."""
-
-    def __len__(self) -> int:
-        return 2
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        import torch
-        g = torch.Generator().manual_seed(self.epoch)
-        for _ in range(2):
-            yield {"view1": torch.randn(4, 3, 32, 32, generator=g), "view2": torch.randn(4, 3, 32, 32, generator=g)}
+    return RandomBatches(n=4, size=32)
 
 
 def _tiny(out: Path, **kw):
@@ -441,36 +431,36 @@ def test_rerun_on_an_existing_out_is_refused_without_resume_or_restart(tmp_path)
     import torch
     from dali_objcrop.train.pretrain import OutputExistsError, main, train
     out = tmp_path / "run"
-    train(_tiny(out), loader=_Batches())
+    train(_tiny(out), loader=_batches())
     before = (out / "ckpt.pt").read_bytes()
     with pytest.raises(OutputExistsError, match=r"holds an earlier run \(ckpt\.pt.*--resume=auto.*--restart"):
-        train(_tiny(out, steps=1), loader=_Batches())
+        train(_tiny(out, steps=1), loader=_batches())
     assert (out / "ckpt.pt").read_bytes() == before and _steps(out) == [1, 2]      # untouched
     assert main(["--arch=resnet18", "--size=32", "--batch-size=4", "--steps=1", f"--out={out}",
                  "--progress=false", "--device=cpu"]) == 1                         # the CLI: one line, exit 1
-    train(_tiny(out, steps=1, restart=True), loader=_Batches())                    # said so: replaced
+    train(_tiny(out, steps=1, restart=True), loader=_batches())                    # said so: replaced
     assert _steps(out) == [1] and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
-    train(_tiny(out, steps=3, resume="auto"), loader=_Batches())                   # continued
+    train(_tiny(out, steps=3, resume="auto"), loader=_batches())                   # continued
     assert _steps(out) == [1, 2, 3]
 
 
 def test_refused_resume_leaves_config_json_as_it_was(tmp_path):
     from dali_objcrop.train.pretrain import train
     out = tmp_path / "run"
-    train(_tiny(out), loader=_Batches())
+    train(_tiny(out), loader=_batches())
     before = (out / "config.json").read_text()
     with pytest.raises(ValueError, match="settings differ"):
-        train(_tiny(out, steps=4, resume="auto", seed=7), loader=_Batches())
+        train(_tiny(out, steps=4, resume="auto", seed=7), loader=_batches())
     assert (out / "config.json").read_text() == before
 
 
 def test_resume_after_a_torn_log_line(tmp_path):
     from dali_objcrop.train.pretrain import train
     out = tmp_path / "run"
-    train(_tiny(out), loader=_Batches())
+    train(_tiny(out), loader=_batches())
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')                                   # killed in the middle of a write
-    train(_tiny(out, steps=3, resume="auto"), loader=_Batches())
+    train(_tiny(out, steps=3, resume="auto"), loader=_batches())
     assert _steps(out) == [1, 2, 3]
 
 
@@ -499,7 +489,7 @@ def test_trainer_range_errors_exit_2_with_one_line(tmp_path, capsys, synth_set, 
 def test_truncated_checkpoint_error_names_the_file(tmp_path, capsys):
     from dali_objcrop.train.pretrain import load_checkpoint, train
     out = tmp_path / "run"
-    train(_tiny(out), loader=_Batches())
+    train(_tiny(out), loader=_batches())
     ckpt = out / "ckpt.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"cannot read checkpoint {ckpt}: damaged or truncated"):
@@ -514,7 +504,7 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path, capsys):
 def test_checkpoint_with_a_flipped_bit_is_refused(tmp_path):
     from dali_objcrop.train.pretrain import load_checkpoint, train
     out = tmp_path / "run"
-    train(_tiny(out), loader=_Batches())
+    train(_tiny(out), loader=_batches())
     ckpt = out / "ckpt.pt"
     b = bytearray(ckpt.read_bytes())
     b[len(b) // 2] ^= 0x10                                  # inside a tensor's bytes: torch.load would not notice
