@@ -41,6 +41,7 @@
 #include "dali/pipeline/operator/operator.h"
 
 #include "../objcrop_core.h"
+#include "objcrop_augment.h"  // oc_gaussian_taps: the blur kernels, as fn.objcrop.crop computes them
 
 namespace objcrop {
 
@@ -566,15 +567,11 @@ class Windows : public dali::StatelessOperator<CPUBackend> {
           const double sigma = a[7] + u_sigma * (a[8] - a[7]);
           const int64_t size = static_cast<int64_t>(2.0 * std::ceil(3.0 * sigma) + 1.0);
           const int64_t pad = (width - size) / 2;
-          double g[64], sum = 0.0;
-          for (int64_t j = 0; j < size && j < 64; ++j) {
-            const double x = static_cast<double>(j - size / 2) / sigma;
-            g[j] = std::exp(-0.5 * (x * x));
-            sum += g[j];
-          }
+          float taps[64];  // the crop operator's taps; size <= 61: sigma <= 10 (checked in the constructor)
+          oc_gaussian_taps(sigma, static_cast<int>(size), taps);
           for (int64_t j = 0; j < width; ++j) {
             const int64_t t = j - pad;
-            k[v * width + j] = (t >= 0 && t < size && t < 64) ? static_cast<float>(g[t] / sum) : 0.0f;
+            k[v * width + j] = (t >= 0 && t < size) ? taps[t] : 0.0f;
           }
         }
       }
